@@ -1,0 +1,111 @@
+"""Pure helpers that turn a module, a batch and a loss into the functions the solvers need.
+
+A *per-domain loss* is ``params -> Tensor[K]`` (mean inner loss of each domain), an *outer loss*
+is ``params -> scalar``; ``params`` is a ``dict[str, Tensor]`` of the trainable parameters.
+Per-domain means are one segment reduction (``index_add``) over the per-example losses, so a
+batch that mixes all K domains costs one forward pass whatever K is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = [
+    "Batch",
+    "PerDomainLoss",
+    "OuterLoss",
+    "segment_mean",
+    "forward_batch",
+    "trainable_params",
+    "make_per_domain_loss",
+    "make_outer_loss",
+    "check_per_domain_shape",
+]
+
+Batch = Mapping[str, Any]
+Params = dict[str, Tensor]
+PerDomainLoss = Callable[[Params], Tensor]
+OuterLoss = Callable[[Params], Tensor]
+
+
+def segment_mean(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
+    """Mean of ``values`` ``[B]`` within each segment ``index`` ``[B]`` (int64) -> ``[K]``.
+
+    A segment with no example gets 0 (not NaN), so a batch that misses a domain contributes
+    nothing for it. No Python loop over segments and no host synchronization.
+    """
+    if values.dim() != 1 or index.shape != values.shape:
+        raise ValueError(
+            f"segment_mean needs values [B] and index [B]; got {tuple(values.shape)} and "
+            f"{tuple(index.shape)} (an inner loss must return one value per example)"
+        )
+    sums = values.new_zeros(num_segments).index_add(0, index, values)
+    counts = values.new_zeros(num_segments).index_add(0, index, torch.ones_like(values))
+    return sums / counts.clamp_min(1)
+
+
+def forward_batch(model: nn.Module, batch: Batch) -> Any:
+    """Call ``model`` on ``batch["x"]``: keyword arguments if it is a mapping, else positional."""
+    x = batch["x"]
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def trainable_params(model: nn.Module) -> Params:
+    """Detached views of the parameters with ``requires_grad``, by qualified name."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _call(model: nn.Module, params: Params, batch: Batch) -> Any:
+    x = batch["x"]
+    if isinstance(x, Mapping):
+        return functional_call(model, params, args=(), kwargs=dict(x), strict=False)
+    return functional_call(model, params, (x,), strict=False)
+
+
+def check_per_domain_shape(losses: Tensor, num_domains: int) -> Tensor:
+    """Raise unless ``losses`` is shaped ``[K]``; returns it unchanged."""
+    if losses.shape != (num_domains,):
+        raise ValueError(
+            f"per_domain_loss returned shape {tuple(losses.shape)}, expected ({num_domains},): "
+            f"one mean loss per domain for K={num_domains} domains"
+        )
+    return losses
+
+
+def make_per_domain_loss(
+    model: nn.Module,
+    batch: Batch,
+    loss_fn: Callable[[Any, Batch], Tensor],
+    num_domains: int,
+) -> PerDomainLoss:
+    """``params -> Tensor[K]``: mean of ``loss_fn(model(x), batch)`` ``[B]`` per domain.
+
+    ``params`` may hold only a subset of the parameters (e.g. LoRA or a head): the others are
+    read from ``model``.
+    """
+    domain = batch["domain"]
+
+    def per_domain_loss(params: Params) -> Tensor:
+        per_example = loss_fn(_call(model, params, batch), batch)
+        return segment_mean(per_example, domain, num_domains)
+
+    return per_domain_loss
+
+
+def make_outer_loss(
+    model: nn.Module, batch: Batch, loss_fn: Callable[[Any, Batch], Tensor]
+) -> OuterLoss:
+    """``params -> scalar``: the outer (meta) loss of ``model`` with ``params`` on ``batch``."""
+
+    def outer_loss(params: Params) -> Tensor:
+        value = loss_fn(_call(model, params, batch), batch)
+        if value.dim() != 0:
+            raise ValueError(f"outer loss must return a scalar, got shape {tuple(value.shape)}")
+        return value
+
+    return outer_loss

@@ -1,0 +1,70 @@
+"""``bilevel.hypergradient``: d outer_loss / d weight logits for any solver."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from bilevel.functional import OuterLoss, Params, PerDomainLoss
+from bilevel.solvers.base import Solver
+from bilevel.weights import DomainWeights, apply_parametrization
+
+__all__ = ["hypergradient", "chain_through_parametrization"]
+
+
+def chain_through_parametrization(weights: DomainWeights, grad_values: Tensor) -> Tensor:
+    """J_p(logits)^T grad_values: turns dM/dw ``[K]`` into dM/dlogits ``[K]``."""
+    with torch.enable_grad():
+        logits = weights.logits.detach().requires_grad_(True)
+        values = apply_parametrization(weights.parametrization, logits)
+        (grad,) = torch.autograd.grad(values, logits, grad_values.to(values.dtype))
+    return grad
+
+
+def hypergradient(
+    solver: Solver,
+    per_domain_loss: PerDomainLoss,
+    outer_loss: OuterLoss,
+    params: Params,
+    weights: DomainWeights,
+    inner_lr: float = 0.1,
+    wrt: Literal["logits", "values"] = "logits",
+) -> Tensor:
+    """The hypergradient of ``outer_loss`` with respect to the domain weights.
+
+    Args:
+        solver: from :func:`bilevel.solvers.build`.
+        per_domain_loss: ``params -> Tensor[K]``, the mean inner loss of each domain.
+        outer_loss: ``params -> scalar``, the meta loss M.
+        params: ``dict[str, Tensor]``; the inner solution theta*(w) for implicit solvers, the
+            start point theta_0 for ``unrolled``. Not modified.
+        weights: the :class:`~bilevel.DomainWeights` whose logits the result refers to.
+        inner_lr: the inner SGD learning rate (used by ``first_order`` and ``unrolled``).
+        wrt: ``"logits"`` (default: dM/dlogits, shaped like ``weights.logits``) or ``"values"``
+            (dM/dw, what mirror descent uses).
+
+    Returns:
+        Tensor ``[K]`` on the logits' device and dtype. Non-finite entries are returned as they
+        are; the caller decides what to do with them.
+
+    Example:
+        >>> import torch, bilevel
+        >>> from bilevel.solvers import build
+        >>> w = bilevel.DomainWeights(["a", "b"])
+        >>> theta = {"x": torch.zeros(1)}
+        >>> per_domain = lambda p: torch.stack([(p["x"] - 1) ** 2, (p["x"] + 1) ** 2]).flatten()
+        >>> meta = lambda p: ((p["x"] - 1) ** 2).sum()
+        >>> bilevel.hypergradient(build("first_order"), per_domain, meta, theta, w, 0.1)
+        tensor([-0.2000,  0.2000])
+    """
+    if wrt not in ("logits", "values"):
+        raise ValueError(f"wrt must be 'logits' or 'values', got {wrt!r}")
+    values = weights.value().detach()
+    with torch.enable_grad():
+        grad_values = solver.domain_grad(per_domain_loss, outer_loss, params, values, inner_lr)
+    grad_values = grad_values.detach().to(weights.logits.dtype)
+    if wrt == "values":
+        return grad_values
+    return chain_through_parametrization(weights, grad_values)

@@ -1,0 +1,34 @@
+"""The solver interface shared by every hypergradient method."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from bilevel.functional import OuterLoss, Params, PerDomainLoss
+
+__all__ = ["Solver"]
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """A hypergradient method: the gradient of the outer loss with respect to the weight VALUES.
+
+    ``domain_grad`` returns dM/dw, shape ``[K]``; :func:`bilevel.hypergradient` chains it through
+    the weight parametrization. Implementations are small frozen dataclasses holding only their
+    own options, so ``dataclasses.asdict(solver)`` is their configuration.
+    """
+
+    name: str
+
+    def domain_grad(
+        self,
+        per_domain_loss: PerDomainLoss,
+        outer_loss: OuterLoss,
+        params: Params,
+        w: Tensor,
+        inner_lr: float,
+    ) -> Tensor:
+        """dM/dw ``[K]`` at weight values ``w`` ``[K]`` (each solver says what params means)."""
+        ...

@@ -1,0 +1,158 @@
+"""Domain weights: K named weights w = p(lambda) with trainable logits lambda.
+
+The logits live on the model's device as one ``nn.Parameter`` of shape ``[K]``; every outer
+optimizer (a torch optimizer or :class:`bilevel.outer.MirrorDescent`) updates them. A
+parametrization ``p`` maps logits to the weight values that multiply the per-domain losses:
+
+=============  ==================================  ===================  =================
+name           w = p(lambda)                       range                default value
+=============  ==================================  ===================  =================
+``softmax``    softmax(lambda)                     simplex (sum 1)      1/K
+``exp``        exp(lambda)                         positive             1
+``sigmoid``    sigmoid(lambda)                     (0, 1)               0.5
+``softplus``   softplus(lambda) / mean(softplus)   positive, mean 1     1
+=============  ==================================  ===================  =================
+
+``softplus`` is the normalisation used by DreamPRM's reference code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DomainWeights", "PARAMETRIZATIONS", "apply_parametrization"]
+
+
+def _softplus_normalized(logits: Tensor) -> Tensor:
+    sp = F.softplus(logits)
+    return sp / sp.mean()
+
+
+PARAMETRIZATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "softmax": lambda lam: torch.softmax(lam, dim=0),
+    "exp": torch.exp,
+    "sigmoid": torch.sigmoid,
+    "softplus": _softplus_normalized,
+}
+
+
+def apply_parametrization(name: str, logits: Tensor) -> Tensor:
+    """Weight values ``p(logits)`` for parametrization ``name`` (differentiable, shape kept)."""
+    try:
+        fn = PARAMETRIZATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown parametrization {name!r}; valid: {', '.join(sorted(PARAMETRIZATIONS))}"
+        ) from None
+    return fn(logits)
+
+
+def _default_values(parametrization: str, k: int) -> list[float]:
+    return {"softmax": [1.0 / k] * k, "sigmoid": [0.5] * k}.get(parametrization, [1.0] * k)
+
+
+def _logits_from_values(parametrization: str, values: Tensor) -> Tensor:
+    """Inverse of the parametrization (up to the invariances of softmax and softplus)."""
+    if parametrization == "softmax":
+        values = values / values.sum()
+        logits = values.log()
+        return logits - logits.mean()
+    if parametrization == "exp":
+        return values.log()
+    if parametrization == "sigmoid":
+        return torch.logit(values)
+    # softplus: the value is softplus(l)/mean(softplus(l)); inverting softplus on values/mean
+    # reproduces values/mean(values), i.e. the given values once they have mean 1.
+    v = values / values.mean()
+    return v + torch.log(-torch.expm1(-v))
+
+
+class DomainWeights(nn.Module):
+    """K named domain weights ``w = p(logits)`` whose logits are learned by the outer loop.
+
+    Args:
+        names: domain names, one per domain, unique; their order is the index order of every
+            per-domain loss vector ``[K]`` and of ``batch["domain"]``.
+        parametrization: ``"softmax"`` | ``"exp"`` | ``"sigmoid"`` | ``"softplus"``.
+        init: initial weight VALUES (not logits), length K. Defaults to uniform (1/K for softmax,
+            1 for exp and softplus, 0.5 for sigmoid). Softmax values are normalised to sum 1 and
+            softplus values to mean 1, since those are the only reachable values.
+        device: where the logits live (the model's device).
+        dtype: dtype of the logits.
+
+    Example:
+        >>> w = DomainWeights(["web", "code"], parametrization="softmax", init=[0.25, 0.75])
+        >>> [round(v, 2) for v in w.value().tolist()]
+        [0.25, 0.75]
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        parametrization: str = "softmax",
+        init: Sequence[float] | Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        names = [str(n) for n in names]
+        if not names:
+            raise ValueError("DomainWeights needs at least one domain name")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate domain names: {dupes}; each domain needs a unique name")
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"unknown parametrization {parametrization!r}; "
+                f"valid: {', '.join(sorted(PARAMETRIZATIONS))}"
+            )
+        k = len(names)
+        if init is None:
+            init = _default_values(parametrization, k)
+        values = torch.as_tensor(init, dtype=torch.float64).flatten().cpu()
+        if values.numel() != k:
+            raise ValueError(
+                f"init has {values.numel()} values but there are {k} domain names {names}"
+            )
+        if not torch.isfinite(values).all():
+            raise ValueError(f"init values must be finite, got {values.tolist()}")
+        if (values <= 0).any():
+            raise ValueError(
+                f"init values must be > 0 for the {parametrization!r} parametrization, "
+                f"got {values.tolist()}"
+            )
+        if parametrization == "sigmoid" and (values >= 1).any():
+            raise ValueError(
+                f"init values must lie in (0, 1) for the 'sigmoid' parametrization, "
+                f"got {values.tolist()}"
+            )
+        self.names: list[str] = names
+        self.parametrization: str = parametrization
+        logits = _logits_from_values(parametrization, values).to(dtype=dtype, device=device)
+        self.logits = nn.Parameter(logits)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def value(self) -> Tensor:
+        """Weight values ``[K]``, differentiable in :attr:`logits`."""
+        return apply_parametrization(self.parametrization, self.logits)
+
+    forward = value
+
+    def as_dict(self) -> dict[str, float]:
+        """``{name: value}`` as Python floats (synchronizes with the device: for logging only)."""
+        return dict(zip(self.names, self.value().detach().cpu().tolist(), strict=True))
+
+    @torch.no_grad()
+    def set_values(self, values: Sequence[float] | Tensor) -> None:
+        """Set the logits so that :meth:`value` returns ``values`` (same rules as ``init``)."""
+        fresh = DomainWeights(self.names, self.parametrization, values, dtype=torch.float64)
+        self.logits.copy_(fresh.logits.to(self.logits))
+
+    def extra_repr(self) -> str:
+        return f"names={self.names}, parametrization={self.parametrization!r}"

@@ -1,0 +1,277 @@
+"""Solvers against closed forms (ridge regression) and against autograd through explicit steps."""
+
+import pytest
+import torch
+
+import bilevel
+from bilevel import DomainWeights
+from bilevel.solvers import build
+
+PARAMS = ["softmax", "exp"]
+
+
+class Ridge:
+    """K ridge-regression domains; inner L_k = mean sq. error/2 + mu/2 |theta|^2, meta = MSE/2."""
+
+    def __init__(self, k=3, d=6, n=40, m=30, mu=0.3, seed=0):
+        dtype = torch.float64
+        g = torch.Generator().manual_seed(seed)
+        self.d, self.mu, self.dtype = d, mu, dtype
+        truth = torch.randn(d, generator=g, dtype=dtype)
+        self.X = [torch.randn(n, d, generator=g, dtype=dtype) * (1 + i) for i in range(k)]
+        self.y = [
+            X @ (truth + 0.8 * i * torch.randn(d, generator=g, dtype=dtype))
+            + 0.1 * torch.randn(n, generator=g, dtype=dtype)
+            for i, X in enumerate(self.X)
+        ]
+        self.Xm = torch.randn(m, d, generator=g, dtype=dtype)
+        self.ym = self.Xm @ truth
+        eye = torch.eye(d, dtype=dtype)
+        self.A = [X.T @ X / len(X) + mu * eye for X in self.X]
+        self.b = [X.T @ y / len(X) for X, y in zip(self.X, self.y)]
+
+    def to(self, dtype):
+        """The same problem in another dtype."""
+        for name in ["X", "y", "A", "b"]:
+            setattr(self, name, [t.to(dtype) for t in getattr(self, name)])
+        self.Xm, self.ym, self.dtype = self.Xm.to(dtype), self.ym.to(dtype), dtype
+        return self
+
+    def per_domain(self, p):
+        t = p["theta"]
+        return torch.stack(
+            [
+                0.5 * ((X @ t - y) ** 2).mean() + 0.5 * self.mu * (t**2).sum()
+                for X, y in zip(self.X, self.y)
+            ]
+        )
+
+    def meta(self, p):
+        return 0.5 * ((self.Xm @ p["theta"] - self.ym) ** 2).mean()
+
+    def hessian(self, w):
+        return sum(wk * A for wk, A in zip(w, self.A))
+
+    def solution(self, w):
+        return torch.linalg.solve(self.hessian(w), sum(wk * b for wk, b in zip(w, self.b)))
+
+    def true_hypergradient(self, weights):
+        """d meta(theta*(w(logits))) / d logits by autograd through a dense solve."""
+        logits = weights.logits.detach().clone().requires_grad_(True)
+        w = bilevel.weights.apply_parametrization(weights.parametrization, logits)
+        value = self.meta({"theta": self.solution(w)})
+        return torch.autograd.grad(value, logits)[0]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def weights_for(problem, param, dtype=torch.float64):
+    init = [0.5, 0.3, 0.2] if param == "softmax" else [1.0, 0.6, 1.7]
+    return DomainWeights(["a", "b", "c"], parametrization=param, init=init, dtype=dtype)
+
+
+@pytest.mark.parametrize("param", PARAMS)
+def test_cg_matches_closed_form(param):
+    problem = Ridge()
+    w = weights_for(problem, param)
+    theta = {"theta": problem.solution(w.value().detach())}
+    got = bilevel.hypergradient(
+        build("cg", iters=problem.d), problem.per_domain, problem.meta, theta, w
+    )
+    assert rel_err(got, problem.true_hypergradient(w)) <= 1e-4
+
+
+@pytest.mark.parametrize("param", PARAMS)
+def test_neumann_matches_closed_form(param):
+    problem = Ridge()
+    w = weights_for(problem, param)
+    wv = w.value().detach()
+    lam_max = torch.linalg.eigvalsh(problem.hessian(wv)).max().item()
+    solver = build("neumann", iters=400, alpha=0.9 / lam_max)
+    theta = {"theta": problem.solution(wv)}
+    got = bilevel.hypergradient(solver, problem.per_domain, problem.meta, theta, w)
+    assert rel_err(got, problem.true_hypergradient(w)) <= 2e-2
+
+
+def test_neumann_truncation_error_shrinks_with_iters():
+    problem = Ridge()
+    w = weights_for(problem, "softmax")
+    wv = w.value().detach()
+    lam_max = torch.linalg.eigvalsh(problem.hessian(wv)).max().item()
+    theta = {"theta": problem.solution(wv)}
+    truth = problem.true_hypergradient(w)
+    errs = [
+        rel_err(
+            bilevel.hypergradient(
+                build("neumann", iters=i, alpha=0.9 / lam_max),
+                problem.per_domain,
+                problem.meta,
+                theta,
+                w,
+            ),
+            truth,
+        )
+        for i in (2, 20, 200)
+    ]
+    assert errs[0] > errs[1] > errs[2]
+
+
+@pytest.mark.parametrize("param", PARAMS)
+@pytest.mark.parametrize("backend", ["torch", "higher"])
+def test_unrolled_matches_explicit_sgd(param, backend):
+    problem, steps, lr = Ridge(), 4, 0.05
+    w = weights_for(problem, param)
+    theta0 = torch.randn(problem.d, dtype=torch.float64)
+    # Truth: the SGD steps written out in closed form (affine in theta), differentiated by autograd.
+    logits = w.logits.detach().clone().requires_grad_(True)
+    wv = bilevel.weights.apply_parametrization(param, logits)
+    t = theta0
+    for _ in range(steps):
+        t = t - lr * (problem.hessian(wv) @ t - sum(wk * b for wk, b in zip(wv, problem.b)))
+    truth = torch.autograd.grad(problem.meta({"theta": t}), logits)[0]
+    solver = build("unrolled", steps=steps, backend=backend)
+    got = bilevel.hypergradient(
+        solver, problem.per_domain, problem.meta, {"theta": theta0}, w, inner_lr=lr
+    )
+    torch.testing.assert_close(got, truth, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("param", PARAMS)
+def test_first_order_formula(param):
+    problem, lr = Ridge(), 0.07
+    w = weights_for(problem, param)
+    theta = torch.randn(problem.d, dtype=torch.float64)
+    g_meta = problem.Xm.T @ (problem.Xm @ theta - problem.ym) / len(problem.Xm)
+    a = torch.stack([(A @ theta - b) @ g_meta for A, b in zip(problem.A, problem.b)])
+    logits = w.logits.detach().clone().requires_grad_(True)
+    wv = bilevel.weights.apply_parametrization(param, logits)
+    truth = torch.autograd.grad(wv, logits, -lr * a)[0]
+    got = bilevel.hypergradient(
+        build("first_order"), problem.per_domain, problem.meta, {"theta": theta}, w, inner_lr=lr
+    )
+    torch.testing.assert_close(got, truth, rtol=1e-6, atol=1e-12)
+
+
+def test_values_gradient_and_dtype_float32():
+    problem64 = Ridge()
+    problem32 = Ridge().to(torch.float32)
+    w64 = weights_for(problem64, "softmax")
+    w32 = weights_for(problem32, "softmax", dtype=torch.float32)
+    theta = problem64.solution(w64.value().detach())
+    g64 = bilevel.hypergradient(
+        build("cg", iters=6),
+        problem64.per_domain,
+        problem64.meta,
+        {"theta": theta},
+        w64,
+        wrt="values",
+    )
+    g32 = bilevel.hypergradient(
+        build("cg", iters=6),
+        problem32.per_domain,
+        problem32.meta,
+        {"theta": theta.float()},
+        w32,
+        wrt="values",
+    )
+    assert g32.dtype == torch.float32 and g32.shape == (3,)
+    assert rel_err(g32.double(), g64) < 1e-3
+
+
+def test_cg_tolerance_stops_updates_without_breaking():
+    problem = Ridge()
+    w = weights_for(problem, "softmax")
+    theta = {"theta": problem.solution(w.value().detach())}
+    many = bilevel.hypergradient(
+        build("cg", iters=50, tol=1e-10), problem.per_domain, problem.meta, theta, w
+    )
+    assert torch.isfinite(many).all()
+    assert rel_err(many, problem.true_hypergradient(w)) <= 1e-6
+
+
+def test_cg_damping_solves_shifted_system():
+    problem = Ridge()
+    w = weights_for(problem, "exp")
+    wv = w.value().detach()
+    theta = problem.solution(wv)
+    damping = 0.5
+    g_meta = problem.Xm.T @ (problem.Xm @ theta - problem.ym) / len(problem.Xm)
+    v = torch.linalg.solve(
+        problem.hessian(wv) + damping * torch.eye(problem.d, dtype=torch.float64), g_meta
+    )
+    a = -torch.stack([(A @ theta - b) @ v for A, b in zip(problem.A, problem.b)])
+    got = bilevel.hypergradient(
+        build("cg", iters=problem.d, damping=damping),
+        problem.per_domain,
+        problem.meta,
+        {"theta": theta},
+        w,
+        wrt="values",
+    )
+    torch.testing.assert_close(got, a, rtol=1e-6, atol=1e-10)
+
+
+def test_params_are_not_modified():
+    problem = Ridge()
+    w = weights_for(problem, "softmax")
+    theta = torch.randn(problem.d, dtype=torch.float64)
+    before = theta.clone()
+    for name in ["first_order", "unrolled", "neumann", "cg"]:
+        bilevel.hypergradient(build(name), problem.per_domain, problem.meta, {"theta": theta}, w)
+    assert torch.equal(theta, before) and not theta.requires_grad
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_unknown_solver_names_valid_ones():
+    with pytest.raises(ValueError, match="first_order, unrolled, neumann, cg"):
+        build("adam")
+
+
+@pytest.mark.parametrize(
+    "name,opts,match",
+    [
+        ("cg", {"alpha": 0.1}, "valid options: iters, damping, tol"),
+        ("first_order", {"steps": 3}, r"valid options: \(none\)"),
+        ("unrolled", {"steps": 0}, "steps must be"),
+        ("unrolled", {"backend": "jax"}, "torch, higher"),
+        ("neumann", {"alpha": -1.0}, "alpha must be > 0"),
+        ("cg", {"iters": 0}, "iters must be"),
+    ],
+)
+def test_bad_solver_options(name, opts, match):
+    with pytest.raises(ValueError, match=match):
+        build(name, **opts)
+
+
+@pytest.mark.parametrize("name", ["first_order", "unrolled", "neumann", "cg"])
+def test_wrong_per_domain_shape_names_both_shapes(name):
+    problem = Ridge()
+    w = weights_for(problem, "softmax")
+    bad = lambda p: problem.per_domain(p)[:2]  # noqa: E731
+    with pytest.raises(ValueError, match=r"shape \(2,\), expected \(3,\)"):
+        bilevel.hypergradient(
+            build(name),
+            bad,
+            problem.meta,
+            {"theta": torch.zeros(problem.d, dtype=torch.float64)},
+            w,
+        )
+
+
+@pytest.mark.parametrize("name", ["first_order", "unrolled", "neumann", "cg"])
+def test_non_finite_is_returned_not_zeroed(name):
+    problem = Ridge()
+    w = weights_for(problem, "softmax")
+    nan_meta = lambda p: problem.meta(p) * float("nan")  # noqa: E731
+    got = bilevel.hypergradient(
+        build(name),
+        problem.per_domain,
+        nan_meta,
+        {"theta": torch.zeros(problem.d, dtype=torch.float64)},
+        w,
+    )
+    assert not torch.isfinite(got).all()
