@@ -9,6 +9,7 @@ from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.base import Solver
+from bilevel.solvers.products import Reduce
 from bilevel.weights import DomainWeights, apply_parametrization
 
 __all__ = ["hypergradient", "chain_through_parametrization"]
@@ -31,6 +32,7 @@ def hypergradient(
     weights: DomainWeights,
     inner_lr: float = 0.1,
     wrt: Literal["logits", "values"] = "logits",
+    reduce: Reduce | None = None,
 ) -> Tensor:
     """The hypergradient of ``outer_loss`` with respect to the domain weights.
 
@@ -44,6 +46,8 @@ def hypergradient(
         inner_lr: the inner SGD learning rate (used by ``first_order`` and ``unrolled``).
         wrt: ``"logits"`` (default: dM/dlogits, shaped like ``weights.logits``) or ``"values"``
             (dM/dw, what mirror descent uses).
+        reduce: for data-parallel training, averages gradients and products across ranks in
+            place (see :mod:`bilevel.distributed`); ``None`` on one process.
 
     Returns:
         Tensor ``[K]`` on the logits' device and dtype. Non-finite entries are returned as they
@@ -63,7 +67,9 @@ def hypergradient(
         raise ValueError(f"wrt must be 'logits' or 'values', got {wrt!r}")
     values = weights.value().detach()
     with torch.enable_grad():
-        grad_values = solver.domain_grad(per_domain_loss, outer_loss, params, values, inner_lr)
+        grad_values = solver.domain_grad(
+            per_domain_loss, outer_loss, params, values, inner_lr, reduce=reduce
+        )
     grad_values = grad_values.detach().to(weights.logits.dtype)
     if wrt == "values":
         return grad_values

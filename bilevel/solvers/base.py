@@ -7,6 +7,7 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
+from bilevel.solvers.products import Reduce
 
 __all__ = ["Solver"]
 
@@ -29,6 +30,10 @@ class Solver(Protocol):
         params: Params,
         w: Tensor,
         inner_lr: float,
+        reduce: Reduce | None = None,
     ) -> Tensor:
-        """dM/dw ``[K]`` at weight values ``w`` ``[K]`` (each solver says what params means)."""
+        """dM/dw ``[K]`` at weight values ``w`` ``[K]`` (each solver says what params means).
+
+        ``reduce`` (optional) averages gradients and products across data-parallel ranks.
+        """
         ...

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
-from bilevel.solvers.products import InnerProducts, grad_outer, leaves, tree_dot
+from bilevel.solvers.products import InnerProducts, Reduce, grad_outer, leaves, tree_dot
 
 __all__ = ["ConjugateGradient"]
 
@@ -46,10 +46,11 @@ class ConjugateGradient:
         params: Params,
         w: Tensor,
         inner_lr: float,
+        reduce: Reduce | None = None,
     ) -> Tensor:
         names, theta = leaves(params)
-        g_outer = [g.detach() for g in grad_outer(outer_loss, names, theta)]
-        products = InnerProducts(per_domain_loss, names, theta, w)
+        g_outer = [g.detach() for g in grad_outer(outer_loss, names, theta, reduce)]
+        products = InnerProducts(per_domain_loss, names, theta, w, reduce)
 
         def apply(u: list[Tensor]) -> list[Tensor]:
             hu = products.hvp(u)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
-from bilevel.solvers.products import domain_jvp, grad_outer, leaves
+from bilevel.solvers.products import Reduce, domain_jvp, grad_outer, leaves
 
 __all__ = ["FirstOrder"]
 
@@ -30,7 +30,8 @@ class FirstOrder:
         params: Params,
         w: Tensor,
         inner_lr: float,
+        reduce: Reduce | None = None,
     ) -> Tensor:
         names, theta = leaves(params)
-        g_outer = grad_outer(outer_loss, names, theta)
-        return domain_jvp(per_domain_loss, names, theta, g_outer, w.numel()) * (-inner_lr)
+        g_outer = grad_outer(outer_loss, names, theta, reduce)
+        return domain_jvp(per_domain_loss, names, theta, g_outer, w.numel(), reduce) * (-inner_lr)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
-from bilevel.solvers.products import InnerProducts, grad_outer, leaves
+from bilevel.solvers.products import InnerProducts, Reduce, grad_outer, leaves
 
 __all__ = ["Neumann"]
 
@@ -42,10 +42,11 @@ class Neumann:
         params: Params,
         w: Tensor,
         inner_lr: float,
+        reduce: Reduce | None = None,
     ) -> Tensor:
         names, theta = leaves(params)
-        g_outer = grad_outer(outer_loss, names, theta)
-        products = InnerProducts(per_domain_loss, names, theta, w)
+        g_outer = grad_outer(outer_loss, names, theta, reduce)
+        products = InnerProducts(per_domain_loss, names, theta, w, reduce)
         term = [g.detach() for g in g_outer]
         total = [t.clone() for t in term]
         for _ in range(self.iters):

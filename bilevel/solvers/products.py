@@ -5,12 +5,12 @@ Everything a solver needs reduces to three products, none of which materializes 
 * ``grad_outer``: the gradient of the outer loss M at theta (one reverse pass);
 * ``InnerProducts.hvp(u)``: H u, H the Hessian of F in theta (reverse-over-reverse on one kept
   graph of grad_theta F, so repeated products cost one double-backward each, no new forward);
-* ``domain_jvp(per_domain_loss, ..., v)`` and ``InnerProducts.domain_jvp(v)``: the K-vector [<grad L_k, v>]_k = J_L v, the Jacobian-vector
-  product of theta -> [L_1..L_K] in direction v. Because w enters F linearly,
-  d<grad_theta F, v>/dw = J_L v, so all K entries come from ONE product over the same graph
-  (w is a leaf of it); its cost does not grow with K. Without a kept graph (first-order) the
-  same K-vector comes from one forward-mode pass with dual tensors, which is cheaper than
-  building a graph to differentiate twice.
+* ``domain_jvp(..., v)`` and ``InnerProducts.domain_jvp(v)``: the K-vector
+  [<grad L_k, v>]_k = J_L v, the Jacobian-vector product of theta -> [L_1..L_K] in direction v.
+  Because w enters F linearly, d<grad_theta F, v>/dw = J_L v, so all K entries come from ONE
+  product over the same graph (w is a leaf of it); its cost does not grow with K. Without a
+  kept graph (first-order) the same K-vector comes from one forward-mode pass with dual
+  tensors, which is cheaper than building a graph to differentiate twice.
 
 Tensors are handled as lists in a fixed name order; the math is plain ``torch.autograd``, which
 on small models has far less per-call overhead than the equivalent ``torch.func`` transforms.
@@ -18,7 +18,7 @@ on small models has far less per-call overhead than the equivalent ``torch.func`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -26,9 +26,15 @@ from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss, check_per_domain_shape
 
-__all__ = ["InnerProducts", "domain_jvp", "grad_outer", "leaves", "tree_dot"]
+__all__ = ["InnerProducts", "Reduce", "domain_jvp", "grad_outer", "leaves", "tree_dot"]
 
 TensorList = list[Tensor]
+Reduce = Callable[[TensorList], TensorList]
+"""Averages a list of tensors across data-parallel ranks in place (identity on one process)."""
+
+
+def _identity(tensors: TensorList) -> TensorList:
+    return tensors
 
 
 def leaves(params: Params) -> tuple[list[str], TensorList]:
@@ -44,16 +50,24 @@ def tree_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     ).sum()
 
 
-def grad_outer(outer_loss: OuterLoss, names: list[str], theta: TensorList) -> TensorList:
+def grad_outer(
+    outer_loss: OuterLoss, names: list[str], theta: TensorList, reduce: Reduce | None = None
+) -> TensorList:
     """Gradient of the outer loss at ``theta`` (zeros for parameters it does not use)."""
     value = outer_loss(dict(zip(names, theta, strict=True)))
     if value.dim() != 0:
         raise ValueError(f"outer_loss must return a scalar, got shape {tuple(value.shape)}")
-    return list(torch.autograd.grad(value, theta, allow_unused=True, materialize_grads=True))
+    grads = torch.autograd.grad(value, theta, allow_unused=True, materialize_grads=True)
+    return (reduce or _identity)(list(grads))
 
 
 def domain_jvp(
-    per_domain_loss: PerDomainLoss, names: list[str], theta: TensorList, v: TensorList, k: int
+    per_domain_loss: PerDomainLoss,
+    names: list[str],
+    theta: TensorList,
+    v: TensorList,
+    k: int,
+    reduce: Reduce | None = None,
 ) -> Tensor:
     """J_L v = [<grad L_k(theta), v>]_k ``[K]`` by one forward-mode pass (dual tensors).
 
@@ -69,8 +83,9 @@ def domain_jvp(
             tangent = fwAD.unpack_dual(losses).tangent
     except NotImplementedError:
         w = torch.ones(k, dtype=theta[0].dtype, device=theta[0].device)
-        return InnerProducts(per_domain_loss, names, theta, w).domain_jvp(v)
-    return torch.zeros_like(losses.detach()) if tangent is None else tangent
+        return InnerProducts(per_domain_loss, names, theta, w, reduce).domain_jvp(v)
+    tangent = torch.zeros_like(losses.detach()) if tangent is None else tangent
+    return (reduce or _identity)([tangent])[0]
 
 
 class InnerProducts:
@@ -80,12 +95,20 @@ class InnerProducts:
         per_domain_loss: ``params -> Tensor[K]``.
         names, theta: parameter names and leaf tensors (see :func:`leaves`).
         w: weight VALUES ``[K]`` (detached here: products are taken at fixed w).
+        reduce: averages each product across data-parallel ranks (H and J_L are means over
+            the global batch, so the local products are averaged).
     """
 
     def __init__(
-        self, per_domain_loss: PerDomainLoss, names: list[str], theta: TensorList, w: Tensor
+        self,
+        per_domain_loss: PerDomainLoss,
+        names: list[str],
+        theta: TensorList,
+        w: Tensor,
+        reduce: Reduce | None = None,
     ) -> None:
         self.names, self.theta = names, theta
+        self.reduce = reduce or _identity
         losses = per_domain_loss(dict(zip(names, theta, strict=True)))
         check_per_domain_shape(losses, w.numel())
         self.w = w.detach().to(losses.dtype).requires_grad_(True)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss, check_per_domain_shape
-from bilevel.solvers.products import leaves
+from bilevel.solvers.products import Reduce, leaves
 
 __all__ = ["Unrolled"]
 
@@ -47,7 +47,13 @@ class Unrolled:
         params: Params,
         w: Tensor,
         inner_lr: float,
+        reduce: Reduce | None = None,
     ) -> Tensor:
+        if reduce is not None:
+            raise NotImplementedError(
+                "unrolled does not average across data-parallel ranks; under torchrun use "
+                "first_order, neumann or cg"
+            )
         names, theta = leaves(params)
         w_leaf = w.detach().requires_grad_(True)
         k = w.numel()

@@ -1,0 +1,66 @@
+"""Column batches: ``dict[str, Tensor | dict[str, Tensor]]`` whose tensors share dim 0.
+
+Nested dicts carry multi-tensor model inputs (``x = {"input_ids": ..., "attention_mask": ...}``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Columns", "chunks", "num_rows", "take", "tensors", "to_device"]
+
+Columns = dict[str, Any]
+
+
+def tensors(columns: Mapping[str, Any]) -> Iterator[Tensor]:
+    """Every tensor in ``columns``, nested dicts included."""
+    for value in columns.values():
+        if isinstance(value, Mapping):
+            yield from tensors(value)
+        elif isinstance(value, Tensor):
+            yield value
+
+
+def num_rows(columns: Mapping[str, Any]) -> int:
+    """Length of dim 0 shared by every tensor (``ValueError`` if they disagree)."""
+    sizes = {t.shape[0] for t in tensors(columns)}
+    if len(sizes) > 1:
+        raise ValueError(f"columns have different lengths: {sorted(sizes)}")
+    return sizes.pop() if sizes else 0
+
+
+def take(columns: Mapping[str, Any], index: Tensor) -> Columns:
+    """Rows ``index`` of every tensor column (non-tensor values are passed through)."""
+    out: Columns = {}
+    for key, value in columns.items():
+        if isinstance(value, Mapping):
+            out[key] = take(value, index)
+        elif isinstance(value, Tensor):
+            out[key] = value.index_select(0, index)
+        else:
+            out[key] = value
+    return out
+
+
+def to_device(columns: Mapping[str, Any], device: torch.device | str) -> Columns:
+    out: Columns = {}
+    for key, value in columns.items():
+        if isinstance(value, Mapping):
+            out[key] = to_device(value, device)
+        elif isinstance(value, Tensor):
+            out[key] = value.to(device, non_blocking=True)
+        else:
+            out[key] = value
+    return out
+
+
+def chunks(columns: Mapping[str, Any], size: int) -> Iterator[Columns]:
+    """Consecutive row slices of at most ``size`` rows (for evaluation)."""
+    n = num_rows(columns)
+    for start in range(0, n, size):
+        index = torch.arange(start, min(start + size, n), device=next(tensors(columns)).device)
+        yield take(columns, index)

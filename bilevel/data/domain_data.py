@@ -1,0 +1,72 @@
+"""``DomainData``: what a data builder returns: K named training domains, meta and test sets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bilevel.data.columns import Columns, num_rows
+from bilevel.errors import ConfigError
+
+__all__ = ["DomainData", "Evaluator"]
+
+Evaluator = Callable[[nn.Module, Columns, torch.device], dict[str, float]]
+
+
+@dataclass
+class DomainData:
+    """In-memory data of one bilevel problem.
+
+    Attributes:
+        names: the K domain names; ``train["domain"]`` indexes into them.
+        train: training columns, ``"x"`` (model input), the targets the losses read (e.g. ``"y"``)
+            and ``"domain"`` (int64 ``[N]``).
+        meta: the meta set the outer loss is measured on (same columns, no ``"domain"`` needed).
+        test: held-out columns for the final metrics (optional).
+        evaluate: ``(model, columns, device) -> {metric: value}`` for the test set.
+        model_kwargs: sizes the model factory may need (``in_dim``, ``out_dim``, ``vocab_size``..);
+            only the keyword arguments the factory accepts are passed.
+        info: anything worth recording in the summary (e.g. the noise of each domain).
+    """
+
+    names: list[str]
+    train: Columns
+    meta: Columns | None
+    test: Columns | None = None
+    evaluate: Evaluator | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def domain_sizes(self) -> list[int]:
+        domain = self.train["domain"]
+        return torch.bincount(domain.cpu(), minlength=len(self.names)).tolist()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the field for every way this data cannot train."""
+        k = len(self.names)
+        if k == 0:
+            raise ConfigError("data.names", "no domains: at least one domain is needed")
+        dupes = sorted({n for n in self.names if self.names.count(n) > 1})
+        if dupes:
+            raise ConfigError("data.names", f"duplicate domain names {dupes}")
+        if not isinstance(self.train, Mapping) or "domain" not in self.train:
+            raise ConfigError("data.train", "training columns need a 'domain' column (int64 [N])")
+        domain = self.train["domain"]
+        if domain.dtype != torch.int64 or domain.dim() != 1:
+            raise ConfigError("data.train", "'domain' must be an int64 tensor of shape [N]")
+        num_rows(self.train)
+        if domain.numel() and (int(domain.min()) < 0 or int(domain.max()) >= k):
+            raise ConfigError(
+                "data.train", f"'domain' indices must lie in [0, {k}) for {k} domain names"
+            )
+        empty = [n for n, size in zip(self.names, self.domain_sizes()) if size == 0]
+        if empty:
+            raise ConfigError("data", f"domain(s) {empty} have no training examples")
+        if self.meta is None or num_rows(self.meta) == 0:
+            raise ConfigError(
+                "data.meta", "the meta set is missing or empty; the outer loss needs it"
+            )
