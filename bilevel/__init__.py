@@ -9,12 +9,17 @@ Public API: :class:`DomainWeights`, :func:`hypergradient`, :mod:`bilevel.solvers
 
 from bilevel.functional import make_outer_loss, make_per_domain_loss, segment_mean
 from bilevel.hypergradient import hypergradient
+from bilevel.outer import MirrorDescent
+from bilevel.trainer import BilevelTrainer, TrainerConfig
 from bilevel.weights import DomainWeights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BilevelTrainer",
     "DomainWeights",
+    "MirrorDescent",
+    "TrainerConfig",
     "hypergradient",
     "make_outer_loss",
     "make_per_domain_loss",

@@ -92,6 +92,8 @@ def make_per_domain_loss(
 
     def per_domain_loss(params: Params) -> Tensor:
         per_example = loss_fn(_call(model, params, batch), batch)
+        if per_example.dtype in (torch.float16, torch.bfloat16):  # reduce in float32
+            per_example = per_example.float()
         return segment_mean(per_example, domain, num_domains)
 
     return per_domain_loss

@@ -1,0 +1,95 @@
+"""torch.distributed plumbing: detect ``torchrun``, average across ranks, check agreement.
+
+``torchrun --nproc_per_node=N -m bilevel ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; the trainer
+then wraps the model in DistributedDataParallel (gloo on CPU, NCCL on GPU), averages the meta
+gradient and every hypergradient product with :meth:`DistContext.reduce`, and keeps the weight
+logits identical on every rank (broadcast at start, all-gather check at the end).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["DistContext", "init_distributed"]
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in a data-parallel job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def reduce(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Average ``tensors`` across ranks in place (one coalesced all-reduce); returns them."""
+        if not self.enabled or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return out
+
+    def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
+        if self.enabled:
+            dist.broadcast(tensor, src)
+        return tensor
+
+    def all_equal(self, tensor: Tensor) -> bool:
+        """True when ``tensor`` is bitwise identical on every rank (a collective)."""
+        if not self.enabled:
+            return True
+        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(gathered, tensor.contiguous())
+        return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (a collective: all ranks call)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device: str) -> tuple[DistContext, torch.device]:
+    """Join the process group under torchrun; resolve ``device`` (``auto``, ``cpu``, ``cuda``).
+
+    Returns the context and this rank's device (``cuda:LOCAL_RANK`` on GPUs).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend)
+    return DistContext(rank=rank, world_size=world, local_rank=local), dev

@@ -1,0 +1,7 @@
+"""Run logging: ``metrics.jsonl`` always, wandb when configured, plots at the end."""
+
+from bilevel.logging.jsonl import JsonlWriter, read_jsonl
+from bilevel.logging.plots import plot_weights
+from bilevel.logging.wandb_logger import WandbLogger
+
+__all__ = ["JsonlWriter", "WandbLogger", "plot_weights", "read_jsonl"]

@@ -1,0 +1,51 @@
+"""``metrics.jsonl``: one JSON object per log event, appended and flushed as it happens."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["JsonlWriter", "read_jsonl", "to_jsonable"]
+
+
+def to_jsonable(value: Any) -> Any:
+    """Floats that JSON can hold (NaN/inf become strings), nested containers converted."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+class JsonlWriter:
+    """Appends records to ``path``; on resume, drops the records after the checkpoint's step."""
+
+    def __init__(self, path: str | Path, truncate_after_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after_step is not None and self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= truncate_after_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._fh = self.path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(to_jsonable(record)) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All complete records of a JSONL file (a torn last line from a crash is skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

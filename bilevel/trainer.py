@@ -1,0 +1,682 @@
+"""``BilevelTrainer``: the inner/outer loop that learns domain weights while training a model.
+
+One *window* is ``outer_every`` inner optimizer steps on the weighted mixture
+sum_k w_k L_k, followed by one hypergradient (the configured solver, on a meta batch) and one
+outer step on the weight logits. With ``solver=unrolled`` the last ``steps`` inner steps of the
+window are themselves differentiated (reverse mode through the real SGD updates), so nothing is
+computed twice.
+
+Everything in the loop stays on the model's device. The host reads values back only at log,
+evaluation and checkpoint events: non-finite steps are detected on the device and skipped by the
+optimizers themselves (``found_inf``, as AMP's grad scaler does), and counted in device tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bilevel import checkpoint as ckpt
+from bilevel.data.columns import to_device
+from bilevel.data.domain_data import DomainData
+from bilevel.data.samplers import SAMPLING, DomainSampler, MetaSampler
+from bilevel.distributed import DistContext
+from bilevel.errors import ConfigError
+from bilevel.functional import (
+    forward_batch,
+    make_outer_loss,
+    make_per_domain_loss,
+    segment_mean,
+    trainable_params,
+)
+from bilevel.hypergradient import chain_through_parametrization, hypergradient
+from bilevel.logging import JsonlWriter, plot_weights, read_jsonl
+from bilevel.logging.jsonl import to_jsonable
+from bilevel.outer import MirrorDescent
+from bilevel.solvers.base import Solver
+from bilevel.solvers.products import leaves
+from bilevel.solvers.unrolled import Unrolled
+from bilevel.weights import DomainWeights
+
+__all__ = ["BilevelTrainer", "TrainerConfig", "NonFiniteError"]
+
+Loss = Callable[[Any, Any], Tensor]
+OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after ``max_skipped`` consecutive non-finite updates (a checkpoint is written)."""
+
+
+@dataclass
+class TrainerConfig:
+    """Loop settings (the ``trainer`` config group, minus the optimizers).
+
+    Attributes:
+        steps: total inner optimizer steps.
+        outer_every: inner steps per outer (weight) update.
+        batch_size: training examples per inner step (all ranks together).
+        meta_batch_size: meta examples per hypergradient; ``None`` uses the whole meta set.
+        sampling: how a batch splits over domains: ``uniform`` | ``size`` | ``weights``.
+        log_every: inner steps between log events (the only regular host reads).
+        checkpoint_every: inner steps between checkpoints (0: only at the end).
+        eval_every: inner steps between test-set evaluations (0: only at the end).
+        max_skipped: consecutive non-finite updates after which the run stops.
+        precision: ``fp32`` or ``bf16`` (autocast of the forward passes; hypergradient math and
+            weights stay float32).
+        inner_lr: the step size the hypergradient assumes (``first_order``, ``unrolled``);
+            ``None`` reads the inner optimizer's current learning rate.
+        learn_weights: ``False`` keeps the weights at their initial values (the fixed-weight
+            baseline: the same loop without hypergradients).
+        progress: show a progress bar.
+    """
+
+    steps: int = 1000
+    outer_every: int = 5
+    batch_size: int = 128
+    meta_batch_size: int | None = None
+    sampling: str = "uniform"
+    log_every: int = 50
+    checkpoint_every: int = 0
+    eval_every: int = 0
+    max_skipped: int = 20
+    precision: str = "fp32"
+    inner_lr: float | None = None
+    learn_weights: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        positive = ["steps", "outer_every", "batch_size", "log_every", "max_skipped"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"trainer.{name}", f"must be an integer >= 1, got {value!r}")
+        for name in ["checkpoint_every", "eval_every"]:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"trainer.{name}", f"must be an integer >= 0, got {value!r}")
+        if self.meta_batch_size is not None and self.meta_batch_size < 1:
+            raise ConfigError("trainer.meta_batch_size", "must be >= 1 or null (whole meta set)")
+        if self.sampling not in SAMPLING:
+            raise ConfigError("trainer.sampling", f"must be one of {', '.join(SAMPLING)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError("trainer.precision", f"must be fp32 or bf16, got {self.precision!r}")
+        if self.inner_lr is not None and not self.inner_lr > 0:
+            raise ConfigError("trainer.inner_lr", f"must be > 0 or null, got {self.inner_lr!r}")
+
+
+def _supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, MirrorDescent) or getattr(
+        optimizer, "_step_supports_amp_scaling", False
+    )
+
+
+def _is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    if type(optimizer) is not torch.optim.SGD:
+        return False
+    return all(
+        g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 and not g.get("maximize")
+        for g in optimizer.param_groups
+    )
+
+
+class BilevelTrainer:
+    """Learns domain weights for ``model`` on ``data`` with ``solver``.
+
+    Args:
+        model: any ``nn.Module``; called as ``model(batch["x"])`` (or ``model(**batch["x"])``).
+        weights: the :class:`DomainWeights`, one per ``data.names`` entry in the same order.
+        solver: from :func:`bilevel.solvers.build`.
+        inner_loss: ``(output, batch) -> [B]`` per-example loss.
+        outer_loss: ``(output, batch) -> scalar`` meta loss.
+        data: the :class:`~bilevel.data.DomainData`.
+        config: loop settings.
+        inner_optimizer: ``params -> Optimizer`` (default SGD, lr 0.1, fused).
+        outer_optimizer: ``params -> Optimizer`` for the logits (default Adam, lr 0.05, fused), or
+            :class:`~bilevel.outer.MirrorDescent` (exponentiated gradient, as in DoReMi).
+        inner_scheduler: optional ``optimizer -> LRScheduler``, stepped every inner step.
+        device: where everything runs (default: the model's device).
+        run_dir: where ``metrics.jsonl``, ``summary.json``, ``weights.png`` and
+            ``checkpoints/last.pt`` go (``None``: nothing is written).
+        wandb: an optional :class:`~bilevel.logging.WandbLogger`.
+        dist: the data-parallel context (default: one process).
+        run_config: the resolved config to record with the run.
+
+    Example:
+        >>> trainer = BilevelTrainer(model, weights, build("first_order"),
+        ...                          per_example_cross_entropy, cross_entropy, data)
+        >>> summary = trainer.fit()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        weights: DomainWeights,
+        solver: Solver,
+        inner_loss: Loss,
+        outer_loss: Loss,
+        data: DomainData,
+        config: TrainerConfig | None = None,
+        inner_optimizer: OptimizerFactory | None = None,
+        outer_optimizer: OptimizerFactory | None = None,
+        inner_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        device: torch.device | str | None = None,
+        run_dir: str | Path | None = None,
+        wandb: Any = None,
+        dist: DistContext | None = None,
+        seed: int = 0,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config or TrainerConfig()
+        self.config.validate()
+        data.validate()
+        if list(weights.names) != list(data.names):
+            raise ConfigError(
+                "weights.names",
+                f"domain names {weights.names} do not match the data's {data.names}",
+            )
+        self.dist = dist or DistContext()
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.module = model.to(self.device)
+        self.weights = weights.to(self.device)
+        self.names = list(weights.names)
+        self.k = len(self.names)
+        self.solver = solver
+        self.inner_loss, self.outer_loss = inner_loss, outer_loss
+        self.data = data
+        self.seed = seed
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.wandb = wandb if self.dist.is_main else None
+        self.run_config = run_config or {}
+
+        self.dist.broadcast_(self.weights.logits.data)
+        self.net: nn.Module = self.module
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("model", "the model has no trainable parameters")
+        fused = self.device.type in ("cpu", "cuda")
+        self.inner_opt = (inner_optimizer or _default_sgd(fused))(params)
+        self.outer_opt = (outer_optimizer or _default_adam(fused))([self.weights.logits])
+        self.scheduler = inner_scheduler(self.inner_opt) if inner_scheduler else None
+        self._check_solver_and_optimizers()
+
+        self.train_sampler = DomainSampler(
+            to_device(data.train, self.device),
+            self.k,
+            self.config.batch_size,
+            self.config.sampling,
+            seed,
+            self.dist.rank,
+            self.dist.world_size,
+        )
+        self.meta_sampler = MetaSampler(
+            to_device(data.meta, self.device),
+            self.config.meta_batch_size,
+            seed,
+            self.dist.rank,
+            self.dist.world_size,
+        )
+        self.test = to_device(data.test, self.device) if data.test is not None else None
+
+        self.step = 0
+        self.elapsed = 0.0
+        zero = torch.zeros((), device=self.device)
+        self.skipped_inner, self.skipped_outer, self.consecutive = zero.clone(), zero.clone(), zero
+        self._one = torch.ones((), device=self.device)
+        self._w = self.weights.value().detach().float()
+        self._last: dict[str, Tensor] = {}
+        self._resumed_from: str | None = None
+        self._wandb_id: str | None = None
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def _check_solver_and_optimizers(self) -> None:
+        if isinstance(self.solver, Unrolled):
+            if not _is_plain_sgd(self.inner_opt):
+                raise ConfigError(
+                    "solver",
+                    "unrolled differentiates through the trainer's inner steps, which must then "
+                    "be plain SGD (torch.optim.SGD, momentum 0, weight_decay 0); use first_order, "
+                    "neumann or cg with other inner optimizers",
+                )
+            if self.solver.steps > self.config.outer_every:
+                raise ConfigError(
+                    "solver.steps",
+                    f"unrolls {self.solver.steps} steps but trainer.outer_every is "
+                    f"{self.config.outer_every}; it must be <= outer_every",
+                )
+            if self.dist.enabled:
+                raise ConfigError(
+                    "solver", "unrolled is not supported under torchrun; use first_order or cg"
+                )
+        if isinstance(self.outer_opt, MirrorDescent):
+            smoothing = any(g["smoothing"] > 0 for g in self.outer_opt.param_groups)
+            allowed = ("softmax",) if smoothing else ("softmax", "exp")
+            if self.weights.parametrization not in allowed:
+                raise ConfigError(
+                    "weights.parametrization",
+                    f"mirror descent needs {' or '.join(allowed)} weights, got "
+                    f"{self.weights.parametrization!r}",
+                )
+
+    # -- one step of each kind -------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _with_autocast(self, fn: Callable[[Any], Tensor]) -> Callable[[Any], Tensor]:
+        if self.config.precision != "bf16":
+            return fn
+
+        def wrapped(params):
+            with self._autocast():
+                return fn(params).float()
+
+        return wrapped
+
+    def _guarded_step(self, optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+        """``optimizer.step()`` unless ``found_inf`` is set; decided on the device when possible."""
+        if _supports_device_skip(optimizer):
+            optimizer.grad_scale = None
+            optimizer.found_inf = found_inf
+            optimizer.step()
+        elif not bool(found_inf):  # this optimizer cannot skip on the device: read the flag
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _count(self, found_inf: Tensor, inner: bool) -> None:
+        if inner:
+            self.skipped_inner += found_inf
+        else:
+            self.skipped_outer += found_inf
+        self.consecutive = (self.consecutive + found_inf) * found_inf
+
+    def _inner_lr(self) -> float:
+        if self.config.inner_lr is not None:
+            return float(self.config.inner_lr)
+        return float(self.inner_opt.param_groups[0]["lr"])
+
+    def _objective(self, per_example: Tensor, losses: Tensor) -> Tensor:
+        if self.config.sampling == "weights":  # the sampler already applied the weights
+            return per_example.mean()
+        return torch.dot(self._w, losses)
+
+    def _inner_step(self, batch: dict[str, Any]) -> None:
+        with self._autocast():
+            per_example = self.inner_loss(forward_batch(self.net, batch), batch).float()
+        losses = segment_mean(per_example, batch["domain"], self.k)
+        objective = self._objective(per_example, losses)
+        objective.backward()
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        found_inf = (~torch.isfinite(objective)).float()
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self._one)
+        self._guarded_step(self.inner_opt, found_inf)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self._count(found_inf, inner=True)
+        self._last["inner_loss"] = objective.detach()
+        self._last["domain_loss"] = losses.detach()
+
+    def _outer_step(self, grad: Tensor, found_inf: Tensor) -> None:
+        logits = self.weights.logits
+        logits.grad = grad.to(logits.dtype)
+        self._guarded_step(self.outer_opt, found_inf)
+        self._count(found_inf, inner=False)
+        self._w = self.weights.value().detach().float()
+
+    def _hypergradient_step(self, batch: dict[str, Any]) -> None:
+        meta = self.meta_sampler.next()
+        per_domain = self._with_autocast(
+            make_per_domain_loss(self.module, batch, self.inner_loss, self.k)
+        )
+        outer = self._with_autocast(make_outer_loss(self.module, meta, self.outer_loss))
+        wrt = "values" if isinstance(self.outer_opt, MirrorDescent) else "logits"
+        grad = hypergradient(
+            self.solver,
+            per_domain,
+            outer,
+            trainable_params(self.module),
+            self.weights,
+            self._inner_lr(),
+            wrt=wrt,
+            reduce=self.dist.reduce if self.dist.enabled else None,
+        )
+        found_inf = (~torch.isfinite(grad).all()).float()
+        self._outer_step(grad, found_inf)
+
+    def _unrolled_window(self, batches: list[dict[str, Any]]) -> None:
+        """``len(batches)`` differentiable SGD steps, then the exact hypergradient through them."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        names, theta = leaves(trainable_params(self.module))
+        w = self._w.clone().requires_grad_(True)
+        lr = self._inner_lr()
+        current, finite = theta, torch.ones((), dtype=torch.bool, device=self.device)
+        for batch in batches:
+            per_domain = self._with_autocast(
+                make_per_domain_loss(self.module, batch, self.inner_loss, self.k)
+            )
+            losses = per_domain(dict(zip(names, current)))
+            objective = torch.dot(w, losses)
+            grads = torch.autograd.grad(
+                objective, current, create_graph=True, allow_unused=True, materialize_grads=True
+            )
+            current = [p - lr * g for p, g in zip(current, grads)]
+            finite &= torch.isfinite(objective)
+            self._last["inner_loss"] = objective.detach()
+            self._last["domain_loss"] = losses.detach()
+        meta = self.meta_sampler.next()
+        outer = self._with_autocast(make_outer_loss(self.module, meta, self.outer_loss))
+        (grad_w,) = torch.autograd.grad(
+            outer(dict(zip(names, current))), w, allow_unused=True, materialize_grads=True
+        )
+        with torch.no_grad():
+            new = [c.detach() for c in current]
+            for t in new:
+                finite &= torch.isfinite(t).all()
+            inner_inf = (~finite).float()
+            for p, n in zip(params, new):
+                p.copy_(torch.where(finite, n, p))
+        self.skipped_inner += inner_inf * len(batches)
+        self.consecutive = (self.consecutive + inner_inf) * inner_inf
+        if isinstance(self.outer_opt, MirrorDescent):
+            grad = grad_w.detach()
+        else:
+            grad = chain_through_parametrization(self.weights, grad_w.detach())
+        found_inf = torch.maximum(inner_inf, (~torch.isfinite(grad).all()).float())
+        self._outer_step(grad, found_inf)
+
+    def _window(self, n: int) -> None:
+        """``n`` inner steps; an outer update at the end when the window is complete."""
+        cfg = self.config
+        complete = n == cfg.outer_every and cfg.learn_weights
+        unroll = self.solver.steps if isinstance(self.solver, Unrolled) and complete else 0
+        batch = None
+        for _ in range(n - unroll):
+            batch = self.train_sampler.next(self._w)
+            self._inner_step(batch)
+        if unroll:
+            self._unrolled_window([self.train_sampler.next(self._w) for _ in range(unroll)])
+        elif complete:
+            if cfg.sampling == "weights":  # every domain needs examples for its hypergradient
+                batch = self.train_sampler.next_uniform()
+            self._hypergradient_step(batch)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train for ``config.steps`` inner steps (from the resumed step); returns the summary."""
+        cfg = self.config
+        writer = self._open_outputs()
+        bar = self._progress()
+        started = time.perf_counter()
+        try:
+            while self.step < cfg.steps:
+                n = min(cfg.outer_every, cfg.steps - self.step)
+                before = self.step
+                self._window(n)
+                self.step += n
+                if bar is not None:
+                    bar.update(n)
+                last = self.step >= cfg.steps
+                if _crossed(cfg.log_every, before, self.step) or last:
+                    self.elapsed += time.perf_counter() - started
+                    started = time.perf_counter()
+                    record = self._log(writer, bar)
+                    if _crossed(cfg.eval_every, before, self.step) and not last:
+                        self._evaluate(writer)
+                    if self.consecutive.item() >= cfg.max_skipped:
+                        self._checkpoint()
+                        raise NonFiniteError(
+                            f"stopped at step {self.step}: {int(self.consecutive.item())} "
+                            f"consecutive non-finite updates (trainer.max_skipped="
+                            f"{cfg.max_skipped}); last record: {record}; checkpoint written"
+                        )
+                if _crossed(cfg.checkpoint_every, before, self.step) and not last:
+                    self._checkpoint()
+            self.elapsed += time.perf_counter() - started
+            return self._finish(writer)
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def _open_outputs(self) -> JsonlWriter | None:
+        if self.run_dir is None or not self.dist.is_main:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        truncate = self.step if self._resumed_from else None
+        writer = JsonlWriter(self.run_dir / "metrics.jsonl", truncate_after_step=truncate)
+        if self.wandb is not None:
+            self._wandb_id = self.wandb.start(self.run_dir, self.run_config, self._wandb_id)
+        return writer
+
+    def _progress(self):
+        if not (self.config.progress and self.dist.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.config.steps,
+            initial=self.step,
+            desc="bilevel",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+
+    @torch.no_grad()
+    def meta_loss(self) -> float:
+        """The outer loss on the whole meta set (averaged over ranks)."""
+        was = self.module.training
+        self.module.eval()
+        with self._autocast():
+            value = (
+                self.outer_loss(
+                    forward_batch(self.module, self.meta_sampler.columns), self.meta_sampler.columns
+                )
+                .float()
+                .reshape(1)
+            )
+        self.module.train(was)
+        return float(self.dist.reduce([value])[0].item())
+
+    def _log(self, writer: JsonlWriter | None, bar) -> dict[str, Any]:
+        weights = self.weights.as_dict()
+        record: dict[str, Any] = {
+            "step": self.step,
+            "weights": weights,
+            "inner_loss": float(self._last["inner_loss"].item()) if self._last else math.nan,
+            "meta_loss": self.meta_loss(),
+            "domain_loss": dict(zip(self.names, self._last["domain_loss"].tolist()))
+            if self._last
+            else {},
+            "skipped_steps": int((self.skipped_inner + self.skipped_outer).item()),
+            "inner_lr": self._inner_lr(),
+            "elapsed_s": round(self.elapsed, 3),
+        }
+        if writer is not None:
+            writer.write(record)
+        if self.wandb is not None:
+            self.wandb.log(record)
+        if bar is not None:
+            shown = dict(list(weights.items())[:6])
+            bar.set_postfix(
+                inner=f"{record['inner_loss']:.3f}",
+                meta=f"{record['meta_loss']:.3f}",
+                **{k: f"{v:.3f}" for k, v in shown.items()},
+                refresh=False,
+            )
+        return record
+
+    def evaluate(self) -> dict[str, float]:
+        """Test-set metrics of the current model ({} without a test set)."""
+        if self.test is None or self.data.evaluate is None:
+            return {}
+        return self.data.evaluate(self.module, self.test, self.device)
+
+    def _evaluate(self, writer: JsonlWriter | None) -> dict[str, float]:
+        metrics = self.evaluate()
+        if metrics:
+            record = {"step": self.step, "test": metrics}
+            if writer is not None:
+                writer.write(record)
+            if self.wandb is not None:
+                self.wandb.log(record)
+        return metrics
+
+    def _finish(self, writer: JsonlWriter | None) -> dict[str, Any]:
+        test = self._evaluate(writer)
+        agree = self.dist.all_equal(self.weights.logits.detach())
+        summary = {
+            "weights": self.weights.as_dict(),
+            "meta_loss": self.meta_loss(),
+            "test": test,
+            "steps": self.step,
+            "wall_time_s": round(self.elapsed, 3),
+            "solver": self.solver.name,
+            "solver_options": _options(self.solver),
+            "parametrization": self.weights.parametrization,
+            "skipped_steps": int((self.skipped_inner + self.skipped_outer).item()),
+            "skipped_inner": int(self.skipped_inner.item()),
+            "skipped_outer": int(self.skipped_outer.item()),
+            "world_size": self.dist.world_size,
+            "ranks_agree": bool(agree),
+            "seed": self.seed,
+            "info": self.data.info,
+        }
+        if self._resumed_from:
+            summary["resumed_from"] = self._resumed_from
+        self._checkpoint()
+        if self.run_dir is not None and self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
+            plot_weights(read_jsonl(self.run_dir / "metrics.jsonl"), self.run_dir / "weights.png")
+        if self.wandb is not None:
+            self.wandb.finish(summary)
+        return summary
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: model, optimizers, logits, RNG, samplers, step."""
+        local = {
+            "rng": ckpt.capture_rng(),
+            "samplers": {
+                "train": self.train_sampler.state_dict(),
+                "meta": self.meta_sampler.state_dict(),
+            },
+        }
+        per_rank = self.dist.gather_objects(local)
+        return {
+            "version": 1,
+            "step": self.step,
+            "elapsed_s": self.elapsed,
+            "names": self.names,
+            "parametrization": self.weights.parametrization,
+            "model": self.module.state_dict(),
+            "weights": self.weights.state_dict(),
+            "inner_optimizer": self.inner_opt.state_dict(),
+            "outer_optimizer": self.outer_opt.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "counters": {
+                "skipped_inner": self.skipped_inner,
+                "skipped_outer": self.skipped_outer,
+                "consecutive": self.consecutive,
+            },
+            "last": self._last,
+            "ranks": per_rank,
+            "wandb_id": self._wandb_id,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
+        if list(state["names"]) != self.names:
+            raise ConfigError(
+                "resume",
+                f"the checkpoint's domain names {list(state['names'])} differ from "
+                f"the config's {self.names}",
+            )
+        if state["parametrization"] != self.weights.parametrization:
+            raise ConfigError(
+                "resume",
+                f"the checkpoint's parametrization {state['parametrization']!r} differs "
+                f"from the config's {self.weights.parametrization!r}",
+            )
+        if len(state["ranks"]) != self.dist.world_size:
+            raise ConfigError(
+                "resume",
+                f"the checkpoint was written by {len(state['ranks'])} rank(s), this run "
+                f"has {self.dist.world_size}",
+            )
+        self.module.load_state_dict(state["model"])
+        self.weights.load_state_dict(state["weights"])
+        self.inner_opt.load_state_dict(state["inner_optimizer"])
+        self.outer_opt.load_state_dict(state["outer_optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        local = state["ranks"][self.dist.rank]
+        ckpt.restore_rng(local["rng"])
+        self.train_sampler.load_state_dict(local["samplers"]["train"])
+        self.meta_sampler.load_state_dict(local["samplers"]["meta"])
+        counters = state["counters"]
+        self.skipped_inner = counters["skipped_inner"].to(self.device)
+        self.skipped_outer = counters["skipped_outer"].to(self.device)
+        self.consecutive = counters["consecutive"].to(self.device)
+        self._last = {k: v.to(self.device) for k, v in state["last"].items()}
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed_s"])
+        self._w = self.weights.value().detach().float()
+        self._wandb_id = state.get("wandb_id")
+        self._resumed_from = source
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a run directory (its ``checkpoints/last.pt``) or a checkpoint file."""
+        path = Path(path)
+        file = path / "checkpoints" / "last.pt" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(
+                "resume", f"no checkpoint at {file} (expected <run dir>/checkpoints/last.pt)"
+            )
+        self.load_state_dict(ckpt.load(file, map_location=self.device), source=str(path))
+
+    def _checkpoint(self) -> None:
+        state = self.state_dict()  # a collective under torchrun: every rank takes part
+        if self.run_dir is not None and self.dist.is_main:
+            ckpt.save_atomic(state, self.run_dir / "checkpoints" / "last.pt")
+
+
+def _crossed(every: int, before: int, after: int) -> bool:
+    """Whether a multiple of ``every`` lies in (before, after] (never for every = 0)."""
+    return bool(every) and after // every > before // every
+
+
+def _options(solver: Solver) -> dict[str, Any]:
+    if is_dataclass(solver):
+        return {k: v for k, v in asdict(solver).items() if k != "name"}
+    return {}
+
+
+def _default_sgd(fused: bool) -> OptimizerFactory:
+    return lambda params: torch.optim.SGD(params, lr=0.1, fused=fused)
+
+
+def _default_adam(fused: bool) -> OptimizerFactory:
+    return lambda params: torch.optim.Adam(params, lr=0.05, fused=fused)

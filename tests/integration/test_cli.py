@@ -1,0 +1,189 @@
+"""End-to-end runs of the Hydra app on tiny configs."""
+
+import json
+
+import pytest
+import torch
+
+from bilevel import checkpoint
+from bilevel.logging import read_jsonl
+from tests.integration.helpers import cli, read_summary
+
+
+def test_tiny_run_writes_the_run_directory(run_cli):
+    summary, out = run_cli("experiment=tiny")
+    assert set(summary["weights"]) == {"d0", "d1", "d2", "d3"}
+    assert {"weights", "meta_loss", "test", "steps", "wall_time_s", "solver"} <= set(summary)
+    assert summary["steps"] == 40 and summary["solver"] == "first_order"
+    assert set(summary["test"]) == {"accuracy", "loss"}
+    on_disk = read_summary(out)
+    assert on_disk["weights"] == pytest.approx(summary["weights"])
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "weights" in r] == [10, 20, 30, 40]
+    for r in records:
+        if "weights" in r:
+            assert {"inner_loss", "meta_loss", "weights", "step"} <= set(r)
+    assert (out / "weights.png").stat().st_size > 1000
+    state = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert state["step"] == 40 and state["names"] == ["d0", "d1", "d2", "d3"]
+
+
+@pytest.mark.parametrize("solver", ["first_order", "unrolled", "neumann", "cg"])
+def test_every_solver_runs_in_the_trainer(run_cli, solver):
+    summary, _ = run_cli("experiment=tiny", f"solver={solver}")
+    assert summary["solver"] == solver
+    assert all(torch.isfinite(torch.tensor(list(summary["weights"].values()))))
+    assert summary["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["weights.parametrization=exp", "trainer.outer_optimizer.lr=0.01"],
+        ["weights.parametrization=sigmoid"],
+        ["weights.parametrization=softplus"],
+        ["trainer/outer_optimizer=mirror_descent", "trainer.outer_optimizer.smoothing=0.1"],
+        ["trainer.sampling=weights"],
+        ["trainer.sampling=size"],
+        ["trainer/inner_optimizer=adam", "solver=cg"],
+        ["trainer.meta_batch_size=8"],
+        ["trainer.learn_weights=false"],
+        ["trainer.precision=bf16"],
+    ],
+)
+def test_options_run(run_cli, overrides):
+    summary, _ = run_cli("experiment=tiny", *overrides)
+    assert summary["steps"] == 40
+
+
+def test_fixed_weights_stay_at_init(run_cli):
+    summary, _ = run_cli(
+        "experiment=tiny", "trainer.learn_weights=false", "weights.init=[0.1,0.2,0.3,0.4]"
+    )
+    assert list(summary["weights"].values()) == pytest.approx([0.1, 0.2, 0.3, 0.4], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "noise,seed",
+    [
+        ([0.0, 0.0, 0.4, 0.4], 0),
+        ([0.4, 0.0, 0.0, 0.4], 1),
+        ([0.0, 0.5, 0.0, 0.0], 2),
+        ([0.3, 0.3, 0.3, 0.0], 3),
+    ],
+)
+def test_noisy_domains_end_below_clean_ones(run_cli, noise, seed):
+    summary, _ = run_cli(
+        "experiment=noisy_domains",
+        f"data.label_noise={noise}",
+        f"seed={seed}",
+        "trainer.steps=1500",
+        "data.per_domain=1000",
+    )
+    w = summary["weights"]
+    noisy = [w[f"d{i}"] for i, r in enumerate(noise) if r > 0]
+    clean = [w[f"d{i}"] for i, r in enumerate(noise) if r == 0]
+    assert max(noisy) < min(clean), w
+
+
+def test_custom_outer_loss_from_outside_the_project(run_cli, tmp_path, monkeypatch):
+    pkg = tmp_path / "userpkg" / "my_losses"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "import torch.nn.functional as F\n"
+        "calls = []\n"
+        "def smoothed(output, batch):\n"
+        "    calls.append(output.shape[0])\n"
+        "    return F.cross_entropy(output, batch['y'], label_smoothing=0.1)\n"
+        "def per_example_hinge(output, batch):\n"
+        "    calls.append(-1)\n"
+        "    import torch\n"
+        "    true = output.gather(1, batch['y'][:, None])\n"
+        "    return (1 + output - true).clamp_min(0).sum(1) - 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "userpkg"))
+    import my_losses
+
+    summary, _ = run_cli("experiment=tiny", "outer_loss._target_=my_losses.smoothed")
+    assert summary["steps"] == 40 and any(c > 0 for c in my_losses.calls)
+    my_losses.calls.clear()
+    run_cli("experiment=tiny", "inner_loss._target_=my_losses.per_example_hinge")
+    assert -1 in my_losses.calls
+
+
+def test_custom_outer_loss_by_subprocess(tmp_path):
+    pkg = tmp_path / "ext" / "extloss.py"
+    pkg.parent.mkdir()
+    pkg.write_text(
+        "import torch.nn.functional as F\n"
+        "def loss(output, batch):\n"
+        "    print('EXTERNAL LOSS CALLED', flush=True)\n"
+        "    return F.cross_entropy(output, batch['y'])\n"
+    )
+    out = tmp_path / "run"
+    proc = cli(
+        "experiment=tiny",
+        "outer_loss._target_=extloss.loss",
+        f"hydra.run.dir={out}",
+        env={"PYTHONPATH": str(pkg.parent)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "EXTERNAL LOSS CALLED" in proc.stdout
+    assert read_summary(out)["steps"] == 40
+
+
+@pytest.mark.slow
+def test_sweep_writes_one_summary_per_job(tmp_path):
+    proc = cli(
+        "-m",
+        "experiment=tiny",
+        "solver=first_order,cg",
+        "seed=0,1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    assert len(summaries) == 4
+    solvers = sorted(json.loads(p.read_text())["solver"] for p in summaries)
+    assert solvers == ["cg", "cg", "first_order", "first_order"]
+
+
+def test_wandb_offline_logs_weights(run_cli, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    summary, out = run_cli("experiment=tiny", "logger=wandb")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("data.label_noise=[0.1,0.2]", "data.label_noise"),
+        ("data.label_noise=[0.0,0.0,1.2,0.0]", "data.label_noise"),
+        ("data.per_domain=0", "data.per_domain"),
+        ("solver.name=adam", "solver"),
+        ("trainer.outer_every=0", "trainer.outer_every"),
+        ("weights.init=[0.5,0.5]", "weights"),
+        ("weights.init=[0.5,-0.1,0.3,0.3]", "weights"),
+        ("outer_loss._target_=no_such_module.loss", "outer_loss"),
+        ("resume=/nonexistent/run", "resume"),
+        ("device=cuda:7", "device"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, override, field):
+    if override.startswith("device") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    proc = cli("experiment=tiny", override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and field in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_group_option_lists_choices(tmp_path):
+    proc = cli("experiment=tiny", "solver=newton", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0
+    assert "Available options in 'solver'" in proc.stderr
+    for name in ["cg", "first_order", "neumann", "unrolled"]:
+        assert name in proc.stderr
