@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -122,6 +123,16 @@ def make_trainer(cfg: DictConfig, dist: DistContext, device: torch.device, run_d
         raise ConfigError(
             "weights.names", f"{list(names)} do not match the data's domains {data.names}"
         )
+    init = cfg.weights.get("init")
+    if init is not None:
+        values = list(init) if not isinstance(init, (int, float)) else [init]
+        if len(values) != len(data.names):
+            raise ConfigError(
+                "weights.init",
+                f"has {len(values)} values but there are {len(data.names)} domains {data.names}",
+            )
+        if any(not isinstance(v, (int, float)) or not v > 0 for v in values):
+            raise ConfigError("weights.init", f"initial weight values must be > 0, got {values}")
     weights_cfg = {k: v for k, v in cfg.weights.items() if k != "names"}
     weights = build(OmegaConf.create(weights_cfg), "weights", names=data.names, device=device)
     model = build_model(cfg.model, data)
@@ -237,9 +248,51 @@ def app(cfg: DictConfig) -> float:
     return float(summary["meta_loss"])
 
 
+def preflight(args: list[str]) -> str | None:
+    """Compose the config for a single run first, so that an unknown group option or key is
+    reported as one line (with the valid choices) instead of Hydra's multi-line report.
+
+    Returns the error line, or ``None`` when the config composes (or when the arguments ask for
+    something this check does not cover: a sweep, Hydra flags, another config source).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, MissingConfigException
+
+    if any(a.startswith("-") for a in args):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except HydraException as err:
+        return str(err).splitlines()[0]
+    if any(o.is_sweep_override() or o.key_or_group.startswith("hydra.searchpath") for o in parsed):
+        return None  # sweeps and extra search paths are Hydra's to check
+    try:
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            compose("config", overrides=args, return_hydra_config=True)
+    except MissingConfigException as err:
+        missing = str(err.missing_cfg_file or "")
+        group, _, option = missing.rpartition("/")
+        if err.options:
+            return f"{group}: unknown option {option!r}; valid: {', '.join(err.options)}"
+        return str(err).splitlines()[0]
+    except HydraException as err:
+        first = str(err).splitlines()[0]
+        key = re.match(r"Could not override '([^']+)'", first)
+        if key:
+            return f"{key.group(1)}: no such config key; to add a new key write +{key.group(1)}=..."
+        cause = _root_cause(err)
+        return first if cause is err else f"{first} ({str(cause).splitlines()[0]})"
+    return None
+
+
 def main() -> None:
     """Console entry point. Under torchrun, ranks other than 0 keep Hydra's files out of the run
     directory."""
+    problem = preflight(sys.argv[1:])
+    if problem is not None:
+        print(f"bilevel: error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if int(os.environ.get("RANK", "0")) > 0:
         scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{os.environ['RANK']}-")
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]

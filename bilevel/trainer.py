@@ -44,7 +44,7 @@ from bilevel.logging import JsonlWriter, plot_weights, read_jsonl
 from bilevel.logging.jsonl import to_jsonable
 from bilevel.outer import MirrorDescent
 from bilevel.solvers.base import Solver
-from bilevel.solvers.products import leaves
+from bilevel.solvers.products import leaves, poison_nonfinite
 from bilevel.solvers.unrolled import Unrolled
 from bilevel.weights import DomainWeights
 
@@ -382,9 +382,9 @@ class BilevelTrainer:
             self._last["domain_loss"] = losses.detach()
         meta = self.meta_sampler.next()
         outer = self._with_autocast(make_outer_loss(self.module, meta, self.outer_loss))
-        (grad_w,) = torch.autograd.grad(
-            outer(dict(zip(names, current))), w, allow_unused=True, materialize_grads=True
-        )
+        meta_value = outer(dict(zip(names, current)))
+        (grad_w,) = torch.autograd.grad(meta_value, w, allow_unused=True, materialize_grads=True)
+        grad_w = poison_nonfinite(grad_w, meta_value.detach())
         with torch.no_grad():
             new = [c.detach() for c in current]
             for t in new:

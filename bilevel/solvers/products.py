@@ -26,7 +26,15 @@ from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss, check_per_domain_shape
 
-__all__ = ["InnerProducts", "Reduce", "domain_jvp", "grad_outer", "leaves", "tree_dot"]
+__all__ = [
+    "InnerProducts",
+    "Reduce",
+    "domain_jvp",
+    "grad_outer",
+    "leaves",
+    "poison_nonfinite",
+    "tree_dot",
+]
 
 TensorList = list[Tensor]
 Reduce = Callable[[TensorList], TensorList]
@@ -35,6 +43,16 @@ Reduce = Callable[[TensorList], TensorList]
 
 def _identity(tensors: TensorList) -> TensorList:
     return tensors
+
+
+def poison_nonfinite(result: Tensor, *values: Tensor) -> Tensor:
+    """``result``, or NaN where any of ``values`` is not finite (no host sync).
+
+    A NaN loss does not always reach its derivatives (``torch.where`` with a NaN constant has a
+    zero derivative), so the solvers mark their result non-finite whenever a loss value was.
+    """
+    finite = torch.stack([torch.isfinite(v).all() for v in values]).all()
+    return torch.where(finite, result, torch.full_like(result, torch.nan))
 
 
 def leaves(params: Params) -> tuple[list[str], TensorList]:
@@ -57,8 +75,12 @@ def grad_outer(
     value = outer_loss(dict(zip(names, theta, strict=True)))
     if value.dim() != 0:
         raise ValueError(f"outer_loss must return a scalar, got shape {tuple(value.shape)}")
-    grads = torch.autograd.grad(value, theta, allow_unused=True, materialize_grads=True)
-    return (reduce or _identity)(list(grads))
+    grads = list(torch.autograd.grad(value, theta, allow_unused=True, materialize_grads=True))
+    # Every solver's K-vector sums over all entries of this gradient, so marking one (small)
+    # tensor is enough to make the result non-finite when the meta loss was.
+    i = min(range(len(grads)), key=lambda j: grads[j].numel())
+    grads[i] = poison_nonfinite(grads[i], value)
+    return (reduce or _identity)(grads)
 
 
 def domain_jvp(
@@ -84,8 +106,9 @@ def domain_jvp(
     except NotImplementedError:
         w = torch.ones(k, dtype=theta[0].dtype, device=theta[0].device)
         return InnerProducts(per_domain_loss, names, theta, w, reduce).domain_jvp(v)
-    tangent = torch.zeros_like(losses.detach()) if tangent is None else tangent
-    return (reduce or _identity)([tangent])[0]
+    primal = fwAD.unpack_dual(losses).primal
+    tangent = torch.zeros_like(primal) if tangent is None else tangent
+    return (reduce or _identity)([poison_nonfinite(tangent, primal)])[0]
 
 
 class InnerProducts:
@@ -111,6 +134,7 @@ class InnerProducts:
         self.reduce = reduce or _identity
         losses = per_domain_loss(dict(zip(names, theta, strict=True)))
         check_per_domain_shape(losses, w.numel())
+        self.losses = losses.detach()
         self.w = w.detach().to(losses.dtype).requires_grad_(True)
         inner = torch.dot(self.w, losses)
         grads = torch.autograd.grad(
@@ -121,30 +145,21 @@ class InnerProducts:
         self._live = [i for i, g in enumerate(self.grad) if g.requires_grad]
 
     def _backward(self, v: Sequence[Tensor], inputs: Sequence[Tensor]) -> TensorList:
+        """This rank's vector-Jacobian product of grad_theta F with ``v`` (not yet reduced)."""
         outs = [self.grad[i] for i in self._live]
         cots = [v[i] for i in self._live]
         if not outs:
             return [torch.zeros_like(x) for x in inputs]
-        return list(
-            torch.autograd.grad(
-                outs,
-                list(inputs),
-                cots,
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
+        grads = torch.autograd.grad(
+            outs, list(inputs), cots, retain_graph=True, allow_unused=True, materialize_grads=True
         )
+        return list(grads)
 
     def hvp(self, u: Sequence[Tensor]) -> TensorList:
         """H u with H = d^2 F / d theta^2 at (theta, w)."""
-        return self._backward(u, self.theta)
+        return self.reduce(self._backward(u, self.theta))
 
     def domain_jvp(self, v: Sequence[Tensor]) -> Tensor:
         """[<grad_theta L_k, v>]_k, shape ``[K]``: one product whatever K is."""
-        return self._backward(v, [self.w])[0]
-
-    def hvp_and_domain_jvp(self, u: Sequence[Tensor]) -> tuple[TensorList, Tensor]:
-        """(H u, J_L u) from a single backward pass."""
-        out = self._backward(u, [*self.theta, self.w])
-        return out[:-1], out[-1]
+        local = poison_nonfinite(self._backward(v, [self.w])[0], self.losses)
+        return self.reduce([local])[0]

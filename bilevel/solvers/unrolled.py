@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss, check_per_domain_shape
-from bilevel.solvers.products import Reduce, leaves
+from bilevel.solvers.products import Reduce, leaves, poison_nonfinite
 
 __all__ = ["Unrolled"]
 
@@ -58,8 +58,11 @@ class Unrolled:
         w_leaf = w.detach().requires_grad_(True)
         k = w.numel()
 
+        seen: list[Tensor] = []
+
         def inner(current: list[Tensor]) -> Tensor:
             losses = check_per_domain_shape(per_domain_loss(dict(zip(names, current))), k)
+            seen.append(losses.detach())
             return torch.dot(w_leaf.to(losses.dtype), losses)
 
         if self.backend == "higher":
@@ -77,7 +80,7 @@ class Unrolled:
                 current = [p - inner_lr * g for p, g in zip(current, grads, strict=True)]
         value = outer_loss(dict(zip(names, current, strict=True)))
         (grad_w,) = torch.autograd.grad(value, w_leaf, allow_unused=True, materialize_grads=True)
-        return grad_w
+        return poison_nonfinite(grad_w, value.detach(), *seen)
 
 
 def _unroll_higher(inner, theta: list[Tensor], inner_lr: float, steps: int) -> list[Tensor]:

@@ -1,0 +1,314 @@
+"""Exact resume after SIGKILL, non-finite guard, input validation, torchrun."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bilevel import BilevelTrainer, DomainWeights, TrainerConfig
+from bilevel.data import DomainData, noisy_domains
+from bilevel.logging import read_jsonl
+from bilevel.losses import cross_entropy, per_example_cross_entropy
+from bilevel.models import MLP
+from bilevel.solvers import build
+from bilevel.trainer import NonFiniteError
+from tests.integration.helpers import REPO, cli, read_summary
+
+# Big enough that 200 steps take a few seconds, so the kill lands mid-run.
+RESUME_ARGS = [
+    "experiment=tiny",
+    "trainer.steps=200",
+    "trainer.checkpoint_every=20",
+    "trainer.log_every=10",
+    "model.hidden=[512,512]",
+    "trainer.batch_size=512",
+    "data.per_domain=512",
+    "seed=3",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", ["first_order", "unrolled"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, solver):
+    args = [*RESUME_ARGS, f"solver={solver}"]
+    reference = tmp_path / "reference"
+    proc = cli(*args, f"hydra.run.dir={reference}")
+    assert proc.returncode == 0, proc.stderr
+
+    killed = tmp_path / "killed"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bilevel",
+            *args,
+            f"hydra.run.dir={killed}",
+            "trainer.progress=false",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert child.poll() is None, "the run ended before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (killed / "summary.json").exists()
+    step_at_kill = torch.load(ckpt, weights_only=True)["step"]
+    assert 20 <= step_at_kill < 200
+
+    proc = cli(*args, f"resume={killed}", f"hydra.run.dir={tmp_path / 'resumer'}")
+    assert proc.returncode == 0, proc.stderr
+    ref, res = read_summary(reference), read_summary(killed)
+    assert res["weights"] == ref["weights"]  # bit-identical floats
+    assert res["meta_loss"] == ref["meta_loss"] and res["test"] == ref["test"]
+    assert read_summary(tmp_path / "resumer")["weights"] == ref["weights"]
+    weights = lambda d: [r["weights"] for r in read_jsonl(d / "metrics.jsonl") if "weights" in r]  # noqa: E731
+    assert weights(killed) == weights(reference)
+
+
+def test_extending_a_finished_run_equals_one_long_run(run_cli, tmp_path):
+    long, _ = run_cli("experiment=tiny", "trainer.steps=40", "solver=cg", out=tmp_path / "long")
+    run_cli("experiment=tiny", "trainer.steps=20", "solver=cg", out=tmp_path / "short")
+    resumed, _ = run_cli(
+        "experiment=tiny",
+        "trainer.steps=40",
+        "solver=cg",
+        f"resume={tmp_path / 'short'}",
+        out=tmp_path / "other",
+    )
+    assert resumed["weights"] == long["weights"]
+    assert resumed["resumed_from"] == str(tmp_path / "short")
+
+
+# -- non-finite guard ---------------------------------------------------------------------------
+
+
+class NaNForDomain:
+    """Per-example cross-entropy, NaN for one domain's examples on chosen calls."""
+
+    def __init__(self, domain, calls):
+        self.domain, self.calls, self.n = domain, set(calls), 0
+
+    def __call__(self, output, batch):
+        self.n += 1
+        loss = F.cross_entropy(output, batch["y"], reduction="none")
+        if self.n in self.calls:
+            loss = torch.where(batch["domain"] == self.domain, torch.nan, loss)
+        return loss
+
+
+def make_trainer(inner_loss, tmp_path=None, **config):
+    torch.manual_seed(0)
+    data = noisy_domains(per_domain=64, meta_size=32, test_size=64, seed=0)
+    model = MLP(**data.model_kwargs, hidden=16)
+    cfg = TrainerConfig(
+        **{
+            "steps": 40,
+            "outer_every": 5,
+            "batch_size": 32,
+            "log_every": 5,
+            "progress": False,
+            **config,
+        }
+    )
+    return BilevelTrainer(
+        model,
+        DomainWeights(data.names),
+        build("first_order"),
+        inner_loss,
+        cross_entropy,
+        data,
+        cfg,
+        run_dir=tmp_path,
+    )
+
+
+def test_nan_in_one_domain_is_skipped_and_reported(tmp_path):
+    # Loss calls per window: 5 inner steps, then 1 for the first-order hypergradient. Call 12 is
+    # window 2's hypergradient, call 13 the first inner step of window 3.
+    trainer = make_trainer(NaNForDomain(domain=1, calls={12, 13}), tmp_path)
+    summary = trainer.fit()
+    assert summary["steps"] == 40
+    assert summary["skipped_inner"] == 1 and summary["skipped_outer"] == 1
+    assert summary["skipped_steps"] == 2
+    assert all(torch.isfinite(torch.tensor(list(summary["weights"].values()))))
+    records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "skipped_steps" in r]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2, 2, 2, 2, 2, 2]
+    assert json.loads((tmp_path / "summary.json").read_text())["skipped_steps"] == 2
+
+
+def test_skipped_inner_step_leaves_model_unchanged():
+    trainer = make_trainer(NaNForDomain(domain=2, calls={1}))
+    before = [p.detach().clone() for p in trainer.module.parameters()]
+    state = (
+        {k: v.clone() for k, v in trainer.inner_opt.state_dict()["state"].items()}
+        if trainer.inner_opt.state_dict()["state"]
+        else {}
+    )
+    trainer._inner_step(trainer.train_sampler.next(trainer._w))
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.module.parameters()))
+    assert trainer.skipped_inner.item() == 1 and state == {}
+    trainer._inner_step(trainer.train_sampler.next(trainer._w))  # call 2 is finite: it moves
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.module.parameters()))
+
+
+def test_non_finite_hypergradient_keeps_weights(tmp_path):
+    calls = {"n": 0}
+
+    def nan_meta(output, batch):
+        calls["n"] += 1
+        loss = F.cross_entropy(output, batch["y"])
+        return loss * torch.nan if calls["n"] == 1 else loss
+
+    trainer = make_trainer(per_example_cross_entropy, tmp_path, steps=5, log_every=5)
+    trainer.outer_loss = nan_meta
+    before = trainer.weights.logits.detach().clone()
+    trainer._window(5)
+    assert torch.equal(trainer.weights.logits.detach(), before)
+    assert trainer.skipped_outer.item() == 1
+
+
+def test_too_many_consecutive_skips_stop_the_run_with_a_checkpoint(tmp_path):
+    trainer = make_trainer(
+        NaNForDomain(domain=0, calls=range(5, 10_000)), tmp_path, max_skipped=8, checkpoint_every=0
+    )
+    with pytest.raises(NonFiniteError, match="consecutive non-finite"):
+        trainer.fit()
+    assert (tmp_path / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "summary.json").exists()
+
+
+# -- input validation ---------------------------------------------------------------------------
+
+BUILDERS = """
+import torch
+from bilevel.data import DomainData, noisy_domains
+
+def empty_domain(**kwargs):
+    d = noisy_domains(**kwargs)
+    keep = d.train["domain"] != 2
+    d.train = {k: v[keep] for k, v in d.train.items()}
+    return d
+
+def no_meta(**kwargs):
+    d = noisy_domains(**kwargs)
+    d.meta = None
+    return d
+"""
+
+
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        (["data._target_=builders.empty_domain"], "data"),
+        (["data._target_=builders.no_meta"], "data.meta"),
+        (["+weights.names=[a,b,c,d]"], "weights.names"),
+        (["weights.init=[0.2,0.3]"], "weights.init"),
+        (["weights.init=[0.5,0.0,0.25,0.25]"], "weights.init"),
+        (["trainer.outer_every=0"], "trainer.outer_every"),
+        (["solver.name=newton"], "solver"),
+        (["solver=newton"], "solver"),
+        (["solver=unrolled", "solver.steps=10"], "solver.steps"),
+        (["solver=unrolled", "trainer/inner_optimizer=adam"], "solver"),
+        (
+            ["weights.parametrization=sigmoid", "trainer/outer_optimizer=mirror_descent"],
+            "weights.parametrization",
+        ),
+        (["trainer.precision=fp16"], "trainer.precision"),
+    ],
+)
+def test_each_bad_input_is_one_line_and_exit_2(tmp_path, args, field):
+    (tmp_path / "builders.py").write_text(BUILDERS)
+    proc = cli(
+        "experiment=tiny",
+        *args,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"bilevel: error: {field}"), proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_without_checkpoint_and_with_other_names(tmp_path, run_cli):
+    (tmp_path / "empty").mkdir()
+    proc = cli("experiment=tiny", f"resume={tmp_path / 'empty'}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2 and "bilevel: error: resume: no checkpoint" in proc.stderr
+    run_cli("experiment=tiny", "trainer.steps=10", out=tmp_path / "first")
+    proc = cli(
+        "experiment=tiny",
+        "data.names=[a,b,c,d]",
+        f"resume={tmp_path / 'first'}",
+        f"hydra.run.dir={tmp_path / 'r2'}",
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "resume" in proc.stderr and "domain names" in proc.stderr
+
+
+def test_nonfinite_stop_exits_3_with_message(tmp_path):
+    (tmp_path / "nanloss.py").write_text(
+        "import torch, torch.nn.functional as F\n"
+        "def loss(output, batch):\n"
+        "    return F.cross_entropy(output, batch['y'], reduction='none') * torch.nan\n"
+    )
+    proc = cli(
+        "experiment=tiny",
+        "inner_loss._target_=nanloss.loss",
+        "trainer.max_skipped=3",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "consecutive non-finite updates" in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+# -- torchrun ---------------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "bilevel",
+            "experiment=noisy_domains",
+            "trainer.steps=40",
+            "device=cpu",
+            "trainer.progress=false",
+            f"hydra.run.dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = read_summary(out)
+    assert summary["world_size"] == 2 and summary["ranks_agree"] is True
+    assert summary["steps"] == 40
+    assert len(list(tmp_path.iterdir())) == 1  # rank 1 wrote nothing next to the run directory
+
+
+def test_data_builder_must_return_domain_data():
+    with pytest.raises(Exception, match="no training examples"):
+        d = noisy_domains(per_domain=4, meta_size=4, test_size=4)
+        DomainData(d.names, {k: v[:4] for k, v in d.train.items()}, d.meta).validate()
