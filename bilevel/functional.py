@@ -33,11 +33,15 @@ PerDomainLoss = Callable[[Params], Tensor]
 OuterLoss = Callable[[Params], Tensor]
 
 
-def segment_mean(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
+def segment_mean(
+    values: Tensor, index: Tensor, num_segments: int, inverse_counts: Tensor | None = None
+) -> Tensor:
     """Mean of ``values`` ``[B]`` within each segment ``index`` ``[B]`` (int64) -> ``[K]``.
 
     A segment with no example gets 0 (not NaN), so a batch that misses a domain contributes
     nothing for it. No Python loop over segments and no host synchronization.
+    ``inverse_counts`` ``[K]`` (1/count, 0 for empty segments) skips counting when the caller
+    already knows how many examples of each segment the batch holds.
     """
     if values.dim() != 1 or index.shape != values.shape:
         raise ValueError(
@@ -45,6 +49,8 @@ def segment_mean(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
             f"{tuple(index.shape)} (an inner loss must return one value per example)"
         )
     sums = values.new_zeros(num_segments).index_add(0, index, values)
+    if inverse_counts is not None:
+        return sums * inverse_counts.to(sums.dtype)
     counts = values.new_zeros(num_segments).index_add(0, index, torch.ones_like(values))
     return sums / counts.clamp_min(1)
 
@@ -60,11 +66,49 @@ def trainable_params(model: nn.Module) -> Params:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+class _Swapper:
+    """Puts tensors in place of a module's parameters for one call, then puts the originals back.
+
+    ``torch.func.functional_call`` does the same with checks for tied weights and
+    parametrizations that cost more than the forward pass of a small model; this resolves each
+    name to its ``(submodule, attribute)`` slot once and swaps dictionary entries. Modules with
+    tied weights or parametrizations keep using ``functional_call``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.slots: dict[str, tuple[dict, str]] = {}
+        seen: dict[int, str] = {}
+        self.usable = not any(hasattr(m, "parametrizations") for m in model.modules())
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                self.usable = False  # tied weights: functional_call knows how to handle them
+            seen[id(p)] = name
+            owner, _, attr = name.rpartition(".")
+            self.slots[name] = (model.get_submodule(owner)._parameters, attr)
+
+    def __call__(self, model: nn.Module, params: Params, args: tuple, kwargs: dict) -> Any:
+        if not self.usable or not params.keys() <= self.slots.keys():
+            return functional_call(model, params, args, kwargs, strict=False)
+        saved = []
+        try:
+            for name, tensor in params.items():
+                store, attr = self.slots[name]
+                saved.append((store, attr, store[attr]))
+                store[attr] = tensor
+            return model(*args, **kwargs)
+        finally:
+            for store, attr, original in saved:
+                store[attr] = original
+
+
 def _call(model: nn.Module, params: Params, batch: Batch) -> Any:
+    swapper = model.__dict__.get("_bilevel_swapper")
+    if swapper is None:
+        swapper = model.__dict__["_bilevel_swapper"] = _Swapper(model)
     x = batch["x"]
     if isinstance(x, Mapping):
-        return functional_call(model, params, args=(), kwargs=dict(x), strict=False)
-    return functional_call(model, params, (x,), strict=False)
+        return swapper(model, params, (), dict(x))
+    return swapper(model, params, (x,), {})
 
 
 def check_per_domain_shape(losses: Tensor, num_domains: int) -> Tensor:
@@ -82,11 +126,12 @@ def make_per_domain_loss(
     batch: Batch,
     loss_fn: Callable[[Any, Batch], Tensor],
     num_domains: int,
+    inverse_counts: Tensor | None = None,
 ) -> PerDomainLoss:
     """``params -> Tensor[K]``: mean of ``loss_fn(model(x), batch)`` ``[B]`` per domain.
 
     ``params`` may hold only a subset of the parameters (e.g. LoRA or a head): the others are
-    read from ``model``.
+    read from ``model``. ``inverse_counts``: see :func:`segment_mean`.
     """
     domain = batch["domain"]
 
@@ -94,7 +139,7 @@ def make_per_domain_loss(
         per_example = loss_fn(_call(model, params, batch), batch)
         if per_example.dtype in (torch.float16, torch.bfloat16):  # reduce in float32
             per_example = per_example.float()
-        return segment_mean(per_example, domain, num_domains)
+        return segment_mean(per_example, domain, num_domains, inverse_counts)
 
     return per_domain_loss
 

@@ -10,18 +10,14 @@ from torch import Tensor
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.base import Solver
 from bilevel.solvers.products import Reduce
-from bilevel.weights import DomainWeights, apply_parametrization
+from bilevel.weights import DomainWeights, parametrization_vjp
 
 __all__ = ["hypergradient", "chain_through_parametrization"]
 
 
 def chain_through_parametrization(weights: DomainWeights, grad_values: Tensor) -> Tensor:
     """J_p(logits)^T grad_values: turns dM/dw ``[K]`` into dM/dlogits ``[K]``."""
-    with torch.enable_grad():
-        logits = weights.logits.detach().requires_grad_(True)
-        values = apply_parametrization(weights.parametrization, logits)
-        (grad,) = torch.autograd.grad(values, logits, grad_values.to(values.dtype))
-    return grad
+    return parametrization_vjp(weights.parametrization, weights.logits, grad_values)
 
 
 def hypergradient(

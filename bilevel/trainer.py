@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.sgd import sgd
 
 from bilevel import checkpoint as ckpt
 from bilevel.data.columns import to_device
@@ -44,7 +45,7 @@ from bilevel.logging import JsonlWriter, plot_weights, read_jsonl
 from bilevel.logging.jsonl import to_jsonable
 from bilevel.outer import MirrorDescent
 from bilevel.solvers.base import Solver
-from bilevel.solvers.products import leaves, poison_nonfinite
+from bilevel.solvers.products import InnerProducts, poison_nonfinite
 from bilevel.solvers.unrolled import Unrolled
 from bilevel.weights import DomainWeights
 
@@ -207,11 +208,23 @@ class BilevelTrainer:
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("model", "the model has no trainable parameters")
+        self._params = params
+        self._param_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         fused = self.device.type in ("cpu", "cuda")
         self.inner_opt = (inner_optimizer or _default_sgd(fused))(params)
+        self._plain_sgd = (
+            _is_plain_sgd(self.inner_opt) and len(self.inner_opt.param_groups) == 1 and fused
+        )
         self.outer_opt = (outer_optimizer or _default_adam(fused))([self.weights.logits])
         self.scheduler = inner_scheduler(self.inner_opt) if inner_scheduler else None
         self._check_solver_and_optimizers()
+        # The hypergradient can reuse the last inner step's graph unless the gradient must be
+        # averaged by DDP (which only hooks .backward()) or the sampler applies the weights.
+        self._reuse_graph = (
+            callable(getattr(solver, "solve", None))
+            and not self.dist.enabled
+            and self.config.sampling != "weights"
+        )
 
         self.train_sampler = DomainSampler(
             to_device(data.train, self.device),
@@ -316,22 +329,99 @@ class BilevelTrainer:
             return per_example.mean()
         return torch.dot(self._w, losses)
 
-    def _inner_step(self, batch: dict[str, Any]) -> None:
+    def _found_inf(self, *values: Tensor, tensors: list[Tensor] | None = None) -> Tensor:
+        """1.0 if any of ``tensors`` (default: the gradients) or ``values`` is NaN/inf, else 0.0.
+
+        One fused op (AMP's check; it multiplies by 1, so nothing changes)."""
+        found = torch.zeros((), device=self.device)
+        if tensors is None:
+            tensors = [p.grad for p in self._params if p.grad is not None]
+        tensors = [*tensors, *(v.detach().reshape(-1) for v in values)]
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one)
+        return found
+
+    def _inner_update(self, found_inf: Tensor) -> None:
+        if not self._plain_sgd:
+            self._guarded_step(self.inner_opt, found_inf)
+            return
+        # Plain SGD: the same update as torch.optim.SGD, through its functional form, which
+        # skips the optimizer wrapper's per-call bookkeeping and skips on the device.
+        params = [p for p in self._params if p.grad is not None]
+        grads = [p.grad for p in params]
+        lr = self.inner_opt.param_groups[0]["lr"]
+        sgd(
+            params,
+            grads,
+            [None] * len(params),
+            weight_decay=0.0,
+            momentum=0.0,
+            lr=lr,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            fused=True,
+            grad_scale=None,
+            found_inf=found_inf,
+        )
+        for p in params:
+            p.grad = None
+
+    def _inner_step(self, batch: dict[str, Any], keep_graph: bool = False) -> InnerProducts | None:
+        """One optimizer step on the weighted mixture.
+
+        With ``keep_graph`` the step's gradient is taken with ``create_graph=True`` and with the
+        weights as a leaf, and returned as :class:`InnerProducts`: the hypergradient then gets
+        J_L v (and H u) from this graph instead of running a new forward and backward.
+        """
         with self._autocast():
             per_example = self.inner_loss(forward_batch(self.net, batch), batch).float()
-        losses = segment_mean(per_example, batch["domain"], self.k)
-        objective = self._objective(per_example, losses)
-        objective.backward()
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        found_inf = (~torch.isfinite(objective)).float()
-        if grads:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self._one)
-        self._guarded_step(self.inner_opt, found_inf)
+        inverse = self.train_sampler.inverse_counts
+        losses = segment_mean(per_example, batch["domain"], self.k, inverse)
+        products = None
+        if keep_graph:
+            w = self._w.clone().requires_grad_(True)
+            objective = torch.dot(w, losses)
+            grads = torch.autograd.grad(
+                objective,
+                self._params,
+                create_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            for p, g in zip(self._params, grads):
+                p.grad = g.detach()
+            products = InnerProducts(grads, self._params, w, losses)
+        else:
+            objective = self._objective(per_example, losses)
+            objective.backward()
+        found_inf = self._found_inf(objective)
+        self._inner_update(found_inf)
         if self.scheduler is not None:
             self.scheduler.step()
         self._count(found_inf, inner=True)
         self._last["inner_loss"] = objective.detach()
         self._last["domain_loss"] = losses.detach()
+        return products
+
+    def _meta_gradient(self) -> list[Tensor]:
+        """grad M at the current parameters on a meta batch (marked NaN if M is not finite)."""
+        meta = self.meta_sampler.next()
+        with self._autocast():
+            value = self.outer_loss(forward_batch(self.module, meta), meta).float()
+        grads = list(
+            torch.autograd.grad(value, self._params, allow_unused=True, materialize_grads=True)
+        )
+        grads[-1] = poison_nonfinite(grads[-1], value.detach())
+        return grads
+
+    def _graph_hypergradient_step(self, products: InnerProducts) -> None:
+        """Hypergradient from the last inner step's graph (see :meth:`_window`)."""
+        grad_values = self.solver.solve(products, self._meta_gradient(), self._inner_lr())
+        if isinstance(self.outer_opt, MirrorDescent):
+            grad = grad_values
+        else:
+            grad = chain_through_parametrization(self.weights, grad_values)
+        self._outer_step(grad, (~torch.isfinite(grad).all()).float())
 
     def _outer_step(self, grad: Tensor, found_inf: Tensor) -> None:
         logits = self.weights.logits
@@ -340,10 +430,10 @@ class BilevelTrainer:
         self._count(found_inf, inner=False)
         self._w = self.weights.value().detach().float()
 
-    def _hypergradient_step(self, batch: dict[str, Any]) -> None:
+    def _hypergradient_step(self, batch: dict[str, Any], inverse_counts: Tensor | None) -> None:
         meta = self.meta_sampler.next()
         per_domain = self._with_autocast(
-            make_per_domain_loss(self.module, batch, self.inner_loss, self.k)
+            make_per_domain_loss(self.module, batch, self.inner_loss, self.k, inverse_counts)
         )
         outer = self._with_autocast(make_outer_loss(self.module, meta, self.outer_loss))
         wrt = "values" if isinstance(self.outer_opt, MirrorDescent) else "logits"
@@ -362,60 +452,82 @@ class BilevelTrainer:
 
     def _unrolled_window(self, batches: list[dict[str, Any]]) -> None:
         """``len(batches)`` differentiable SGD steps, then the exact hypergradient through them."""
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        names, theta = leaves(trainable_params(self.module))
+        names = self._param_names
+        current = [p.detach().requires_grad_(True) for p in self._params]
         w = self._w.clone().requires_grad_(True)
         lr = self._inner_lr()
-        current, finite = theta, torch.ones((), dtype=torch.bool, device=self.device)
+        objectives = []
         for batch in batches:
             per_domain = self._with_autocast(
-                make_per_domain_loss(self.module, batch, self.inner_loss, self.k)
+                make_per_domain_loss(
+                    self.module, batch, self.inner_loss, self.k, self.train_sampler.inverse_counts
+                )
             )
             losses = per_domain(dict(zip(names, current)))
             objective = torch.dot(w, losses)
             grads = torch.autograd.grad(
                 objective, current, create_graph=True, allow_unused=True, materialize_grads=True
             )
-            current = [p - lr * g for p, g in zip(current, grads)]
-            finite &= torch.isfinite(objective)
-            self._last["inner_loss"] = objective.detach()
+            current = list(torch._foreach_add(current, grads, alpha=-lr))
+            objectives.append(objective)
             self._last["domain_loss"] = losses.detach()
         meta = self.meta_sampler.next()
         outer = self._with_autocast(make_outer_loss(self.module, meta, self.outer_loss))
         meta_value = outer(dict(zip(names, current)))
         (grad_w,) = torch.autograd.grad(meta_value, w, allow_unused=True, materialize_grads=True)
-        grad_w = poison_nonfinite(grad_w, meta_value.detach())
         with torch.no_grad():
             new = [c.detach() for c in current]
-            for t in new:
-                finite &= torch.isfinite(t).all()
-            inner_inf = (~finite).float()
-            for p, n in zip(params, new):
-                p.copy_(torch.where(finite, n, p))
-        self.skipped_inner += inner_inf * len(batches)
-        self.consecutive = (self.consecutive + inner_inf) * inner_inf
+            values = torch.stack([*objectives, meta_value]).detach()
+            found_inf = self._found_inf(values, tensors=new)
+            keep = found_inf.bool()
+            for p, n in zip(self._params, new):
+                p.copy_(torch.where(keep, p, n))
+        self._last["inner_loss"] = objectives[-1].detach()
+        self.skipped_inner += found_inf * len(batches)
+        self.consecutive = (self.consecutive + found_inf) * found_inf
         if isinstance(self.outer_opt, MirrorDescent):
             grad = grad_w.detach()
         else:
             grad = chain_through_parametrization(self.weights, grad_w.detach())
-        found_inf = torch.maximum(inner_inf, (~torch.isfinite(grad).all()).float())
-        self._outer_step(grad, found_inf)
+        self._outer_step(grad, torch.maximum(found_inf, (~torch.isfinite(grad).all()).float()))
+
+    def step_window(self) -> None:
+        """One window: ``outer_every`` inner steps (fewer at the end of the run) and, when the
+        window is complete, one outer update. For custom loops and benchmarks; :meth:`fit` runs
+        windows until ``config.steps`` and adds logging, evaluation and checkpoints."""
+        n = min(self.config.outer_every, self.config.steps - self.step)
+        self._window(n)
+        self.step += n
 
     def _window(self, n: int) -> None:
-        """``n`` inner steps; an outer update at the end when the window is complete."""
+        """``n`` inner steps; an outer update at the end when the window is complete.
+
+        ``unrolled`` differentiates its last ``steps`` inner steps. ``first_order``, ``neumann``
+        and ``cg`` (on one process, with the loss weighted rather than the sampling) keep the
+        graph of the last inner step, at theta_{T-1}, and pair it with grad M at theta_T after
+        that step: for first_order this is -lr <grad L_k(theta_{T-1}), grad M(theta_T)>, the
+        exact derivative of M through that SGD step; the implicit solvers take H and J_L at
+        theta_{T-1}, one step from theta_T. Neither needs another forward pass.
+        """
         cfg = self.config
         complete = n == cfg.outer_every and cfg.learn_weights
         unroll = self.solver.steps if isinstance(self.solver, Unrolled) and complete else 0
+        reuse = complete and not unroll and self._reuse_graph
         batch = None
-        for _ in range(n - unroll):
+        for _ in range(n - unroll - reuse):
             batch = self.train_sampler.next(self._w)
             self._inner_step(batch)
-        if unroll:
+        if reuse:
+            products = self._inner_step(self.train_sampler.next(self._w), keep_graph=True)
+            self._graph_hypergradient_step(products)
+        elif unroll:
             self._unrolled_window([self.train_sampler.next(self._w) for _ in range(unroll)])
         elif complete:
+            inverse = self.train_sampler.inverse_counts
             if cfg.sampling == "weights":  # every domain needs examples for its hypergradient
                 batch = self.train_sampler.next_uniform()
-            self._hypergradient_step(batch)
+                inverse = self.train_sampler.uniform_inverse_counts
+            self._hypergradient_step(batch, inverse)
 
     # -- the loop --------------------------------------------------------------------------------
 

@@ -24,7 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DomainWeights", "PARAMETRIZATIONS", "apply_parametrization"]
+__all__ = [
+    "DomainWeights",
+    "PARAMETRIZATIONS",
+    "apply_parametrization",
+    "parametrization_vjp",
+]
 
 
 def _softplus_normalized(logits: Tensor) -> Tensor:
@@ -49,6 +54,28 @@ def apply_parametrization(name: str, logits: Tensor) -> Tensor:
             f"unknown parametrization {name!r}; valid: {', '.join(sorted(PARAMETRIZATIONS))}"
         ) from None
     return fn(logits)
+
+
+def parametrization_vjp(name: str, logits: Tensor, grad_values: Tensor) -> Tensor:
+    """J_p(logits)^T grad_values: dM/dlogits from dM/dw ``[K]``.
+
+    Closed forms for softmax, exp and sigmoid (a few elementwise ops, no autograd graph);
+    autograd for the rest.
+    """
+    logits = logits.detach()
+    g = grad_values.to(logits.dtype)
+    if name == "softmax":
+        w = torch.softmax(logits, dim=0)
+        return w * (g - torch.dot(w, g))
+    if name == "exp":
+        return torch.exp(logits) * g
+    if name == "sigmoid":
+        w = torch.sigmoid(logits)
+        return w * (1 - w) * g
+    with torch.enable_grad():
+        leaf = logits.requires_grad_(True)
+        (grad,) = torch.autograd.grad(apply_parametrization(name, leaf), leaf, g)
+    return grad
 
 
 def _default_values(parametrization: str, k: int) -> list[float]:

@@ -80,19 +80,36 @@ class DomainSampler:
         if sampling == "size":
             shares = (sizes / sizes.sum()).tolist()
         counts = _largest_remainder(shares, self.batch_size)
-        self.fixed_domains = torch.repeat_interleave(
-            torch.arange(num_domains), torch.tensor(counts)
-        ).to(self.device)
-        self.uniform_domains = torch.repeat_interleave(
-            torch.arange(num_domains),
-            torch.tensor(_largest_remainder([1.0 / num_domains] * num_domains, self.batch_size)),
-        ).to(self.device)
+        self.fixed = self._layout(counts)
+        uniform = _largest_remainder([1.0 / num_domains] * num_domains, self.batch_size)
+        self.uniform = self._layout(uniform)
+        #: 1/count of each domain in a batch from :meth:`next` (``None`` when sampling by
+        #: weights, where the counts vary); lets the trainer skip counting every step.
+        self.inverse_counts = None if sampling == "weights" else self.fixed[-1]
+        self.uniform_inverse_counts = self.uniform[-1]
 
-    def _draw(self, domains: Tensor) -> Columns:
-        u = torch.rand(domains.shape, generator=self.generator, device=self.device)
+    def _layout(self, counts: list[int]) -> tuple[Tensor, ...]:
+        """Per row: domain, domain size, first row, last offset; per domain: 1/count."""
+        domains = torch.repeat_interleave(torch.arange(self.k), torch.tensor(counts))
+        domains = domains.to(self.device)
+        inverse = torch.tensor([1.0 / c if c else 0.0 for c in counts], device=self.device)
         sizes = self.sizes[domains]
-        offsets = torch.minimum((u * sizes).long(), sizes - 1)
-        batch = take(self.columns, self.starts[domains] + offsets)
+        return domains, sizes.float(), self.starts[domains], sizes - 1, inverse
+
+    def _draw(
+        self,
+        domains: Tensor,
+        sizes: Tensor | None = None,
+        starts: Tensor | None = None,
+        last: Tensor | None = None,
+    ) -> Columns:
+        u = torch.rand(domains.shape, generator=self.generator, device=self.device)
+        if sizes is None:
+            last = self.sizes[domains] - 1
+            sizes, starts = (last + 1).float(), self.starts[domains]
+        # u < 1, but u * size can round up to size in float32 for huge domains: clamp.
+        offsets = torch.minimum((u * sizes).long(), last)
+        batch = take(self.columns, starts + offsets)
         batch["domain"] = domains
         return batch
 
@@ -104,11 +121,11 @@ class DomainSampler:
             probs = weights.detach().float().clamp_min(0)
             domains = torch.multinomial(probs, self.batch_size, True, generator=self.generator)
             return self._draw(domains)
-        return self._draw(self.fixed_domains)
+        return self._draw(*self.fixed[:4])
 
     def next_uniform(self) -> Columns:
         """A batch with an equal share of every domain (for hypergradients)."""
-        return self._draw(self.uniform_domains)
+        return self._draw(*self.uniform[:4])
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state()}

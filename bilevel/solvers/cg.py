@@ -49,8 +49,13 @@ class ConjugateGradient:
         reduce: Reduce | None = None,
     ) -> Tensor:
         names, theta = leaves(params)
-        g_outer = [g.detach() for g in grad_outer(outer_loss, names, theta, reduce)]
-        products = InnerProducts(per_domain_loss, names, theta, w, reduce)
+        g_outer = grad_outer(outer_loss, names, theta, reduce)
+        products = InnerProducts.at(per_domain_loss, names, theta, w, reduce)
+        return self.solve(products, g_outer, inner_lr)
+
+    def solve(self, products: InnerProducts, g_outer: list[Tensor], inner_lr: float) -> Tensor:
+        """dM/dw given the inner products and grad M (``inner_lr`` is not used)."""
+        g_outer = [g.detach() for g in g_outer]
 
         def apply(u: list[Tensor]) -> list[Tensor]:
             hu = products.hvp(u)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
-from bilevel.solvers.products import Reduce, domain_jvp, grad_outer, leaves
+from bilevel.solvers.products import InnerProducts, Reduce, domain_jvp, grad_outer, leaves
 
 __all__ = ["FirstOrder"]
 
@@ -35,3 +35,7 @@ class FirstOrder:
         names, theta = leaves(params)
         g_outer = grad_outer(outer_loss, names, theta, reduce)
         return domain_jvp(per_domain_loss, names, theta, g_outer, w.numel(), reduce) * (-inner_lr)
+
+    def solve(self, products: InnerProducts, g_outer: list[Tensor], inner_lr: float) -> Tensor:
+        """dM/dw from an existing gradient graph (the J_L v product as a second backward)."""
+        return products.domain_jvp(g_outer) * (-inner_lr)

@@ -46,7 +46,11 @@ class Neumann:
     ) -> Tensor:
         names, theta = leaves(params)
         g_outer = grad_outer(outer_loss, names, theta, reduce)
-        products = InnerProducts(per_domain_loss, names, theta, w, reduce)
+        products = InnerProducts.at(per_domain_loss, names, theta, w, reduce)
+        return self.solve(products, g_outer, inner_lr)
+
+    def solve(self, products: InnerProducts, g_outer: list[Tensor], inner_lr: float) -> Tensor:
+        """dM/dw given the inner products and grad M (``inner_lr`` is not used)."""
         term = [g.detach() for g in g_outer]
         total = [t.clone() for t in term]
         for _ in range(self.iters):

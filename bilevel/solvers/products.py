@@ -105,44 +105,62 @@ def domain_jvp(
             tangent = fwAD.unpack_dual(losses).tangent
     except NotImplementedError:
         w = torch.ones(k, dtype=theta[0].dtype, device=theta[0].device)
-        return InnerProducts(per_domain_loss, names, theta, w, reduce).domain_jvp(v)
+        return InnerProducts.at(per_domain_loss, names, theta, w, reduce).domain_jvp(v)
     primal = fwAD.unpack_dual(losses).primal
     tangent = torch.zeros_like(primal) if tangent is None else tangent
     return (reduce or _identity)([poison_nonfinite(tangent, primal)])[0]
 
 
 class InnerProducts:
-    """grad_theta F(theta, w) at one point, kept with its graph for H u and J_L v products.
+    """grad_theta F(theta, w), kept with its graph, for H u and J_L v products.
+
+    Build it with :meth:`at` (a fresh forward/backward at ``theta``), or directly from the graph
+    of a gradient that was computed anyway, e.g. the trainer's last inner step.
 
     Args:
-        per_domain_loss: ``params -> Tensor[K]``.
-        names, theta: parameter names and leaf tensors (see :func:`leaves`).
-        w: weight VALUES ``[K]`` (detached here: products are taken at fixed w).
+        grad: grad_theta F(theta, w) computed with ``create_graph=True`` (one per parameter).
+        theta: the leaf tensors the gradient was taken with respect to.
+        w: the weight-VALUES leaf ``[K]`` that F was built from (``requires_grad``).
+        losses: the per-domain losses ``[K]`` at theta (for the non-finite check).
         reduce: averages each product across data-parallel ranks (H and J_L are means over
             the global batch, so the local products are averaged).
     """
 
     def __init__(
         self,
+        grad: Sequence[Tensor],
+        theta: Sequence[Tensor],
+        w: Tensor,
+        losses: Tensor,
+        reduce: Reduce | None = None,
+    ) -> None:
+        self.grad, self.theta, self.w = list(grad), list(theta), w
+        self.losses = losses.detach()
+        self.reduce = reduce or _identity
+        # Only gradients that depend on theta or w carry a graph; the rest are constant zeros.
+        self._live = [i for i, g in enumerate(self.grad) if g.requires_grad]
+
+    @classmethod
+    def at(
+        cls,
         per_domain_loss: PerDomainLoss,
         names: list[str],
         theta: TensorList,
         w: Tensor,
         reduce: Reduce | None = None,
-    ) -> None:
-        self.names, self.theta = names, theta
-        self.reduce = reduce or _identity
+    ) -> InnerProducts:
+        """Products at ``theta`` (leaves) for weight values ``w`` (taken as fixed)."""
         losses = per_domain_loss(dict(zip(names, theta, strict=True)))
         check_per_domain_shape(losses, w.numel())
-        self.losses = losses.detach()
-        self.w = w.detach().to(losses.dtype).requires_grad_(True)
-        inner = torch.dot(self.w, losses)
+        w_leaf = w.detach().to(losses.dtype).requires_grad_(True)
         grads = torch.autograd.grad(
-            inner, theta, create_graph=True, allow_unused=True, materialize_grads=True
+            torch.dot(w_leaf, losses),
+            theta,
+            create_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
         )
-        self.grad: TensorList = list(grads)
-        # Only gradients that depend on theta or w carry a graph; the rest are constant zeros.
-        self._live = [i for i, g in enumerate(self.grad) if g.requires_grad]
+        return cls(grads, theta, w_leaf, losses, reduce)
 
     def _backward(self, v: Sequence[Tensor], inputs: Sequence[Tensor]) -> TensorList:
         """This rank's vector-Jacobian product of grad_theta F with ``v`` (not yet reduced)."""

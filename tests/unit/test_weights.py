@@ -91,3 +91,13 @@ def test_mirror_descent_smoothing_and_skip():
     w.logits.grad = torch.tensor([float("nan"), 1.0], dtype=torch.float64)
     opt.step()
     assert torch.equal(w.logits.detach(), before)
+
+
+@pytest.mark.parametrize("param", ["softmax", "exp", "sigmoid", "softplus"])
+def test_parametrization_vjp_matches_autograd(param):
+    from bilevel.weights import apply_parametrization, parametrization_vjp
+
+    logits = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(apply_parametrization(param, logits), logits, g)
+    torch.testing.assert_close(parametrization_vjp(param, logits, g), expected)
