@@ -14,7 +14,8 @@ H=1024, 512 examples per domain.
 Timing: every method keeps its own state and all methods are stepped round-robin, ``--block``
 outer steps at a time, so that each sees the same machine load; a figure is the median over
 ``--rounds`` blocks after ``--warmup`` outer steps. Ratios are taken within this one run.
-Peak memory is measured separately, one subprocess per method (peak RSS growth during training
+Peak memory is measured separately, one subprocess per method: the largest amount of tensor
+memory held above the state at the start of an outer step (the profiler's allocation records
 on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU). Weights and accuracies are read after
 the timed steps (all methods have taken the same number of outer steps).
 """
@@ -23,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,11 +44,6 @@ SIZES = {
     "tiny": {"hidden": 64, "per_domain": 64},
     "compute": {"hidden": 1024, "per_domain": 512},
 }
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def build(name: str, p: Problem, data):
@@ -100,23 +97,34 @@ def time_methods(p: Problem, names: list[str], rounds: int, block: int, warmup: 
 
 
 def child(name: str, p: Problem, steps: int) -> dict:
-    """Peak memory of one method, in a fresh process."""
+    """Peak memory of one method above its resident state, in a fresh process.
+
+    On the CPU the profiler's allocation records are summed in time order (RSS would mostly
+    show the allocator's caching); on a GPU, ``max_memory_allocated``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
     data = make_data(p)
     method, reason = build(name, p, data)
     if method is None:
         return {"error": reason}
-    cuda = p.device.startswith("cuda")
-    if cuda:
+    for _ in range(2):
+        method.outer_step()
+    if p.device.startswith("cuda"):
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = rss_mb()
-    for _ in range(steps):
-        method.outer_step()
-    if cuda:
+        for _ in range(steps):
+            method.outer_step()
         return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"peak_mb": max(peak - base, 0.0)}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(steps):
+            method.outer_step()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return {"peak_mb": peak / 2**20}
 
 
 def measure_memory(p: Problem, names: list[str], steps: int) -> dict[str, dict]:
@@ -145,8 +153,8 @@ def fmt_weights(w: dict[str, float]) -> str:
 
 
 def table(p: Problem, res: dict, mem: dict) -> str:
-    plain = res.get("fixed_plain", {}).get("ms")
-    ours_fixed = res.get("fixed_ours", {}).get("ms")
+    plain = res.get("fixed_plain", {}).get("ms", float("nan"))
+    ours_fixed = res.get("fixed_ours", {}).get("ms", float("nan"))
     lines = [
         f"| method | ms / outer step | × plain fixed | × bilevel fixed | peak MB | weights "
         f"({', '.join(p.names)}) | meta acc | test acc |",
@@ -279,6 +287,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # TorchOpt's functorch imports
+    logging.disable(logging.INFO)  # Betty's per-problem banners
 
     if args.child:
         print(json.dumps(child(args.child, Problem(**json.loads(args.problem)), args.steps)))

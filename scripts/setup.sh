@@ -20,3 +20,10 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
 .venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
+case ",$EXTRAS," in
+  *,bench,*)
+    # Betty: pip picks betty-ml 0.1.1 on Python 3.11, whose darts step leaks the meta gradient
+    # into the model (p.data.add, not add_). 0.2.1 declares Python < 3.11 but runs here; its
+    # dependencies are torch and numpy, already installed.
+    .venv/bin/python -m pip install -q --no-deps --ignore-requires-python betty-ml==0.2.1 ;;
+esac

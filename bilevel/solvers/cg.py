@@ -3,7 +3,9 @@
 Exact for a positive definite H after at most dim(theta) iterations in exact arithmetic
 (Rajeswaran et al., 2019, iMAML; Pedregosa, 2016). The loop never reads a value back to the host:
 once the residual drops below ``tol * ||grad M||`` (or reaches zero), the step sizes are masked
-to 0 on the device, so the iterate stays put instead of the loop breaking early.
+to 0 on the device, so the iterate stays put instead of the loop breaking early. The same happens
+at a direction of non-positive curvature (truncated CG, as in Steihaug's method): a non-convex
+inner loss can make H indefinite, where plain CG steps would diverge.
 """
 
 from __future__ import annotations
@@ -66,10 +68,14 @@ class ConjugateGradient:
         p = [g.clone() for g in g_outer]
         rr = tree_dot(r, r)
         threshold = (self.tol**2) * rr
+        done = torch.zeros((), dtype=torch.bool, device=rr.device)
         for _ in range(self.iters):
             ap = apply(p)
             pap = tree_dot(p, ap)
-            active = (rr > threshold) & (pap != 0)
+            # Converged, or a direction of non-positive curvature (H is not positive definite
+            # there, as happens away from a minimum): keep the current iterate from now on.
+            done = done | (rr <= threshold) | (pap <= 0)
+            active = ~done
             step = torch.where(active, rr / torch.where(active, pap, 1), 0)
             torch._foreach_add_(x, torch._foreach_mul(p, step))
             torch._foreach_sub_(r, torch._foreach_mul(ap, step))

@@ -187,3 +187,17 @@ def test_unknown_group_option_lists_choices(tmp_path):
     assert "solver: unknown option 'newton'; valid: cg, first_order, neumann, unrolled" in (
         proc.stderr
     )
+
+
+@pytest.mark.slow
+def test_optuna_sweep_minimizes_meta_loss(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the [optuna] extra")
+    proc = cli(
+        "hparams_search=optuna",
+        "experiment=tiny",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={tmp_path / 'opt'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "opt" / "optimization_results.yaml").exists()
+    assert len(list((tmp_path / "opt").glob("*/summary.json"))) == 2
