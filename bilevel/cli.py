@@ -117,6 +117,8 @@ def make_trainer(cfg: DictConfig, dist: DistContext, device: torch.device, run_d
         raise ConfigError(
             "data", f"_target_ must return a bilevel.data.DomainData, got {type(data)}"
         )
+    if cfg.get("domains") is not None:
+        data = data.subset(list(cfg.domains))
     data.validate()
     names = cfg.weights.get("names")
     if names is not None and list(names) != list(data.names):

@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -782,7 +782,11 @@ def _crossed(every: int, before: int, after: int) -> bool:
 
 def _options(solver: Solver) -> dict[str, Any]:
     if is_dataclass(solver):
-        return {k: v for k, v in asdict(solver).items() if k != "name"}
+        return {
+            f.name: getattr(solver, f.name)
+            for f in fields(solver)
+            if f.name != "name" and not f.name.startswith("_")
+        }
     return {}
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from bilevel.data.columns import Columns, num_rows
+from bilevel.data.columns import Columns, num_rows, take
 from bilevel.errors import ConfigError
 
 __all__ = ["DomainData", "Evaluator"]
@@ -44,6 +44,30 @@ class DomainData:
     def domain_sizes(self) -> list[int]:
         domain = self.train["domain"]
         return torch.bincount(domain.cpu(), minlength=len(self.names)).tolist()
+
+    def subset(self, names: list[str]) -> DomainData:
+        """The same data restricted to the domains ``names`` (in that order, re-indexed).
+
+        Used by the top-level ``domains=[...]`` override, e.g. for a clean-only oracle run.
+        """
+        names = [str(n) for n in names]
+        unknown = [n for n in names if n not in self.names]
+        if unknown or not names or len(set(names)) != len(names):
+            raise ConfigError(
+                "domains", f"must list distinct domains of the data {self.names}, got {names}"
+            )
+        old = torch.tensor([self.names.index(n) for n in names])
+        remap = torch.full((len(self.names),), -1, dtype=torch.int64)
+        remap[old] = torch.arange(len(names))
+        domain = self.train["domain"]
+        rows = torch.nonzero(remap.to(domain.device)[domain] >= 0).flatten()
+        train = take(self.train, rows)
+        train["domain"] = remap.to(domain.device)[train["domain"]]
+        info = {
+            k: {n: v[n] for n in names if n in v} if isinstance(v, dict) else v
+            for k, v in self.info.items()
+        }
+        return replace(self, names=names, train=train, info=info)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the field for every way this data cannot train."""

@@ -5,5 +5,21 @@ per domain with ``batch["domain"]``); outer losses map ``(output, batch)`` to a 
 """
 
 from bilevel.losses.classification import cross_entropy, per_example_cross_entropy
+from bilevel.losses.lm import per_sequence_token_cross_entropy, token_cross_entropy
+from bilevel.losses.prm import (
+    aggregation_loss,
+    pairwise_ranking_loss,
+    step_bce,
+    trajectory_logits,
+)
 
-__all__ = ["cross_entropy", "per_example_cross_entropy"]
+__all__ = [
+    "aggregation_loss",
+    "cross_entropy",
+    "pairwise_ranking_loss",
+    "per_example_cross_entropy",
+    "per_sequence_token_cross_entropy",
+    "step_bce",
+    "token_cross_entropy",
+    "trajectory_logits",
+]

@@ -1,0 +1,96 @@
+"""Process-reward-model losses on step logits ``[B, S]`` (one score per solution step).
+
+Batches carry ``step_mask`` ``[B, S]`` (1 for real steps, 0 for padding), and
+``step_labels`` ``[B, S]`` (inner: was each step right?) or ``outcome`` ``[B]`` (outer: was the
+final answer right?).
+
+DreamPRM's meta objective (Cao et al., 2025) trains the weights without step labels: the step
+scores of a trajectory are aggregated into one trajectory score, which is compared with whether
+the trajectory's final answer is right. ``aggregation`` chooses how:
+
+* ``mean_logodds``: mean of the step log-odds, then a sigmoid (DreamPRM's choice);
+* ``min``: the weakest step decides;
+* ``product``: the probability that every step is right, prod_s sigmoid(l_s);
+* ``last``: the score of the last step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "AGGREGATIONS",
+    "aggregation_loss",
+    "pairwise_ranking_loss",
+    "step_bce",
+    "trajectory_logits",
+]
+
+AGGREGATIONS = ("mean_logodds", "min", "product", "last")
+
+
+def step_bce(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
+    """Inner loss: mean binary cross-entropy over each trajectory's real steps -> ``[B]``."""
+    logits = output.float()
+    mask = batch["step_mask"].float()
+    losses = F.binary_cross_entropy_with_logits(
+        logits, batch["step_labels"].float(), reduction="none"
+    )
+    return (losses * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def trajectory_logits(output: Tensor, batch: Mapping[str, Any], aggregation: str) -> Tensor:
+    """One logit per trajectory ``[B]`` from step logits ``[B, S]`` (see the module doc).
+
+    For ``product`` the value is log P (a log-probability, not a logit); use
+    :func:`aggregation_loss` or compare scores only within one aggregation.
+    """
+    logits = output.float()
+    mask = batch["step_mask"].float()
+    if aggregation == "mean_logodds":
+        return (logits * mask).sum(1) / mask.sum(1).clamp_min(1)
+    if aggregation == "min":
+        return torch.where(mask > 0, logits, torch.full_like(logits, torch.inf)).amin(1)
+    if aggregation == "product":
+        return (F.logsigmoid(logits) * mask).sum(1)
+    if aggregation == "last":
+        last = (mask.sum(1).long() - 1).clamp_min(0)
+        return logits.gather(1, last[:, None]).squeeze(1)
+    raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+
+
+def aggregation_loss(
+    output: Tensor, batch: Mapping[str, Any], aggregation: str = "mean_logodds"
+) -> Tensor:
+    """Outer loss: BCE of the aggregated trajectory score against ``batch["outcome"]``."""
+    outcome = batch["outcome"].float()
+    score = trajectory_logits(output, batch, aggregation)
+    if aggregation == "product":  # score = log P(all steps right)
+        log_p = score.clamp_max(-1e-6)
+        log_not_p = torch.log(-torch.expm1(log_p))
+        return -(outcome * log_p + (1 - outcome) * log_not_p).mean()
+    return F.binary_cross_entropy_with_logits(score, outcome)
+
+
+def pairwise_ranking_loss(
+    output: Tensor, batch: Mapping[str, Any], aggregation: str = "mean_logodds"
+) -> Tensor:
+    """Outer loss for best-of-N: every right solution should outscore every wrong one of the
+    same problem (``batch["problem"]`` ``[B]``): mean of softplus(s_wrong - s_right) -> scalar.
+
+    Unlike :func:`aggregation_loss`, it depends only on how solutions of one problem are ranked,
+    not on how calibrated the scores are.
+    """
+    score = trajectory_logits(output, batch, aggregation)
+    outcome = batch["outcome"].float()
+    problem = batch["problem"]
+    pairs = (
+        (problem[:, None] == problem[None, :]) & (outcome[:, None] > 0.5) & (outcome[None, :] < 0.5)
+    ).float()
+    margins = F.softplus(score[None, :] - score[:, None])  # [right i, wrong j]
+    return (margins * pairs).sum() / pairs.sum().clamp_min(1)

@@ -1,0 +1,27 @@
+"""A per-step scoring head for process reward models over step features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from bilevel.models.mlp import MLP
+
+__all__ = ["StepScorer"]
+
+
+class StepScorer(nn.Module):
+    """Scores every step of a solution: ``[B, S, in_dim]`` -> step logits ``[B, S]``.
+
+    Each step's features are scored by the same MLP (a step's features should carry the context
+    it needs, e.g. the value it starts from).
+    """
+
+    def __init__(self, in_dim: int, hidden: int | Sequence[int] = 128, activation: str = "relu"):
+        super().__init__()
+        self.mlp = MLP(in_dim, 1, hidden=hidden, activation=activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, s, d = x.shape
+        return self.mlp(x.reshape(b * s, d)).view(b, s)

@@ -1,0 +1,1 @@
+"""Digits with corrupted domains (see README.md)."""

@@ -1,0 +1,1 @@
+"""A DoReMi-style language-model data mixture (see README.md)."""

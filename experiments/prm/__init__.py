@@ -1,0 +1,1 @@
+"""A DreamPRM-style process reward model (see README.md)."""

@@ -1,0 +1,469 @@
+"""Rerun a study over 3 seeds and regenerate its results table, plots and README section.
+
+    python scripts/experiments.py digits          # experiments/digits/{results.md,*.png,README.md}
+    python scripts/experiments.py lm_mixture
+    python scripts/experiments.py prm
+    python scripts/experiments.py digits --quick  # a few steps, one seed (smoke test)
+
+Every run goes through the same code path as ``bilevel-run`` (Hydra compose + ``bilevel.cli.run``)
+with the study's preset ``experiment=<study>`` plus the method's overrides; run directories go to
+``experiments/<study>/runs/`` (not versioned). Tables report mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from bilevel.cli import config_dir, run
+from bilevel.logging import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLVERS = ["first_order", "unrolled", "neumann", "cg"]
+
+
+@dataclass
+class Method:
+    label: str
+    overrides: list[str] = field(default_factory=list)
+    kind: str = "run"  # run | selection | doremi
+
+
+@dataclass
+class Study:
+    name: str
+    methods: list[Method]
+    metrics: list[str]  # test metrics in the table
+    quick: list[str]  # overrides that make a run take seconds
+    notes: str = ""
+    plots: list[str] = field(default_factory=lambda: ["weights"])
+
+
+def solver_methods(
+    extra: list[str] | None = None, prefix: str = "", solvers: list[str] = SOLVERS
+) -> list[Method]:
+    extra = extra or []
+    out = []
+    for s in solvers:
+        opts = ["solver.iters=5"] if s in ("neumann", "cg") else []
+        out.append(Method(f"{prefix}{s}", [f"solver={s}", *opts, *extra]))
+    return out
+
+
+STUDIES = {
+    "digits": Study(
+        "digits",
+        [
+            Method("uniform", ["trainer.learn_weights=false"]),
+            Method("loss-based selection", [], kind="selection"),
+            Method("clean-only oracle", ["domains=[clean]", "trainer.learn_weights=false"]),
+            *solver_methods(),
+        ],
+        metrics=["accuracy", "loss"],
+        quick=["trainer.steps=20", "trainer.log_every=10", "trainer.eval_every=10"],
+    ),
+    "lm_mixture": Study(
+        "lm_mixture",
+        [
+            Method("uniform", ["trainer.learn_weights=false"]),
+            Method("DoReMi (excess-loss EG)", [], kind="doremi"),
+            Method(
+                "first_order + mirror descent",
+                [
+                    "solver=first_order",
+                    "trainer/outer_optimizer=mirror_descent",
+                    "trainer.outer_optimizer.lr=1.0",
+                ],
+            ),
+            # unrolled differentiates through plain SGD steps; this study trains with Adam
+            *solver_methods(solvers=["first_order", "neumann", "cg"]),
+        ],
+        metrics=["perplexity", "loss", "accuracy"],
+        quick=[
+            "trainer.steps=20",
+            "trainer.log_every=10",
+            "trainer.eval_every=10",
+            "data.per_domain=64",
+            "data.test_size=32",
+        ],
+        plots=["weights", "perplexity"],
+    ),
+    "prm": Study(
+        "prm",
+        [
+            Method("uniform", ["trainer.learn_weights=false"]),
+            Method("gold-only oracle", ["domains=[gold]", "trainer.learn_weights=false"]),
+            Method("DreamPRM (first_order, aggregation BCE)", ["solver=first_order"]),
+            Method("cg, aggregation BCE", ["solver=cg", "solver.iters=5"]),
+            Method("first_order, ranking meta loss", ["outer_loss=pairwise_ranking"]),
+            Method(
+                "3 domains: uniform",
+                ["domains=[gold,noisy_20,noisy_45]", "trainer.learn_weights=false"],
+            ),
+            Method("3 domains: DreamPRM (aggregation BCE)", ["domains=[gold,noisy_20,noisy_45]"]),
+            Method(
+                "3 domains: first_order, ranking meta loss",
+                ["domains=[gold,noisy_20,noisy_45]", "outer_loss=pairwise_ranking"],
+            ),
+            Method(
+                "3 domains: cg, ranking meta loss",
+                [
+                    "domains=[gold,noisy_20,noisy_45]",
+                    "outer_loss=pairwise_ranking",
+                    "solver=cg",
+                    "solver.iters=5",
+                ],
+            ),
+        ],
+        metrics=["prm@1", "prm@4", "prm@16", "prm@32", "majority@32", "random@32"],
+        quick=[
+            "trainer.steps=20",
+            "trainer.log_every=10",
+            "data.per_domain=64",
+            "data.test_problems=16",
+            "data.meta_problems=8",
+        ],
+        plots=["weights", "best_of_n"],
+    ),
+}
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
+def run_once(overrides: list[str], out: Path) -> dict:
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "trainer.progress=false"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = run(cfg, output_dir=out)
+    summary["records"] = read_jsonl(out / "metrics.jsonl")
+    summary["run_dir"] = str(out)
+    return summary
+
+
+def run_method(
+    study: Study, method: Method, seed: int, base: list[str], runs: Path, cache: dict
+) -> dict:
+    out = runs / slug(method.label) / f"seed{seed}"
+    common = [f"experiment={study.name}", f"seed={seed}", *base]
+    start = time.perf_counter()
+    if method.kind == "run":
+        summary = run_once([*common, *method.overrides], out)
+    elif method.kind == "selection":
+        summary = loss_based_selection(common, out, cache)
+    else:
+        summary = doremi(common, out, cache, seed)
+    summary["total_time_s"] = time.perf_counter() - start
+    return summary
+
+
+def loss_based_selection(common: list[str], out: Path, cache: dict, drop: int = 2) -> dict:
+    """What a practitioner does by hand: warm up one model per domain, measure each on the
+    meta set, drop the ``drop`` domains with the highest meta loss, train uniformly on the rest."""
+    names = cache.setdefault(
+        "names", run_once([*common, "trainer.steps=1"], out / "probe")["weights"].keys()
+    )
+    names = list(names)
+    warmup = []
+    for d in names:
+        s = run_once(
+            [*common, f"domains=[{d}]", "trainer.learn_weights=false", "trainer.steps=300"],
+            out / f"warmup_{d}",
+        )
+        warmup.append((s["meta_loss"], d))
+    keep = [d for _, d in sorted(warmup)[: len(names) - drop]]
+    summary = run_once(
+        [*common, f"domains=[{','.join(keep)}]", "trainer.learn_weights=false"], out / "final"
+    )
+    summary["weights"] = {d: summary["weights"].get(d, 0.0) for d in names}
+    summary["note"] = f"kept {keep}"
+    return summary
+
+
+def doremi(common: list[str], out: Path, cache: dict, seed: int) -> dict:
+    """DoReMi: reference = the uniform run of this seed; proxy run with the excess-loss EG update;
+    a fresh model trained on the proxy run's average weights (sampled by weight, as DoReMi)."""
+    reference = cache[("uniform", seed)]["run_dir"]
+    proxy = run_once(
+        [
+            *common,
+            "solver=doremi",
+            f"solver.reference={reference}",
+            "trainer/outer_optimizer=mirror_descent",
+            "trainer.outer_optimizer.lr=1.0",
+            "trainer.outer_optimizer.smoothing=0.001",
+            "trainer.outer_every=1",
+        ],
+        out / "proxy",
+    )
+    history = [r["weights"] for r in proxy["records"] if "weights" in r]
+    names = list(history[0])
+    average = [statistics.fmean(h[n] for h in history) for n in names]
+    summary = run_once(
+        [
+            *common,
+            "trainer.learn_weights=false",
+            "trainer.sampling=weights",
+            f"weights.init=[{','.join(f'{v:.6f}' for v in average)}]",
+        ],
+        out / "final",
+    )
+    summary["records"] = proxy["records"] + [r for r in summary["records"] if "test" in r]
+    summary["weights"] = dict(zip(names, average))
+    return summary
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def table(study: Study, results: dict[str, list[dict]]) -> str:
+    names = list(next(iter(results.values()))[0]["weights"])
+    head = [
+        "method",
+        *(f"test {m}" for m in study.metrics),
+        "meta loss",
+        "weights (" + ", ".join(names) + ")",
+        "s / run",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, runs in results.items():
+        cells = [label]
+        cells += [mean_std([r["test"][m] for r in runs]) for m in study.metrics]
+        cells.append(mean_std([r["meta_loss"] for r in runs]))
+        cells.append(
+            " ".join(
+                f"{statistics.fmean(r['weights'].get(n, 0.0) for r in runs):.3f}" for n in names
+            )
+        )
+        cells.append(f"{statistics.fmean(r['total_time_s'] for r in runs):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_weights(study: Study, results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def changes(runs: list[dict]) -> bool:
+        recs = [x for x in runs[0]["records"] if "weights" in x]
+        return len(recs) > 1 and recs[0]["weights"] != recs[-1]["weights"]
+
+    learned = {k: v for k, v in results.items() if changes(v)}
+    if not learned:
+        return
+    cols = min(3, len(learned))
+    rows = (len(learned) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (label, runs) in zip(axes.flat, learned.items()):
+        recs = [[x for x in r["records"] if "weights" in x] for r in runs]
+        steps = [x["step"] for x in recs[0]]
+        for name in recs[0][0]["weights"]:
+            series = [[x["weights"][name] for x in rec] for rec in recs if len(rec) == len(steps)]
+            ax.plot(steps, [statistics.fmean(v) for v in zip(*series)], label=name)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("inner step")
+        ax.set_ylabel("weight")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(learned) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{study.name}: domain weights (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curve(
+    results,
+    path: Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: Callable[[dict], tuple[list[float], list[float]]],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, runs in results.items():
+        curves = [series(r) for r in runs]
+        curves = [c for c in curves if c[0]]
+        if not curves:
+            continue
+        xs = curves[0][0]
+        ys = [statistics.fmean(v) for v in zip(*(c[1] for c in curves if len(c[1]) == len(xs)))]
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def perplexity_series(r: dict, tokens_per_step: int) -> tuple[list[float], list[float]]:
+    tests = [x for x in r["records"] if "test" in x]
+    return [x["step"] * tokens_per_step for x in tests], [x["test"]["perplexity"] for x in tests]
+
+
+def best_of_n_plot(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = sorted(
+        {
+            int(k.split("@")[1])
+            for r in results.values()
+            for k in r[0]["test"]
+            if k.startswith("prm@")
+        }
+    )
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for label, runs in results.items():
+        ys = [statistics.fmean(r["test"][f"prm@{n}"] for r in runs) for n in ns]
+        ax.plot(ns, ys, marker="o", label=f"PRM: {label}")
+    first = next(iter(results.values()))
+    for key, style in (("majority", "k--"), ("random", "k:")):
+        ax.plot(
+            ns,
+            [statistics.fmean(r["test"][f"{key}@{n}"] for r in first) for n in ns],
+            style,
+            label=f"{key} vote" if key == "majority" else "random choice",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N candidates per problem")
+    ax.set_ylabel("best-of-N accuracy")
+    ax.set_title("prm: best-of-N selection (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def update_readme(readme: Path, body: str) -> None:
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    text = readme.read_text() if readme.exists() else f"# {readme.parent.name}\n\n{start}\n{end}\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("study", choices=list(STUDIES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", default="", help="comma-separated labels to run")
+    parser.add_argument("--quick", action="store_true", help="a few steps, seed 0, no README")
+    parser.add_argument("--out", help="folder for results (default experiments/<study>)")
+    args = parser.parse_args()
+    study = STUDIES[args.study]
+    folder = Path(args.out) if args.out else ROOT / "experiments" / study.name
+    runs = folder / "runs"
+    base = study.quick if args.quick else []
+    seeds = [args.seeds[0]] if args.quick else args.seeds
+    wanted = [m for m in args.methods.split(",") if m]
+    methods = [m for m in study.methods if not wanted or m.label in wanted]
+    if any(m.kind == "doremi" for m in methods) and not any(m.label == "uniform" for m in methods):
+        methods.insert(0, next(m for m in study.methods if m.label == "uniform"))
+    torch.set_num_threads(int(os.environ.get("BILEVEL_THREADS", "2")))
+    started = time.perf_counter()
+    results: dict[str, list[dict]] = {}
+    cache: dict = {}
+    for method in methods:
+        for seed in seeds:
+            summary = run_method(study, method, seed, base, runs, cache)
+            cache[(method.label, seed)] = summary
+            results.setdefault(method.label, []).append(summary)
+            print(
+                f"{study.name} | {method.label} | seed {seed} | "
+                + ", ".join(f"{m} {summary['test'][m]:.4f}" for m in study.metrics)
+                + f" | {summary['total_time_s']:.0f} s",
+                flush=True,
+            )
+    elapsed = time.perf_counter() - started
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    if "weights" in study.plots:
+        plot_weights(study, results, folder / "weights.png")
+        images.append("weights.png")
+    if "perplexity" in study.plots:
+        tokens = None
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=[f"experiment={study.name}", *base])
+            tokens = cfg.trainer.batch_size * cfg.data.seq_len
+        plot_curve(
+            results,
+            folder / "perplexity.png",
+            "lm_mixture: target perplexity",
+            "tokens seen",
+            "test perplexity (target mixture)",
+            lambda r: perplexity_series(r, tokens),
+        )
+        images.append("perplexity.png")
+    if "best_of_n" in study.plots:
+        best_of_n_plot(results, folder / "best_of_n.png")
+        images.append("best_of_n.png")
+    command = f"python scripts/experiments.py {study.name}" + (" --quick" if args.quick else "")
+    report = "\n".join(
+        [
+            f"Command: `{command}` (seeds {', '.join(map(str, seeds))}); {elapsed / 60:.1f} min in "
+            f"all on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+            f"torch {torch.__version__}. Mean ± std over seeds; `s / run` is the mean wall time of "
+            "one method's run(s) for one seed.",
+            "",
+            table(study, results),
+            "",
+            *(f"![{img}]({img})" for img in images),
+        ]
+    )
+    (folder / ("results_quick.md" if args.quick else "results.md")).write_text(report + "\n")
+    (folder / ("results_quick.json" if args.quick else "results.json")).write_text(
+        json.dumps(
+            {
+                label: [{k: v for k, v in r.items() if k != "records"} for r in rs]
+                for label, rs in results.items()
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    if not args.quick:
+        update_readme(folder / "README.md", report)
+    print(report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

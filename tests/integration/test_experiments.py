@@ -1,0 +1,139 @@
+"""The studies' presets run end to end (tiny variants); their builders make sense."""
+
+import pytest
+import torch
+
+from bilevel.losses import aggregation_loss, pairwise_ranking_loss, step_bce, trajectory_logits
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["experiment=digits", "trainer.steps=20", "trainer.eval_every=10"],
+        ["experiment=digits", "trainer.steps=20", "domains=[clean,imbalanced]", "solver=cg"],
+        [
+            "experiment=lm_mixture",
+            "trainer.steps=10",
+            "trainer.eval_every=5",
+            "data.per_domain=32",
+            "data.test_size=16",
+        ],
+        [
+            "experiment=prm",
+            "trainer.steps=10",
+            "data.per_domain=32",
+            "data.test_problems=4",
+            "data.meta_problems=4",
+        ],
+        [
+            "experiment=prm",
+            "trainer.steps=10",
+            "data.per_domain=32",
+            "data.test_problems=4",
+            "data.meta_problems=4",
+            "outer_loss=pairwise_ranking",
+            "outer_loss.aggregation=min",
+        ],
+    ],
+)
+def test_study_presets_run(run_cli, overrides):
+    summary, _ = run_cli(*overrides)
+    assert summary["steps"] == int(overrides[1].split("=")[1])
+    assert summary["test"]
+
+
+def test_digits_domains_are_disjoint_and_corrupted():
+    from bilevel_experiments.digits.builders import DIGITS_DOMAINS, digits
+
+    data = digits(seed=0)
+    assert data.names == list(DIGITS_DOMAINS)
+    sizes = data.domain_sizes()
+    assert sizes == [150] * 5
+    x, y, d = data.train["x"], data.train["y"], data.train["domain"]
+    imbalanced = y[d == DIGITS_DOMAINS.index("imbalanced")]
+    assert ((imbalanced == 0) | (imbalanced == 1)).float().mean() > 0.7
+    clean = x[d == 0]
+    assert clean.min() >= 0 and clean.max() <= 1
+    assert x[d == DIGITS_DOMAINS.index("pixel_noise")].std() > 2 * clean.std()
+
+
+def test_lm_domains_have_their_structure():
+    from bilevel_experiments.lm_mixture.builders import LM_DOMAINS, lm_mixture
+
+    data = lm_mixture(per_domain=64, seq_len=16, seed=0)
+    x, d = data.train["x"], data.train["domain"]
+    arithmetic = x[d == LM_DOMAINS.index("arithmetic")]
+    assert (arithmetic == 27).any() and (arithmetic < 16).sum() == 0  # '=' present, no symbols
+    assert torch.equal(data.train["x"][:, 1:], data.train["y"][:, :-1])  # y is x shifted
+    assert data.info["target"]["markov_a"] == 0.5
+
+
+def test_prm_labels_match_the_arithmetic():
+    from bilevel_experiments.prm.builders import prm_trajectories
+
+    data = prm_trajectories(per_domain=200, test_problems=5, candidates=4, seed=0)
+    x, labels, d = data.train["x"], data.train["step_labels"], data.train["domain"]
+    gold = d == 0
+    prev, op, operand, stated = (
+        x[gold][..., a:b].argmax(-1) for a, b in [(0, 10), (10, 13), (13, 23), (23, 33)]
+    )
+    right = (
+        torch.where(op == 0, prev + operand, torch.where(op == 1, prev - operand, prev * operand))
+        % 10
+    )
+    assert torch.equal((right == stated).float(), labels[gold])
+    outcome = d == 3
+    assert (labels[outcome] == labels[outcome][:, :1]).all()  # outcome-derived: constant
+    assert data.test["candidates"][0] == 4 and len(data.test["outcome"]) == 20
+
+
+def test_prm_losses_on_a_toy_batch():
+    logits = torch.tensor([[3.0, 3.0, -3.0], [2.0, 2.0, 2.0]])
+    batch = {
+        "step_mask": torch.tensor([[1.0, 1, 1], [1, 1, 0]]),
+        "step_labels": torch.tensor([[1.0, 1, 0], [1, 1, 0]]),
+        "outcome": torch.tensor([0.0, 1.0]),
+        "problem": torch.tensor([0, 0]),
+    }
+    per_traj = step_bce(logits, batch)
+    assert per_traj.shape == (2,)
+    torch.testing.assert_close(
+        trajectory_logits(logits, batch, "mean_logodds"), torch.tensor([1.0, 2.0])
+    )
+    torch.testing.assert_close(trajectory_logits(logits, batch, "min"), torch.tensor([-3.0, 2.0]))
+    torch.testing.assert_close(trajectory_logits(logits, batch, "last"), torch.tensor([-3.0, 2.0]))
+    for agg in ["mean_logodds", "min", "product", "last"]:
+        assert aggregation_loss(logits, batch, agg).dim() == 0
+    # the right solution (row 1, score 2) outranks the wrong one (row 0, score 1)
+    torch.testing.assert_close(
+        pairwise_ranking_loss(logits, batch), torch.nn.functional.softplus(torch.tensor(1.0 - 2.0))
+    )
+    with pytest.raises(ValueError, match="mean_logodds"):
+        trajectory_logits(logits, batch, "median")
+
+
+@pytest.mark.slow
+def test_experiments_script_quick(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.integration.helpers import REPO
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/experiments.py",
+            "prm",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--methods",
+            "uniform,DreamPRM (first_order, aggregation BCE)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "results_quick.md").exists() and (tmp_path / "best_of_n.png").exists()
