@@ -575,8 +575,8 @@ class BilevelTrainer:
         if self.run_dir is None or not self.dist.is_main:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        truncate = self.step if self._resumed_from else None
-        writer = JsonlWriter(self.run_dir / "metrics.jsonl", truncate_after_step=truncate)
+        resumed = self.step if self._resumed_from else None
+        writer = JsonlWriter(self.run_dir / "metrics.jsonl", resume_after_step=resumed)
         if self.wandb is not None:
             self._wandb_id = self.wandb.start(self.run_dir, self.run_config, self._wandb_id)
         return writer

@@ -281,7 +281,11 @@ def plot_weights(study: Study, results: dict[str, list[dict]], path: Path) -> No
         recs = [[x for x in r["records"] if "weights" in x] for r in runs]
         steps = [x["step"] for x in recs[0]]
         for name in recs[0][0]["weights"]:
-            series = [[x["weights"][name] for x in rec] for rec in recs if len(rec) == len(steps)]
+            series = [
+                [x["weights"].get(name, float("nan")) for x in rec]
+                for rec in recs
+                if len(rec) == len(steps)
+            ]
             ax.plot(steps, [statistics.fmean(v) for v in zip(*series)], label=name)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("inner step")
@@ -371,6 +375,31 @@ def best_of_n_plot(results: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def make_plots(study: Study, results: dict, folder: Path, base: list[str]) -> list[str]:
+    """The study's figures; returns the file names written."""
+    images = []
+    if "weights" in study.plots:
+        plot_weights(study, results, folder / "weights.png")
+        images.append("weights.png")
+    if "perplexity" in study.plots:
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=[f"experiment={study.name}", *base])
+        tokens = cfg.trainer.batch_size * cfg.data.seq_len
+        plot_curve(
+            results,
+            folder / "perplexity.png",
+            "lm_mixture: target perplexity",
+            "tokens seen",
+            "test perplexity (target mixture)",
+            lambda r: perplexity_series(r, tokens),
+        )
+        images.append("perplexity.png")
+    if "best_of_n" in study.plots:
+        best_of_n_plot(results, folder / "best_of_n.png")
+        images.append("best_of_n.png")
+    return images
+
+
 def update_readme(readme: Path, body: str) -> None:
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     text = readme.read_text() if readme.exists() else f"# {readme.parent.name}\n\n{start}\n{end}\n"
@@ -415,27 +444,17 @@ def main() -> None:
             )
     elapsed = time.perf_counter() - started
     folder.mkdir(parents=True, exist_ok=True)
-    images = []
-    if "weights" in study.plots:
-        plot_weights(study, results, folder / "weights.png")
-        images.append("weights.png")
-    if "perplexity" in study.plots:
-        tokens = None
-        with initialize_config_dir(config_dir(), version_base="1.3"):
-            cfg = compose("config", overrides=[f"experiment={study.name}", *base])
-            tokens = cfg.trainer.batch_size * cfg.data.seq_len
-        plot_curve(
-            results,
-            folder / "perplexity.png",
-            "lm_mixture: target perplexity",
-            "tokens seen",
-            "test perplexity (target mixture)",
-            lambda r: perplexity_series(r, tokens),
+    (folder / ("results_quick.json" if args.quick else "results.json")).write_text(
+        json.dumps(
+            {
+                label: [{k: v for k, v in r.items() if k != "records"} for r in rs]
+                for label, rs in results.items()
+            },
+            indent=1,
+            default=str,
         )
-        images.append("perplexity.png")
-    if "best_of_n" in study.plots:
-        best_of_n_plot(results, folder / "best_of_n.png")
-        images.append("best_of_n.png")
+    )
+    images = make_plots(study, results, folder, base)
     command = f"python scripts/experiments.py {study.name}" + (" --quick" if args.quick else "")
     report = "\n".join(
         [

@@ -22,14 +22,19 @@ def to_jsonable(value: Any) -> Any:
 
 
 class JsonlWriter:
-    """Appends records to ``path``; on resume, drops the records after the checkpoint's step."""
+    """Writes records to ``path``, one line each, flushed as they come.
 
-    def __init__(self, path: str | Path, truncate_after_step: int | None = None) -> None:
+    A new run starts the file afresh; a resumed run (``resume_after_step``) keeps the records
+    up to the checkpoint's step and appends after them.
+    """
+
+    def __init__(self, path: str | Path, resume_after_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_after_step is not None and self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = []
+        if resume_after_step is not None and self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_after_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._fh = self.path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:

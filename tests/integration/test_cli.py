@@ -201,3 +201,10 @@ def test_optuna_sweep_minimizes_meta_loss(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "opt" / "optimization_results.yaml").exists()
     assert len(list((tmp_path / "opt").glob("*/summary.json"))) == 2
+
+
+def test_a_new_run_in_an_old_directory_starts_fresh_metrics(run_cli, tmp_path):
+    run_cli("experiment=tiny", "trainer.steps=40", out=tmp_path / "run")
+    run_cli("experiment=tiny", "trainer.steps=20", "seed=1", out=tmp_path / "run")
+    steps = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "weights" in r]
+    assert steps == [10, 20]

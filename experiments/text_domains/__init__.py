@@ -1,0 +1,1 @@
+"""Natural-text topic domains from chatterbot-corpus with a pretrained MiniLM (see README.md)."""
