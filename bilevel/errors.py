@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError"]
+__all__ = ["ConfigError", "NonFiniteError"]
 
 
 class ConfigError(ValueError):
@@ -17,3 +17,7 @@ class ConfigError(ValueError):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}")
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after ``trainer.max_skipped`` consecutive non-finite updates (after a checkpoint)."""

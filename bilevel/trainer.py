@@ -14,25 +14,22 @@ optimizers themselves (``found_inf``, as AMP's grad scaler does), and counted in
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.sgd import sgd
 
 from bilevel import checkpoint as ckpt
 from bilevel.data.columns import to_device
 from bilevel.data.domain_data import DomainData
-from bilevel.data.samplers import SAMPLING, DomainSampler, MetaSampler
+from bilevel.data.samplers import DomainSampler, MetaSampler
 from bilevel.distributed import DistContext
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, NonFiniteError
 from bilevel.functional import (
     forward_batch,
     make_outer_loss,
@@ -40,95 +37,20 @@ from bilevel.functional import (
     segment_mean,
     trainable_params,
 )
+from bilevel.guard import SkipCounter, found_inf, guarded_step, is_plain_sgd, plain_sgd_step
 from bilevel.hypergradient import chain_through_parametrization, hypergradient
-from bilevel.logging import JsonlWriter, plot_weights, read_jsonl
-from bilevel.logging.jsonl import to_jsonable
+from bilevel.logging import RunLog
 from bilevel.outer import MirrorDescent
 from bilevel.solvers.base import Solver
 from bilevel.solvers.products import InnerProducts, poison_nonfinite
 from bilevel.solvers.unrolled import Unrolled
+from bilevel.trainer_config import TrainerConfig
 from bilevel.weights import DomainWeights
 
-__all__ = ["BilevelTrainer", "TrainerConfig", "NonFiniteError"]
+__all__ = ["BilevelTrainer", "NonFiniteError", "TrainerConfig"]
 
 Loss = Callable[[Any, Any], Tensor]
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
-
-
-class NonFiniteError(RuntimeError):
-    """Raised after ``max_skipped`` consecutive non-finite updates (a checkpoint is written)."""
-
-
-@dataclass
-class TrainerConfig:
-    """Loop settings (the ``trainer`` config group, minus the optimizers).
-
-    Attributes:
-        steps: total inner optimizer steps.
-        outer_every: inner steps per outer (weight) update.
-        batch_size: training examples per inner step (all ranks together).
-        meta_batch_size: meta examples per hypergradient; ``None`` uses the whole meta set.
-        sampling: how a batch splits over domains: ``uniform`` | ``size`` | ``weights``.
-        log_every: inner steps between log events (the only regular host reads).
-        checkpoint_every: inner steps between checkpoints (0: only at the end).
-        eval_every: inner steps between test-set evaluations (0: only at the end).
-        max_skipped: consecutive non-finite updates after which the run stops.
-        precision: ``fp32`` or ``bf16`` (autocast of the forward passes; hypergradient math and
-            weights stay float32).
-        inner_lr: the step size the hypergradient assumes (``first_order``, ``unrolled``);
-            ``None`` reads the inner optimizer's current learning rate.
-        learn_weights: ``False`` keeps the weights at their initial values (the fixed-weight
-            baseline: the same loop without hypergradients).
-        progress: show a progress bar.
-    """
-
-    steps: int = 1000
-    outer_every: int = 5
-    batch_size: int = 128
-    meta_batch_size: int | None = None
-    sampling: str = "uniform"
-    log_every: int = 50
-    checkpoint_every: int = 0
-    eval_every: int = 0
-    max_skipped: int = 20
-    precision: str = "fp32"
-    inner_lr: float | None = None
-    learn_weights: bool = True
-    progress: bool = True
-
-    def validate(self) -> None:
-        positive = ["steps", "outer_every", "batch_size", "log_every", "max_skipped"]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"trainer.{name}", f"must be an integer >= 1, got {value!r}")
-        for name in ["checkpoint_every", "eval_every"]:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"trainer.{name}", f"must be an integer >= 0, got {value!r}")
-        if self.meta_batch_size is not None and self.meta_batch_size < 1:
-            raise ConfigError("trainer.meta_batch_size", "must be >= 1 or null (whole meta set)")
-        if self.sampling not in SAMPLING:
-            raise ConfigError("trainer.sampling", f"must be one of {', '.join(SAMPLING)}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError("trainer.precision", f"must be fp32 or bf16, got {self.precision!r}")
-        if self.inner_lr is not None and not self.inner_lr > 0:
-            raise ConfigError("trainer.inner_lr", f"must be > 0 or null, got {self.inner_lr!r}")
-
-
-def _supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
-    return isinstance(optimizer, MirrorDescent) or getattr(
-        optimizer, "_step_supports_amp_scaling", False
-    )
-
-
-def _is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
-    if type(optimizer) is not torch.optim.SGD:
-        return False
-    return all(
-        g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 and not g.get("maximize")
-        for g in optimizer.param_groups
-    )
 
 
 class BilevelTrainer:
@@ -213,7 +135,7 @@ class BilevelTrainer:
         fused = self.device.type in ("cpu", "cuda")
         self.inner_opt = (inner_optimizer or _default_sgd(fused))(params)
         self._plain_sgd = (
-            _is_plain_sgd(self.inner_opt) and len(self.inner_opt.param_groups) == 1 and fused
+            is_plain_sgd(self.inner_opt) and len(self.inner_opt.param_groups) == 1 and fused
         )
         self.outer_opt = (outer_optimizer or _default_adam(fused))([self.weights.logits])
         self.scheduler = inner_scheduler(self.inner_opt) if inner_scheduler else None
@@ -246,8 +168,7 @@ class BilevelTrainer:
 
         self.step = 0
         self.elapsed = 0.0
-        zero = torch.zeros((), device=self.device)
-        self.skipped_inner, self.skipped_outer, self.consecutive = zero.clone(), zero.clone(), zero
+        self.skips = SkipCounter(self.device)
         self._one = torch.ones((), device=self.device)
         self._w = self.weights.value().detach().float()
         self._last: dict[str, Tensor] = {}
@@ -258,7 +179,7 @@ class BilevelTrainer:
 
     def _check_solver_and_optimizers(self) -> None:
         if isinstance(self.solver, Unrolled):
-            if not _is_plain_sgd(self.inner_opt):
+            if not is_plain_sgd(self.inner_opt):
                 raise ConfigError(
                     "solver",
                     "unrolled differentiates through the trainer's inner steps, which must then "
@@ -302,23 +223,6 @@ class BilevelTrainer:
 
         return wrapped
 
-    def _guarded_step(self, optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
-        """``optimizer.step()`` unless ``found_inf`` is set; decided on the device when possible."""
-        if _supports_device_skip(optimizer):
-            optimizer.grad_scale = None
-            optimizer.found_inf = found_inf
-            optimizer.step()
-        elif not bool(found_inf):  # this optimizer cannot skip on the device: read the flag
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def _count(self, found_inf: Tensor, inner: bool) -> None:
-        if inner:
-            self.skipped_inner += found_inf
-        else:
-            self.skipped_outer += found_inf
-        self.consecutive = (self.consecutive + found_inf) * found_inf
-
     def _inner_lr(self) -> float:
         if self.config.inner_lr is not None:
             return float(self.config.inner_lr)
@@ -330,41 +234,16 @@ class BilevelTrainer:
         return torch.dot(self._w, losses)
 
     def _found_inf(self, *values: Tensor, tensors: list[Tensor] | None = None) -> Tensor:
-        """1.0 if any of ``tensors`` (default: the gradients) or ``values`` is NaN/inf, else 0.0.
-
-        One fused op (AMP's check; it multiplies by 1, so nothing changes)."""
-        found = torch.zeros((), device=self.device)
+        """1.0 if any of ``tensors`` (default: the gradients) or ``values`` is NaN/inf."""
         if tensors is None:
             tensors = [p.grad for p in self._params if p.grad is not None]
-        tensors = [*tensors, *(v.detach().reshape(-1) for v in values)]
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one)
-        return found
+        return found_inf([*tensors, *(v.detach().reshape(-1) for v in values)], self._one)
 
-    def _inner_update(self, found_inf: Tensor) -> None:
-        if not self._plain_sgd:
-            self._guarded_step(self.inner_opt, found_inf)
-            return
-        # Plain SGD: the same update as torch.optim.SGD, through its functional form, which
-        # skips the optimizer wrapper's per-call bookkeeping and skips on the device.
-        params = [p for p in self._params if p.grad is not None]
-        grads = [p.grad for p in params]
-        lr = self.inner_opt.param_groups[0]["lr"]
-        sgd(
-            params,
-            grads,
-            [None] * len(params),
-            weight_decay=0.0,
-            momentum=0.0,
-            lr=lr,
-            dampening=0.0,
-            nesterov=False,
-            maximize=False,
-            fused=True,
-            grad_scale=None,
-            found_inf=found_inf,
-        )
-        for p in params:
-            p.grad = None
+    def _inner_update(self, found: Tensor) -> None:
+        if self._plain_sgd:
+            plain_sgd_step(self._params, self.inner_opt.param_groups[0]["lr"], found)
+        else:
+            guarded_step(self.inner_opt, found)
 
     def _inner_step(self, batch: dict[str, Any], keep_graph: bool = False) -> InnerProducts | None:
         """One optimizer step on the weighted mixture.
@@ -394,11 +273,11 @@ class BilevelTrainer:
         else:
             objective = self._objective(per_example, losses)
             objective.backward()
-        found_inf = self._found_inf(objective)
-        self._inner_update(found_inf)
+        found = self._found_inf(objective)
+        self._inner_update(found)
         if self.scheduler is not None:
             self.scheduler.step()
-        self._count(found_inf, inner=True)
+        self.skips.add(found, inner=True)
         self._last["inner_loss"] = objective.detach()
         self._last["domain_loss"] = losses.detach()
         return products
@@ -423,11 +302,11 @@ class BilevelTrainer:
             grad = chain_through_parametrization(self.weights, grad_values)
         self._outer_step(grad, (~torch.isfinite(grad).all()).float())
 
-    def _outer_step(self, grad: Tensor, found_inf: Tensor) -> None:
+    def _outer_step(self, grad: Tensor, found: Tensor) -> None:
         logits = self.weights.logits
         logits.grad = grad.to(logits.dtype)
-        self._guarded_step(self.outer_opt, found_inf)
-        self._count(found_inf, inner=False)
+        guarded_step(self.outer_opt, found)
+        self.skips.add(found, inner=False)
         self._w = self.weights.value().detach().float()
 
     def _hypergradient_step(self, batch: dict[str, Any], inverse_counts: Tensor | None) -> None:
@@ -447,8 +326,7 @@ class BilevelTrainer:
             wrt=wrt,
             reduce=self.dist.reduce if self.dist.enabled else None,
         )
-        found_inf = (~torch.isfinite(grad).all()).float()
-        self._outer_step(grad, found_inf)
+        self._outer_step(grad, (~torch.isfinite(grad).all()).float())
 
     def _unrolled_window(self, batches: list[dict[str, Any]]) -> None:
         """``len(batches)`` differentiable SGD steps, then the exact hypergradient through them."""
@@ -478,18 +356,17 @@ class BilevelTrainer:
         with torch.no_grad():
             new = [c.detach() for c in current]
             values = torch.stack([*objectives, meta_value]).detach()
-            found_inf = self._found_inf(values, tensors=new)
-            keep = found_inf.bool()
+            found = self._found_inf(values, tensors=new)
+            keep = found.bool()
             for p, n in zip(self._params, new):
                 p.copy_(torch.where(keep, p, n))
         self._last["inner_loss"] = objectives[-1].detach()
-        self.skipped_inner += found_inf * len(batches)
-        self.consecutive = (self.consecutive + found_inf) * found_inf
+        self.skips.add(found, inner=True, steps=len(batches))
         if isinstance(self.outer_opt, MirrorDescent):
             grad = grad_w.detach()
         else:
             grad = chain_through_parametrization(self.weights, grad_w.detach())
-        self._outer_step(grad, torch.maximum(found_inf, (~torch.isfinite(grad).all()).float()))
+        self._outer_step(grad, torch.maximum(found, (~torch.isfinite(grad).all()).float()))
 
     def step_window(self) -> None:
         """One window: ``outer_every`` inner steps (fewer at the end of the run) and, when the
@@ -534,110 +411,75 @@ class BilevelTrainer:
     def fit(self) -> dict[str, Any]:
         """Train for ``config.steps`` inner steps (from the resumed step); returns the summary."""
         cfg = self.config
-        writer = self._open_outputs()
-        bar = self._progress()
+        self.log = RunLog(
+            self.run_dir,
+            self.wandb,
+            self.dist.is_main,
+            cfg.progress,
+            cfg.steps,
+            self.step,
+            self.step if self._resumed_from else None,
+            self.run_config,
+            self._wandb_id,
+        )
+        self._wandb_id = self.log.wandb_id
         started = time.perf_counter()
         try:
             while self.step < cfg.steps:
-                n = min(cfg.outer_every, cfg.steps - self.step)
                 before = self.step
-                self._window(n)
-                self.step += n
-                if bar is not None:
-                    bar.update(n)
+                self.step_window()
+                self.log.advance(self.step - before)
                 last = self.step >= cfg.steps
                 if _crossed(cfg.log_every, before, self.step) or last:
                     self.elapsed += time.perf_counter() - started
                     started = time.perf_counter()
-                    record = self._log(writer, bar)
+                    record = self._log()
                     if _crossed(cfg.eval_every, before, self.step) and not last:
-                        self._evaluate(writer)
-                    if self.consecutive.item() >= cfg.max_skipped:
+                        self._evaluate()
+                    if self.skips.consecutive.item() >= cfg.max_skipped:
                         self._checkpoint()
                         raise NonFiniteError(
-                            f"stopped at step {self.step}: {int(self.consecutive.item())} "
-                            f"consecutive non-finite updates (trainer.max_skipped="
-                            f"{cfg.max_skipped}); last record: {record}; checkpoint written"
+                            f"stopped at step {self.step}: "
+                            f"{int(self.skips.consecutive.item())} consecutive non-finite updates "
+                            f"(trainer.max_skipped={cfg.max_skipped}); last record: {record}; "
+                            "checkpoint written"
                         )
                 if _crossed(cfg.checkpoint_every, before, self.step) and not last:
                     self._checkpoint()
             self.elapsed += time.perf_counter() - started
-            return self._finish(writer)
+            return self._finish()
         finally:
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
+            self.log.close()
 
     # -- outputs --------------------------------------------------------------------------------
-
-    def _open_outputs(self) -> JsonlWriter | None:
-        if self.run_dir is None or not self.dist.is_main:
-            return None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        resumed = self.step if self._resumed_from else None
-        writer = JsonlWriter(self.run_dir / "metrics.jsonl", resume_after_step=resumed)
-        if self.wandb is not None:
-            self._wandb_id = self.wandb.start(self.run_dir, self.run_config, self._wandb_id)
-        return writer
-
-    def _progress(self):
-        if not (self.config.progress and self.dist.is_main):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=self.config.steps,
-            initial=self.step,
-            desc="bilevel",
-            unit="step",
-            file=sys.stderr,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
 
     @torch.no_grad()
     def meta_loss(self) -> float:
         """The outer loss on the whole meta set (averaged over ranks)."""
         was = self.module.training
         self.module.eval()
+        columns = self.meta_sampler.columns
         with self._autocast():
-            value = (
-                self.outer_loss(
-                    forward_batch(self.module, self.meta_sampler.columns), self.meta_sampler.columns
-                )
-                .float()
-                .reshape(1)
-            )
+            value = self.outer_loss(forward_batch(self.module, columns), columns)
         self.module.train(was)
-        return float(self.dist.reduce([value])[0].item())
+        return float(self.dist.reduce([value.float().reshape(1)])[0].item())
 
-    def _log(self, writer: JsonlWriter | None, bar) -> dict[str, Any]:
+    def _log(self) -> dict[str, Any]:
         weights = self.weights.as_dict()
+        last = self._last
         record: dict[str, Any] = {
             "step": self.step,
             "weights": weights,
-            "inner_loss": float(self._last["inner_loss"].item()) if self._last else math.nan,
+            "inner_loss": float(last["inner_loss"].item()) if last else math.nan,
             "meta_loss": self.meta_loss(),
-            "domain_loss": dict(zip(self.names, self._last["domain_loss"].tolist()))
-            if self._last
-            else {},
-            "skipped_steps": int((self.skipped_inner + self.skipped_outer).item()),
+            "domain_loss": dict(zip(self.names, last["domain_loss"].tolist())) if last else {},
+            "skipped_steps": self.skips.totals()["skipped_steps"],
             "inner_lr": self._inner_lr(),
             "elapsed_s": round(self.elapsed, 3),
         }
-        if writer is not None:
-            writer.write(record)
-        if self.wandb is not None:
-            self.wandb.log(record)
-        if bar is not None:
-            shown = dict(list(weights.items())[:6])
-            bar.set_postfix(
-                inner=f"{record['inner_loss']:.3f}",
-                meta=f"{record['meta_loss']:.3f}",
-                **{k: f"{v:.3f}" for k, v in shown.items()},
-                refresh=False,
-            )
+        self.log.write(record)
+        shown = dict(list(weights.items())[:6])
+        self.log.show(inner=record["inner_loss"], meta=record["meta_loss"], **shown)
         return record
 
     def evaluate(self) -> dict[str, float]:
@@ -646,18 +488,14 @@ class BilevelTrainer:
             return {}
         return self.data.evaluate(self.module, self.test, self.device)
 
-    def _evaluate(self, writer: JsonlWriter | None) -> dict[str, float]:
+    def _evaluate(self) -> dict[str, float]:
         metrics = self.evaluate()
         if metrics:
-            record = {"step": self.step, "test": metrics}
-            if writer is not None:
-                writer.write(record)
-            if self.wandb is not None:
-                self.wandb.log(record)
+            self.log.write({"step": self.step, "test": metrics})
         return metrics
 
-    def _finish(self, writer: JsonlWriter | None) -> dict[str, Any]:
-        test = self._evaluate(writer)
+    def _finish(self) -> dict[str, Any]:
+        test = self._evaluate()
         agree = self.dist.all_equal(self.weights.logits.detach())
         summary = {
             "weights": self.weights.as_dict(),
@@ -668,9 +506,7 @@ class BilevelTrainer:
             "solver": self.solver.name,
             "solver_options": _options(self.solver),
             "parametrization": self.weights.parametrization,
-            "skipped_steps": int((self.skipped_inner + self.skipped_outer).item()),
-            "skipped_inner": int(self.skipped_inner.item()),
-            "skipped_outer": int(self.skipped_outer.item()),
+            **self.skips.totals(),
             "world_size": self.dist.world_size,
             "ranks_agree": bool(agree),
             "seed": self.seed,
@@ -679,11 +515,7 @@ class BilevelTrainer:
         if self._resumed_from:
             summary["resumed_from"] = self._resumed_from
         self._checkpoint()
-        if self.run_dir is not None and self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
-            plot_weights(read_jsonl(self.run_dir / "metrics.jsonl"), self.run_dir / "weights.png")
-        if self.wandb is not None:
-            self.wandb.finish(summary)
+        self.log.finish(summary)
         return summary
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -709,11 +541,7 @@ class BilevelTrainer:
             "inner_optimizer": self.inner_opt.state_dict(),
             "outer_optimizer": self.outer_opt.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "counters": {
-                "skipped_inner": self.skipped_inner,
-                "skipped_outer": self.skipped_outer,
-                "consecutive": self.consecutive,
-            },
+            "counters": self.skips.state_dict(),
             "last": self._last,
             "ranks": per_rank,
             "wandb_id": self._wandb_id,
@@ -748,10 +576,7 @@ class BilevelTrainer:
         ckpt.restore_rng(local["rng"])
         self.train_sampler.load_state_dict(local["samplers"]["train"])
         self.meta_sampler.load_state_dict(local["samplers"]["meta"])
-        counters = state["counters"]
-        self.skipped_inner = counters["skipped_inner"].to(self.device)
-        self.skipped_outer = counters["skipped_outer"].to(self.device)
-        self.consecutive = counters["consecutive"].to(self.device)
+        self.skips.load_state_dict(state["counters"])
         self._last = {k: v.to(self.device) for k, v in state["last"].items()}
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed_s"])

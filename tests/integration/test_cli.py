@@ -184,7 +184,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, override, field):
 def test_unknown_group_option_lists_choices(tmp_path):
     proc = cli("experiment=tiny", "solver=newton", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2
-    assert "solver: unknown option 'newton'; valid: cg, first_order, neumann, unrolled" in (
+    assert "solver: unknown option 'newton'; valid: cg, doremi, first_order, neumann, unrolled" in (
         proc.stderr
     )
 

@@ -162,7 +162,7 @@ def test_skipped_inner_step_leaves_model_unchanged():
     )
     trainer._inner_step(trainer.train_sampler.next(trainer._w))
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.module.parameters()))
-    assert trainer.skipped_inner.item() == 1 and state == {}
+    assert trainer.skips.inner.item() == 1 and state == {}
     trainer._inner_step(trainer.train_sampler.next(trainer._w))  # call 2 is finite: it moves
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.module.parameters()))
 
@@ -180,7 +180,7 @@ def test_non_finite_hypergradient_keeps_weights(tmp_path):
     before = trainer.weights.logits.detach().clone()
     trainer._window(5)
     assert torch.equal(trainer.weights.logits.detach(), before)
-    assert trainer.skipped_outer.item() == 1
+    assert trainer.skips.outer.item() == 1
 
 
 def test_too_many_consecutive_skips_stop_the_run_with_a_checkpoint(tmp_path):
