@@ -102,11 +102,18 @@ class HFClassifier(nn.Module):
             raise ConfigError("model.head", f"must be one of {', '.join(HEADS)}, got {head!r}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
         self.path = _resolve(path)
-        encoder = AutoModel.from_pretrained(
-            self.path, local_files_only=True, attn_implementation="eager"
-        )
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a bar for loading local weights is noise in a run
+        try:
+            encoder = AutoModel.from_pretrained(
+                self.path, local_files_only=True, attn_implementation="eager"
+            )
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         if gradient_checkpointing:
             # non-reentrant checkpointing keeps second derivatives available
             if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5
