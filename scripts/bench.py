@@ -207,7 +207,7 @@ def scaling(base: Problem, rounds: int, block: int, warmup: int, memory: bool) -
     sections = []
     for label, key, values in [
         ("unroll length T", "unroll", [1, 5, 20]),
-        ("domains K", "k", [4, 16, 64]),
+        ("domains K (batch fixed at 256)", "k", [4, 16, 64]),
         ("hidden width H", "hidden", [64, 256, 1024]),
     ]:
         rows = [
@@ -219,8 +219,8 @@ def scaling(base: Problem, rounds: int, block: int, warmup: int, memory: bool) -
         ]
         for v in values:
             changes = {key: v}
-            if key == "k":
-                changes["noisy"] = v // 2
+            if key == "k":  # same total batch (256) and model: only the split into domains changes
+                changes.update(noisy=v // 2, per_domain=max(1, 256 // v))
             p = copy_problem(base, **changes)
             res = time_methods(p, names, rounds, block, warmup)
             mem = measure_memory(p, names, steps=5) if memory else {}
@@ -278,6 +278,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--scaling", action="store_true", help="also the scaling tables")
+    parser.add_argument("--only-scaling", action="store_true", help="the scaling tables alone")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny size, few steps, no memory")
@@ -301,6 +302,8 @@ def main() -> None:
         f"torch {torch.__version__}, Python {sys.version.split()[0]}.",
     ]
     sizes = ["tiny", "compute"] if args.size == "both" else [args.size]
+    if args.only_scaling:
+        sizes, args.scaling = [], True
     for size in sizes:
         p = Problem(device=args.device, **SIZES[size])
         res = time_methods(p, names, args.rounds, args.block, args.warmup)

@@ -140,6 +140,8 @@ def main() -> None:
             outer = make_outer_loss(model, meta, mean_ce)
             theta = trainable_params(model)
             call = partial(bilevel.hypergradient, solver, per_domain, outer, theta, weights, 0.1)
+            for _ in range(3):  # warm-up: allocator, caches
+                call()
             times[k], units[k] = interleaved(call, plain_gradient(model, train), args.repeats)
         cells = " | ".join(f"{times[k] * 1e3:.2f}" for k in ks)
         print(f"| {label} | {times[4] / units[4]:.2f} | {cells} | {times[64] / times[4]:.2f} |")
