@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
-from bilevel.solvers.products import InnerProducts, Reduce, grad_outer, leaves
+from bilevel.solvers.products import InnerProducts, Reduce, solve_at_params
 
 __all__ = ["Neumann"]
 
@@ -44,10 +44,7 @@ class Neumann:
         inner_lr: float,
         reduce: Reduce | None = None,
     ) -> Tensor:
-        names, theta = leaves(params)
-        g_outer = grad_outer(outer_loss, names, theta, reduce)
-        products = InnerProducts.at(per_domain_loss, names, theta, w, reduce)
-        return self.solve(products, g_outer, inner_lr)
+        return solve_at_params(self, per_domain_loss, outer_loss, params, w, inner_lr, reduce)
 
     def solve(self, products: InnerProducts, g_outer: list[Tensor], inner_lr: float) -> Tensor:
         """dM/dw given the inner products and grad M (``inner_lr`` is not used)."""

@@ -33,6 +33,7 @@ __all__ = [
     "grad_outer",
     "leaves",
     "poison_nonfinite",
+    "solve_at_params",
     "tree_dot",
 ]
 
@@ -181,3 +182,20 @@ class InnerProducts:
         """[<grad_theta L_k, v>]_k, shape ``[K]``: one product whatever K is."""
         local = poison_nonfinite(self._backward(v, [self.w])[0], self.losses)
         return self.reduce([local])[0]
+
+
+def solve_at_params(
+    solver,
+    per_domain_loss: PerDomainLoss,
+    outer_loss: OuterLoss,
+    params: Params,
+    w: Tensor,
+    inner_lr: float,
+    reduce: Reduce | None = None,
+) -> Tensor:
+    """``solver.solve`` on a fresh gradient graph at ``params``: how the implicit solvers answer
+    :func:`bilevel.hypergradient` (the trainer instead hands them its last inner step's graph)."""
+    names, theta = leaves(params)
+    g_outer = grad_outer(outer_loss, names, theta, reduce)
+    products = InnerProducts.at(per_domain_loss, names, theta, w, reduce)
+    return solver.solve(products, g_outer, inner_lr)
