@@ -70,21 +70,22 @@ class _Swapper:
     """Puts tensors in place of a module's parameters for one call, then puts the originals back.
 
     ``torch.func.functional_call`` does the same with checks for tied weights and
-    parametrizations that cost more than the forward pass of a small model; this resolves each
-    name to its ``(submodule, attribute)`` slot once and swaps dictionary entries. Modules with
-    tied weights or parametrizations keep using ``functional_call``.
+    parametrizations that cost more than the forward pass of a small model; this splits each name
+    into its submodule path and attribute once, and swaps dictionary entries (the submodule is
+    looked up on every call, so replacing a submodule later is safe). Modules with tied weights
+    or parametrizations keep using ``functional_call``.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.slots: dict[str, tuple[dict, str]] = {}
-        seen: dict[int, str] = {}
+        self.slots: dict[str, tuple[str, str]] = {}
+        seen: set[int] = set()
         self.usable = not any(hasattr(m, "parametrizations") for m in model.modules())
         for name, p in model.named_parameters(remove_duplicate=False):
             if id(p) in seen:
                 self.usable = False  # tied weights: functional_call knows how to handle them
-            seen[id(p)] = name
+            seen.add(id(p))
             owner, _, attr = name.rpartition(".")
-            self.slots[name] = (model.get_submodule(owner)._parameters, attr)
+            self.slots[name] = (owner, attr)
 
     def __call__(self, model: nn.Module, params: Params, args: tuple, kwargs: dict) -> Any:
         if not self.usable or not params.keys() <= self.slots.keys():
@@ -92,7 +93,8 @@ class _Swapper:
         saved = []
         try:
             for name, tensor in params.items():
-                store, attr = self.slots[name]
+                owner, attr = self.slots[name]
+                store = model.get_submodule(owner)._parameters
                 saved.append((store, attr, store[attr]))
                 store[attr] = tensor
             return model(*args, **kwargs)

@@ -202,3 +202,17 @@ def test_first_order_falls_back_when_forward_mode_is_missing():
         g_k = torch.autograd.grad(per_domain(dict(zip(names, leaves)))[k], leaves)
         expected.append(-0.2 * sum((a * b).sum() for a, b in zip(g_k, g_meta)))
     torch.testing.assert_close(got, torch.stack(expected))
+
+
+def test_functional_calls_follow_a_replaced_submodule():
+    model, batch, _, w = make_problem()
+    per_domain = make_per_domain_loss(model, batch, per_example_ce, len(w))
+    per_domain(trainable_params(model))  # builds the cached name slots
+    model[2] = nn.Linear(7, 3).double()  # replace the head after the first call
+    params = trainable_params(model)
+    params["2.weight"] = params["2.weight"] * 2
+    expected = torch.func.functional_call(model, params, (batch["x"],))
+    losses = per_example_ce(expected, batch)
+    want = torch.stack([losses[batch["domain"] == i].mean() for i in range(len(w))])
+    torch.testing.assert_close(per_domain(params), want)
+    assert torch.equal(model[2].weight, trainable_params(model)["2.weight"])  # restored
