@@ -59,13 +59,16 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 def build(node: Any, field: str, **kwargs: Any) -> Any:
-    """``instantiate(node, **kwargs)``, turning a failure into a one-line :class:`ConfigError`."""
+    """``instantiate(node, **kwargs)``; input errors (a target that does not import, wrong or
+    bad arguments) become a one-line :class:`ConfigError`, anything else keeps its traceback."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = _root_cause(err)
         if isinstance(cause, ConfigError):
             raise cause from None
+        if cause is not err and not isinstance(cause, ImportError | TypeError | ValueError):
+            raise  # a bug inside the user's component: show where
         message = str(cause) if cause is not err else str(err).splitlines()[0]
         target = node.get("_target_") if isinstance(node, DictConfig) else None
         where = f"{field} ({target})" if target else field
