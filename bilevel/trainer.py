@@ -248,31 +248,33 @@ class BilevelTrainer:
     def _inner_step(self, batch: dict[str, Any], keep_graph: bool = False) -> InnerProducts | None:
         """One optimizer step on the weighted mixture.
 
-        With ``keep_graph`` the step's gradient is taken with ``create_graph=True`` and with the
-        weights as a leaf, and returned as :class:`InnerProducts`: the hypergradient then gets
-        J_L v (and H u) from this graph instead of running a new forward and backward.
+        With ``keep_graph`` the step's gradient is taken with ``create_graph=True``, at copies of
+        the parameters and with the weights as a leaf, and returned as :class:`InnerProducts`:
+        the hypergradient then gets J_L v (and H u) at theta_{T-1} from this graph instead of
+        running a new forward and backward. The copies matter: optimizers update parameters in
+        place, and fused kernels do so without bumping autograd's version counters, so a graph
+        built on the parameters themselves would silently read theta_T.
         """
-        with self._autocast():
-            per_example = self.inner_loss(forward_batch(self.net, batch), batch).float()
         inverse = self.train_sampler.inverse_counts
-        losses = segment_mean(per_example, batch["domain"], self.k, inverse)
-        products = None
         if keep_graph:
+            theta = [p.detach().clone().requires_grad_(True) for p in self._params]
+            per_domain = make_per_domain_loss(self.module, batch, self.inner_loss, self.k, inverse)
+            losses = self._with_autocast(per_domain)(dict(zip(self._param_names, theta)))
             w = self._w.clone().requires_grad_(True)
             objective = torch.dot(w, losses)
             grads = torch.autograd.grad(
-                objective,
-                self._params,
-                create_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
+                objective, theta, create_graph=True, allow_unused=True, materialize_grads=True
             )
             for p, g in zip(self._params, grads):
                 p.grad = g.detach()
-            products = InnerProducts(grads, self._params, w, losses)
+            products = InnerProducts(grads, theta, w, losses)
         else:
+            with self._autocast():
+                per_example = self.inner_loss(forward_batch(self.net, batch), batch).float()
+            losses = segment_mean(per_example, batch["domain"], self.k, inverse)
             objective = self._objective(per_example, losses)
             objective.backward()
+            products = None
         found = self._found_inf(objective)
         self._inner_update(found)
         if self.scheduler is not None:
