@@ -5,13 +5,22 @@ Nested dicts carry multi-tensor model inputs (``x = {"input_ids": ..., "attentio
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Columns", "chunks", "num_rows", "take", "tensors", "to_device"]
+__all__ = [
+    "Columns",
+    "chunks",
+    "concat",
+    "domain_columns",
+    "num_rows",
+    "take",
+    "tensors",
+    "to_device",
+]
 
 Columns = dict[str, Any]
 
@@ -43,6 +52,28 @@ def take(columns: Mapping[str, Any], index: Tensor) -> Columns:
             out[key] = value.index_select(0, index)
         else:
             out[key] = value
+    return out
+
+
+def concat(parts: Sequence[Mapping[str, Any]]) -> Columns:
+    """Rows of ``parts`` (column dicts with the same keys, nested dicts included) one after
+    another."""
+    out: Columns = {}
+    for key, value in parts[0].items():
+        if isinstance(value, Mapping):
+            out[key] = concat([p[key] for p in parts])
+        else:
+            out[key] = torch.cat([p[key] for p in parts])
+    return out
+
+
+def domain_columns(parts: Sequence[Mapping[str, Any]]) -> Columns:
+    """The training columns of K domains: ``parts[k]`` holds domain k's rows; the result is
+    their concatenation plus the ``domain`` column (int64 ``[N]``, k for the rows of part k)."""
+    out = concat(parts)
+    out["domain"] = torch.cat(
+        [torch.full((num_rows(p),), k, dtype=torch.int64) for k, p in enumerate(parts)]
+    )
     return out
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
 from bilevel.errors import ConfigError
@@ -76,17 +77,15 @@ def noisy_domains(
         x = torch.randn(n, dim, generator=gen)
         return x, label(x)
 
-    xs, ys, ds = [], [], []
-    for k, rate in enumerate(noise):
+    parts = []
+    for rate in noise:
         x, y = sample(per_domain)
-        xs.append(x)
-        ys.append(flip_labels(y, rate, num_classes, gen))
-        ds.append(torch.full((per_domain,), k, dtype=torch.int64))
+        parts.append({"x": x, "y": flip_labels(y, rate, num_classes, gen)})
     xm, ym = sample(meta_size)
     xt, yt = sample(test_size)
     return DomainData(
         names=names,
-        train={"x": torch.cat(xs), "y": torch.cat(ys), "domain": torch.cat(ds)},
+        train=domain_columns(parts),
         meta={"x": xm, "y": ym},
         test={"x": xt, "y": yt},
         evaluate=classification_metrics,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
 from bilevel.data.noisy_domains import flip_labels
@@ -96,17 +97,11 @@ def digits(
         elif name == "permuted":
             perm = torch.argsort(torch.rand(xi.shape, generator=gen), dim=1)
             xi = torch.gather(xi, 1, perm)
-        parts[name] = (xi, yi)
+        parts[name] = {"x": xi, "y": yi}
 
-    xs, ys, ds = [], [], []
-    for k, name in enumerate(DIGITS_DOMAINS):
-        xi, yi = parts[name]
-        xs.append(xi)
-        ys.append(yi)
-        ds.append(torch.full((len(yi),), k, dtype=torch.int64))
     return DomainData(
         names=list(DIGITS_DOMAINS),
-        train={"x": torch.cat(xs), "y": torch.cat(ys), "domain": torch.cat(ds)},
+        train=domain_columns([parts[name] for name in DIGITS_DOMAINS]),
         meta={"x": x[meta], "y": y[meta]},
         test={"x": x[test], "y": y[test]},
         evaluate=classification_metrics,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bilevel.data.columns import Columns, chunks
+from bilevel.data.columns import Columns, chunks, domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
@@ -148,10 +148,7 @@ def lm_mixture(
     chain_gen = torch.Generator().manual_seed(0)
     chains = (_chain(chain_gen), _chain(chain_gen))
     length = seq_len + 1
-    parts, ds = [], []
-    for k, name in enumerate(LM_DOMAINS):
-        parts.append(_sample(name, per_domain, length, chains, gen))
-        ds.append(torch.full((per_domain,), k, dtype=torch.int64))
+    parts = [_split(_sample(name, per_domain, length, chains, gen)) for name in LM_DOMAINS]
     total = sum(target.values())
 
     def mixture(n: int) -> torch.Tensor:
@@ -159,11 +156,9 @@ def lm_mixture(
         seqs = torch.cat([_sample(d, c, length, chains, gen) for d, c in counts.items() if c])
         return seqs[torch.randperm(len(seqs), generator=gen)]
 
-    train = _split(torch.cat(parts))
-    train["domain"] = torch.cat(ds)
     return DomainData(
         names=list(LM_DOMAINS),
-        train=train,
+        train=domain_columns(parts),
         meta=_split(mixture(meta_size)),
         test=_split(mixture(test_size)),
         evaluate=lm_metrics,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bilevel.data.columns import Columns
+from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
@@ -172,8 +172,8 @@ def prm_trajectories(
     if candidates < 1 or test_problems < 1:
         raise ConfigError("data.candidates", "candidates and test_problems must be >= 1")
     gen = torch.Generator().manual_seed(int(seed))
-    parts, domains = [], []
-    for k, name in enumerate(PRM_DOMAINS):
+    parts = []
+    for name in PRM_DOMAINS:
         sol = sample_solutions(per_domain, steps, error_rate, gen)
         labels = sol["step_labels"]
         if name.startswith("noisy_"):
@@ -182,14 +182,11 @@ def prm_trajectories(
         elif name == "outcome":
             labels = sol["outcome"][:, None].expand_as(labels).clone()
         parts.append({"x": sol["x"], "step_labels": labels, "step_mask": sol["step_mask"]})
-        domains.append(torch.full((per_domain,), k, dtype=torch.int64))
-    train = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    train["domain"] = torch.cat(domains)
     meta = _candidates(meta_problems, meta_candidates, steps, error_rate, gen)
     test = _candidates(test_problems, candidates, steps, error_rate, gen)
     return DomainData(
         names=list(PRM_DOMAINS),
-        train=train,
+        train=domain_columns(parts),
         meta={k: meta[k] for k in ("x", "step_mask", "outcome", "problem")},
         test=test,
         evaluate=best_of_n,

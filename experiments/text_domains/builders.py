@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
 from bilevel.data.noisy_domains import flip_labels
@@ -122,17 +123,12 @@ def text_domains(
         x, y = encode(rows)
         if k == 1:
             y = flip_labels(y, label_noise, len(topics), gen)
-        parts.append((x, y, torch.full((len(y),), k, dtype=torch.int64)))
-    train = {
-        "x": {key: torch.cat([p[0][key] for p in parts]) for key in parts[0][0]},
-        "y": torch.cat([p[1] for p in parts]),
-        "domain": torch.cat([p[2] for p in parts]),
-    }
+        parts.append({"x": x, "y": y})
     xm, ym = encode(meta)
     xt, yt = encode(test)
     return DomainData(
         names=["clean", "noisy", "off_topic"],
-        train=train,
+        train=domain_columns(parts),
         meta={"x": xm, "y": ym},
         test={"x": xt, "y": yt},
         evaluate=classification_metrics,
