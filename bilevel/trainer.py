@@ -42,7 +42,7 @@ from bilevel.hypergradient import chain_through_parametrization, hypergradient
 from bilevel.logging import RunLog
 from bilevel.outer import MirrorDescent
 from bilevel.solvers.base import Solver
-from bilevel.solvers.products import InnerProducts, poison_nonfinite
+from bilevel.solvers.products import InnerProducts, grad_of_outer_value
 from bilevel.solvers.unrolled import Unrolled
 from bilevel.trainer_config import TrainerConfig
 from bilevel.weights import DomainWeights
@@ -289,11 +289,7 @@ class BilevelTrainer:
         meta = self.meta_sampler.next()
         with self._autocast():
             value = self.outer_loss(forward_batch(self.module, meta), meta).float()
-        grads = list(
-            torch.autograd.grad(value, self._params, allow_unused=True, materialize_grads=True)
-        )
-        grads[-1] = poison_nonfinite(grads[-1], value.detach())
-        return grads
+        return grad_of_outer_value(value, self._params)
 
     def _graph_hypergradient_step(self, products: InnerProducts) -> None:
         """Hypergradient from the last inner step's graph (see :meth:`_window`)."""

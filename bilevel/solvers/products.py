@@ -30,6 +30,7 @@ __all__ = [
     "InnerProducts",
     "Reduce",
     "domain_jvp",
+    "grad_of_outer_value",
     "grad_outer",
     "leaves",
     "poison_nonfinite",
@@ -76,12 +77,17 @@ def grad_outer(
     value = outer_loss(dict(zip(names, theta, strict=True)))
     if value.dim() != 0:
         raise ValueError(f"outer_loss must return a scalar, got shape {tuple(value.shape)}")
+    return (reduce or _identity)(grad_of_outer_value(value, theta))
+
+
+def grad_of_outer_value(value: Tensor, theta: Sequence[Tensor]) -> TensorList:
+    """d value / d theta (zeros for tensors it does not use), marked NaN if ``value`` is not
+    finite: every solver's K-vector sums over all entries of this gradient, so marking one
+    (small) tensor is enough to make the result non-finite when the meta loss was."""
     grads = list(torch.autograd.grad(value, theta, allow_unused=True, materialize_grads=True))
-    # Every solver's K-vector sums over all entries of this gradient, so marking one (small)
-    # tensor is enough to make the result non-finite when the meta loss was.
     i = min(range(len(grads)), key=lambda j: grads[j].numel())
-    grads[i] = poison_nonfinite(grads[i], value)
-    return (reduce or _identity)(grads)
+    grads[i] = poison_nonfinite(grads[i], value.detach())
+    return grads
 
 
 def domain_jvp(
