@@ -43,7 +43,7 @@ from bilevel.logging import RunLog
 from bilevel.outer import MirrorDescent
 from bilevel.solvers.base import Solver
 from bilevel.solvers.products import InnerProducts, grad_of_outer_value
-from bilevel.solvers.unrolled import Unrolled
+from bilevel.solvers.unrolled import Unrolled, sgd_step
 from bilevel.trainer_config import TrainerConfig
 from bilevel.weights import DomainWeights
 
@@ -341,10 +341,7 @@ class BilevelTrainer:
             )
             losses = per_domain(dict(zip(names, current)))
             objective = torch.dot(w, losses)
-            grads = torch.autograd.grad(
-                objective, current, create_graph=True, allow_unused=True, materialize_grads=True
-            )
-            current = list(torch._foreach_add(current, grads, alpha=-lr))
+            current = sgd_step(objective, current, lr)
             objectives.append(objective)
             self._last["domain_loss"] = losses.detach()
         meta = self.meta_sampler.next()

@@ -19,7 +19,7 @@ from torch import Tensor
 from bilevel.functional import OuterLoss, Params, PerDomainLoss, check_per_domain_shape
 from bilevel.solvers.products import Reduce, leaves, poison_nonfinite
 
-__all__ = ["Unrolled"]
+__all__ = ["Unrolled", "sgd_step"]
 
 BACKENDS = ("torch", "higher")
 
@@ -70,17 +70,20 @@ class Unrolled:
         else:
             current = theta
             for _ in range(self.steps):
-                grads = torch.autograd.grad(
-                    inner(current),
-                    current,
-                    create_graph=True,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
-                current = [p - inner_lr * g for p, g in zip(current, grads, strict=True)]
+                current = sgd_step(inner(current), current, inner_lr)
         value = outer_loss(dict(zip(names, current, strict=True)))
         (grad_w,) = torch.autograd.grad(value, w_leaf, allow_unused=True, materialize_grads=True)
         return poison_nonfinite(grad_w, value.detach(), *seen)
+
+
+def sgd_step(objective: Tensor, theta: list[Tensor], lr: float) -> list[Tensor]:
+    """theta - lr * grad objective, differentiable: the gradient keeps its graph
+    (``create_graph``), so the result stays differentiable in theta and in whatever the
+    objective was built from (the weights)."""
+    grads = torch.autograd.grad(
+        objective, theta, create_graph=True, allow_unused=True, materialize_grads=True
+    )
+    return list(torch._foreach_add(theta, grads, alpha=-lr))
 
 
 def _unroll_higher(inner, theta: list[Tensor], inner_lr: float, steps: int) -> list[Tensor]:
