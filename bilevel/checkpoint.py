@@ -7,6 +7,7 @@ and renamed over ``last.pt``, so a crash at any moment leaves either the old or 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -16,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_atomic", "load", "capture_rng", "restore_rng"]
+from bilevel.errors import ConfigError
+
+__all__ = ["capture_rng", "fingerprint", "load", "restore_rng", "save_atomic"]
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -37,8 +40,45 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with the safe (``weights_only``) unpickler."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint with the safe (``weights_only``) unpickler.
+
+    A file that is not a checkpoint (empty, truncated, random bytes, another program's pickle)
+    raises :class:`~bilevel.errors.ConfigError` naming it, not an unpickler traceback.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError("resume", f"no checkpoint at {path}") from None
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same input error
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            "resume", f"{path} is not a readable bilevel checkpoint ({reason[:160]})"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ConfigError("resume", f"{path} is not a bilevel checkpoint (no step recorded)")
+    return state
+
+
+def load_plain(path: str | os.PathLike) -> Any:
+    """A file written by :func:`torch.save` of tensors and containers (safe unpickler)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def fingerprint(named: list[tuple[str, torch.Tensor]], samples: int = 4096) -> str:
+    """A content hash of tensors (names, shapes, dtypes and up to ``samples`` evenly spaced
+    values of each): cheap even for billions of elements, and different bases differ in it with
+    overwhelming probability."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        flat = local.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples)
+        values = flat[::stride][:samples].to("cpu", torch.float64)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def capture_rng() -> dict[str, Any]:

@@ -3,18 +3,27 @@
 Builds every component from its config group with ``_target_`` (so users plug in their own
 classes and functions), validates the input before any training, runs
 :class:`~bilevel.BilevelTrainer` and prints the learned weights. Bad input ends the process with
-one line naming the field and exit code 2; a run stopped by non-finite updates exits with 3.
+one line naming the field and exit code 2 (and leaves no empty run directory behind); a run
+stopped by non-finite values exits with 3. The run's story (notes, progress records, the final
+table) goes through Python's ``logging``: to the terminal and to the run directory's log file.
+
+``resume=<run dir>`` continues that run with the config saved in its checkpoint; only harmless
+overrides (logging, progress, evaluation and checkpoint cadence, device) and a larger
+``trainer.steps`` are accepted.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
-import json
+import logging
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +34,35 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from bilevel import checkpoint as ckpt
+from bilevel import run_dir as run_dirs
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed
 from bilevel.errors import ConfigError
-from bilevel.logging.jsonl import to_jsonable
 from bilevel.trainer import BilevelTrainer, NonFiniteError, TrainerConfig
 
 __all__ = ["main", "run"]
 
+log = logging.getLogger("bilevel")
+
 _OPTIMIZER_KEYS = ("inner_optimizer", "outer_optimizer", "inner_scheduler")
+
+#: overrides a resumed run accepts: they change how the run is watched, not what it trains
+RESUME_HARMLESS = (
+    "logger",
+    "trainer.progress",
+    "trainer.log_every",
+    "trainer.eval_every",
+    "trainer.checkpoint_every",
+    "trainer.checkpoint_seconds",
+    "trainer.max_skipped",
+    "device",
+    "print_config",
+    "resume",
+    "trainer.steps",
+)
 
 
 def config_dir() -> str:
@@ -58,9 +86,40 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def check_target(target: str, field: str) -> None:
+    """Raise a one-line :class:`ConfigError` when ``target`` cannot be located: the module does
+    not import, or it imports but lacks the attribute (Hydra reports the latter as a misleading
+    "is not a package")."""
+    parts = target.split(".")
+    module = None
+    for i in range(len(parts), 0, -1):
+        name = ".".join(parts[:i])
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not name.startswith(err.name):
+                # the module exists but one of its own imports is missing
+                raise ConfigError(field, f"cannot import {name!r}: {err}") from None
+            continue
+        obj: Any = module
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                public = sorted(a for a in dir(obj) if not a.startswith("_"))[:12]
+                raise ConfigError(
+                    field,
+                    f"cannot find {target!r}: {'.'.join(parts[: parts.index(attr)])!r} has no "
+                    f"attribute {attr!r} (it has: {', '.join(public)})",
+                )
+            obj = getattr(obj, attr)
+        return
+    raise ConfigError(field, f"cannot import {target!r}: no module {parts[0]!r} on the path")
+
+
 def build(node: Any, field: str, **kwargs: Any) -> Any:
     """``instantiate(node, **kwargs)``; input errors (a target that does not import, wrong or
     bad arguments) become a one-line :class:`ConfigError`, anything else keeps its traceback."""
+    if isinstance(node, DictConfig) and isinstance(node.get("_target_"), str):
+        check_target(node["_target_"], field)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -72,7 +131,7 @@ def build(node: Any, field: str, **kwargs: Any) -> Any:
         message = str(cause) if cause is not err else str(err).splitlines()[0]
         target = node.get("_target_") if isinstance(node, DictConfig) else None
         where = f"{field} ({target})" if target else field
-        raise ConfigError(where, message.strip()) from None
+        raise ConfigError(where, message.strip().splitlines()[0]) from None
     except (ValueError, TypeError) as err:
         if isinstance(err, ConfigError):
             raise
@@ -85,19 +144,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(node: DictConfig, data: DomainData) -> torch.nn.Module:
-    """The model, given the sizes the data announces that the factory accepts and the config
-    does not already set."""
-    factory = build(node, "model", _partial_=True)
+def _accepts(factory: Any, name: str) -> bool:
     target = getattr(factory, "func", factory)
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):
-        params = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    extra = {
-        k: v for k, v in data.model_kwargs.items() if k not in node and (takes_any or k in params)
-    }
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def build_model(node: DictConfig, data: DomainData) -> torch.nn.Module:
+    """The model, given the sizes the data announces that the factory accepts and the config
+    does not already set."""
+    factory = build(node, "model", _partial_=True)
+    extra = {k: v for k, v in data.model_kwargs.items() if k not in node and _accepts(factory, k)}
     try:
         model = factory(**extra)
     except (TypeError, ValueError) as err:
@@ -107,13 +167,47 @@ def build_model(node: DictConfig, data: DomainData) -> torch.nn.Module:
     return model
 
 
-def _device(dist_device: str) -> str:
-    if dist_device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", f"{dist_device!r} requested but CUDA is not available here")
-    return dist_device
+def check_seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+                return int(value)
+        except ValueError:
+            pass
+        raise ConfigError("seed", f"must be an integer, got {value!r}")
+    return value
 
 
-def make_trainer(cfg: DictConfig, dist: DistContext, device: torch.device, run_dir: Path | None):
+def check_device(value: Any) -> str:
+    """``device`` as torch understands it (``auto`` allowed); one line for anything else."""
+    text = str(value)
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            "device", f"unknown device {text!r}; use cpu, cuda, cuda:N, mps or auto"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", f"{text!r} requested but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                "device", f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", "'mps' requested but it is not available here")
+    return text
+
+
+def make_trainer(
+    cfg: DictConfig,
+    dist: DistContext,
+    device: torch.device,
+    run_dir: Path | None,
+    overrides: list[str] | None = None,
+):
     """Everything :func:`run` builds, up to a ready :class:`BilevelTrainer`."""
     data = build(cfg.data, "data")
     if not isinstance(data, DomainData):
@@ -138,9 +232,15 @@ def make_trainer(cfg: DictConfig, dist: DistContext, device: torch.device, run_d
             )
         if any(not isinstance(v, (int, float)) or not v > 0 for v in values):
             raise ConfigError("weights.init", f"initial weight values must be > 0, got {values}")
-    weights_cfg = {k: v for k, v in cfg.weights.items() if k != "names"}
-    weights = build(OmegaConf.create(weights_cfg), "weights", names=data.names, device=device)
     model = build_model(cfg.model, data)
+    weights_cfg = OmegaConf.create({k: v for k, v in cfg.weights.items() if k != "names"})
+    extra: dict[str, Any] = {"names": data.names, "device": device}
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.float64 in dtypes and "dtype" not in weights_cfg:
+        factory = build(weights_cfg, "weights", _partial_=True)
+        if _accepts(factory, "dtype"):
+            extra["dtype"] = torch.float64  # a float64 model gets float64 hypergradients
+    weights = build(weights_cfg, "weights", **extra)
     solver = build(cfg.solver, "solver")
     inner_loss = build(cfg.inner_loss, "inner_loss")
     outer_loss = build(cfg.outer_loss, "outer_loss")
@@ -180,38 +280,114 @@ def make_trainer(cfg: DictConfig, dist: DistContext, device: torch.device, run_d
         dist=dist,
         seed=int(cfg.seed),
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        overrides=overrides,
     )
 
 
-def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+# -- resume ---------------------------------------------------------------------------------------
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): value}
+
+
+def _compose(overrides: list[str]) -> dict[str, Any]:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose("config", overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _harmless(key: str) -> bool:
+    return any(key == h or key.startswith(h + ".") for h in RESUME_HARMLESS)
+
+
+def resumed_config(
+    state: dict[str, Any], new_overrides: list[str], current: DictConfig
+) -> DictConfig:
+    """The config a resumed run continues with: the one saved in its checkpoint, plus the
+    harmless changes that ``new_overrides`` make. Overrides that change what is trained are
+    refused with one line naming them."""
+    saved = state.get("config")
+    if not saved:  # a checkpoint from before configs were saved: trust the command line
+        log.warning("the checkpoint holds no saved config: using this command's config as is")
+        return current
+    old_overrides = list(state.get("overrides") or [])
+    before = _flatten(_compose(old_overrides))
+    after = _flatten(_compose([*old_overrides, *new_overrides]))
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    refused = [k for k in changed if not _harmless(k)]
+    if refused:
+        shown = ", ".join(refused[:8]) + (" ..." if len(refused) > 8 else "")
+        raise ConfigError(
+            "resume",
+            f"these overrides would change what the run trains: {shown}; a resumed run accepts "
+            "only trainer.steps (to extend it), logging, progress, evaluation and checkpoint "
+            "cadence and device (start a new run to change anything else)",
+        )
+    merged = OmegaConf.create(saved)
+    for key in changed:
+        if key in after:
+            OmegaConf.update(merged, key, after[key], force_add=True)
+    OmegaConf.update(merged, "resume", current.get("resume"), force_add=True)
+    return merged
+
+
+def _task_overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra app (tests compose the config themselves)
+        return []
+
+
+def run(
+    cfg: DictConfig, output_dir: str | Path | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     """Build and train from a composed config; returns the summary.
 
     ``output_dir`` defaults to Hydra's run directory; a ``resume`` run continues in the resumed
-    run's directory (and also copies its summary into ``output_dir``).
+    run's directory when it is a bilevel run directory (a checkpoint file kept elsewhere
+    continues in ``output_dir``). ``overrides`` are the command-line overrides (default: Hydra's
+    record of them).
     """
-    dist, device = init_distributed(_device(str(cfg.device)))
-    seed_everything(int(cfg.seed))
+    overrides = _task_overrides() if overrides is None else list(overrides)
+    own = [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
+    seed = check_seed(cfg.seed)
+    device_name = check_device(cfg.device)
     if output_dir is None:
         output_dir = HydraConfig.get().runtime.output_dir
     output_dir = Path(output_dir)
     resume = cfg.get("resume")
-    run_dir = output_dir
+    run_dir, state = output_dir, None
     if resume:
-        resume_path = Path(str(resume))
-        if not resume_path.exists():
-            raise ConfigError("resume", f"{resume_path} does not exist")
-        run_dir = resume_path if resume_path.is_dir() else resume_path.parent.parent
-    trainer = make_trainer(cfg, dist, device, run_dir)
+        file, resumed_dir = run_dirs.resolve_resume(str(resume))
+        state = ckpt.load(file)
+        cfg = resumed_config(state, own, cfg)
+        own = list(state.get("overrides") or own)
+        seed = check_seed(cfg.seed)
+        device_name = check_device(cfg.device)
+        run_dir = resumed_dir or output_dir
+    dist, device = init_distributed(device_name)
+    seed_everything(seed)
+    trainer = make_trainer(cfg, dist, device, run_dir, own)
     if resume:
-        trainer.resume(resume)
-    if dist.is_main:
+        trainer.resume(file)
+        trainer._resumed_from = str(resume)
+    if dist.is_main and cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
     summary = trainer.fit()
     if dist.is_main:
-        if run_dir.resolve() != output_dir.resolve():
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
-        print(format_summary(summary, run_dir), flush=True)
+        log.info(format_summary(summary, run_dir))
     return summary
 
 
@@ -225,9 +401,11 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    learned = summary.get("learn_weights", True)
+    title = "learned domain weights" if learned else "fixed domain weights (not learned)"
+    what = summary["solver"] if learned else "trainer.learn_weights=false"
     out = [
-        f"\nlearned domain weights ({summary['solver']}, {summary['steps']} steps, "
-        f"{summary['wall_time_s']:.1f} s)",
+        f"\n{title} ({what}, {summary['steps']} steps, {summary['wall_time_s']:.1f} s)",
         line(header),
         line(["-" * w for w in widths]),
         *(line(r) for r in rows),
@@ -240,16 +418,60 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     return "\n".join(out)
 
 
+# -- the app ------------------------------------------------------------------------------------
+
+
+def _drop_fresh_run_dir(started: float) -> None:
+    """After a failed validation: remove the run directory Hydra just created, if it holds
+    nothing but Hydra's own files (and its parent, if that is now empty and was created by
+    this process)."""
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return
+    if not out.is_dir() or run_dirs.is_run_dir(out):
+        return
+    if any(p.name != ".hydra" and p.suffix != ".log" for p in out.iterdir()):
+        return
+    for handler in list(logging.root.handlers) + list(log.handlers):
+        filename = getattr(handler, "baseFilename", None)
+        if filename and Path(filename).resolve().parent == out.resolve():
+            handler.close()
+            logging.root.removeHandler(handler)
+            log.removeHandler(handler)
+    shutil.rmtree(out, ignore_errors=True)
+    parent = out.parent
+    try:
+        if parent.stat().st_ctime >= started - 1 and not any(parent.iterdir()):
+            parent.rmdir()
+    except OSError:
+        pass
+
+
+_STARTED = time.time()
+
+
+def _fail(message: str, code: int) -> None:
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def app(cfg: DictConfig) -> float:
     try:
         summary = run(cfg)
     except ConfigError as err:
-        print(f"bilevel: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _drop_fresh_run_dir(_STARTED)
+        _fail(f"bilevel: error: {err}", 2)
+    except OmegaConfBaseException as err:
+        _drop_fresh_run_dir(_STARTED)
+        key = getattr(err, "full_key", None) or "config"
+        reason = str(err).splitlines()[0]
+        if "Missing mandatory value" in reason:
+            reason = f"missing value (???): set it on the command line, e.g. {key}=..."
+        _fail(f"bilevel: error: {key}: {reason}", 2)
     except NonFiniteError as err:
-        print(f"bilevel: {err}", file=sys.stderr, flush=True)
-        sys.exit(3)
+        _fail(f"bilevel: {err}", 3)
     return float(summary["meta_loss"])
 
 
@@ -291,13 +513,31 @@ def preflight(args: list[str]) -> str | None:
     return None
 
 
+def _resume_args(args: list[str]) -> list[str]:
+    """For ``resume=<run dir of ours>`` (a single run): continue in that directory, without a
+    new Hydra output folder (``hydra.run.dir`` pointed at it, no ``.hydra`` rewrite)."""
+    if any(a.startswith("-") for a in args) or any(a.startswith("hydra.run.dir=") for a in args):
+        return []
+    for a in args:
+        if a.startswith("resume="):
+            value = a.split("=", 1)[1]
+            try:
+                _, run = run_dirs.resolve_resume(value)
+            except ConfigError as err:
+                _fail(f"bilevel: error: {err}", 2)
+            if run is not None:
+                return [f"hydra.run.dir={run}", "hydra.output_subdir=null"]
+    return []
+
+
 def main() -> None:
     """Console entry point. Under torchrun, ranks other than 0 keep Hydra's files out of the run
     directory."""
-    problem = preflight(sys.argv[1:])
+    args = sys.argv[1:]
+    problem = preflight(args)
     if problem is not None:
-        print(f"bilevel: error: {problem}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(f"bilevel: error: {problem}", 2)
+    sys.argv += _resume_args(args)
     if int(os.environ.get("RANK", "0")) > 0:
         scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{os.environ['RANK']}-")
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]

@@ -29,6 +29,9 @@ def hypergradient(
     inner_lr: float = 0.1,
     wrt: Literal["logits", "values"] = "logits",
     reduce: Reduce | None = None,
+    hessian_loss: PerDomainLoss | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    last_grads: list[Tensor] | None = None,
 ) -> Tensor:
     """The hypergradient of ``outer_loss`` with respect to the domain weights.
 
@@ -44,6 +47,13 @@ def hypergradient(
             (dM/dw, what mirror descent uses).
         reduce: for data-parallel training, averages gradients and products across ranks in
             place (see :mod:`bilevel.distributed`); ``None`` on one process.
+        hessian_loss: the per-domain loss on an independent batch; when given, the implicit
+            solvers take their Hessian-vector products from it (and J_L from
+            ``per_domain_loss``), so the two factors of the estimate do not share one
+            minibatch's noise (see the README's "H from an independent batch").
+        optimizer, last_grads: for ``sama``: the inner optimizer (its parameters in the order
+            of ``params``) and the gradients of its last step, whose update Jacobian
+            preconditions the meta gradient; without them sama uses ``inner_lr * I``.
 
     Returns:
         Tensor ``[K]`` on the logits' device and dtype. Non-finite entries are returned as they
@@ -62,9 +72,15 @@ def hypergradient(
     if wrt not in ("logits", "values"):
         raise ValueError(f"wrt must be 'logits' or 'values', got {wrt!r}")
     values = weights.value().detach()
+    extra: dict = {}
+    if hessian_loss is not None:
+        extra["hessian_loss"] = hessian_loss
+    if optimizer is not None and getattr(solver, "uses_optimizer", False):
+        params_of = [p for g in optimizer.param_groups for p in g["params"]]
+        extra.update(optimizer=optimizer, last_grads=last_grads, optimizer_params=params_of)
     with torch.enable_grad():
         grad_values = solver.domain_grad(
-            per_domain_loss, outer_loss, params, values, inner_lr, reduce=reduce
+            per_domain_loss, outer_loss, params, values, inner_lr, reduce=reduce, **extra
         )
     grad_values = grad_values.detach().to(weights.logits.dtype)
     if wrt == "values":

@@ -1,10 +1,11 @@
-"""``BilevelTrainer``: the inner/outer loop that learns domain weights while training a model.
+"""``BilevelTrainer``: the loop that learns domain weights while training a model.
 
-One *window* is ``outer_every`` inner optimizer steps on the weighted mixture
-sum_k w_k L_k, followed by one hypergradient (the configured solver, on a meta batch) and one
-outer step on the weight logits. With ``solver=unrolled`` the last ``steps`` inner steps of the
-window are themselves differentiated (reverse mode through the real SGD updates), so nothing is
-computed twice.
+One *window* is ``outer_every`` inner optimizer steps on the weighted mixture sum_k w_k L_k,
+ending with one outer update of the weights. What happens inside a window belongs to the outer
+method (:mod:`bilevel.methods`: a hypergradient solver, the unrolled window, ScaleBiO, a bandit,
+...), how the model is spread over processes to the strategy (:mod:`bilevel.strategies`: ddp,
+fsdp). This module is the loop around them: it applies the outer update, logs, evaluates,
+checkpoints and stops on non-finite values; it branches on neither.
 
 Everything in the loop stays on the model's device. The host reads values back only at log,
 evaluation and checkpoint events: non-finite steps are detected on the device and skipped by the
@@ -13,7 +14,7 @@ optimizers themselves (``found_inf``, as AMP's grad scaler does), and counted in
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -25,32 +26,31 @@ import torch
 from torch import Tensor, nn
 
 from bilevel import checkpoint as ckpt
-from bilevel.data.columns import to_device
+from bilevel import run_dir as run_dirs
 from bilevel.data.domain_data import DomainData
-from bilevel.data.samplers import DomainSampler, MetaSampler
 from bilevel.distributed import DistContext
 from bilevel.errors import ConfigError, NonFiniteError
-from bilevel.functional import (
-    forward_batch,
-    make_outer_loss,
-    make_per_domain_loss,
-    segment_mean,
-    trainable_params,
-)
-from bilevel.guard import SkipCounter, found_inf, guarded_step, is_plain_sgd, plain_sgd_step
-from bilevel.hypergradient import chain_through_parametrization, hypergradient
+from bilevel.functional import forward_batch
+from bilevel.guard import guarded_step
+from bilevel.hypergradient import chain_through_parametrization
+from bilevel.inner_loop import InnerLoop, make_optimizer
 from bilevel.logging import RunLog
+from bilevel.methods import OuterMethod, OuterUpdate, method_for
+from bilevel.methods.hypergradient import wants_values
 from bilevel.outer import MirrorDescent
 from bilevel.solvers.base import Solver
-from bilevel.solvers.products import InnerProducts, grad_of_outer_value
-from bilevel.solvers.unrolled import Unrolled, sgd_step
+from bilevel.strategies import DDPStrategy, Strategy, build_strategy
 from bilevel.trainer_config import TrainerConfig
 from bilevel.weights import DomainWeights
 
 __all__ = ["BilevelTrainer", "NonFiniteError", "TrainerConfig"]
 
+log = logging.getLogger("bilevel")
+
 Loss = Callable[[Any, Any], Tensor]
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
+
+CHECKPOINT_VERSION = 2
 
 
 class BilevelTrainer:
@@ -59,7 +59,8 @@ class BilevelTrainer:
     Args:
         model: any ``nn.Module``; called as ``model(batch["x"])`` (or ``model(**batch["x"])``).
         weights: the :class:`DomainWeights`, one per ``data.names`` entry in the same order.
-        solver: from :func:`bilevel.solvers.build`.
+        solver: from :func:`bilevel.solvers.build` (a hypergradient solver or another outer
+            method, see :mod:`bilevel.methods`).
         inner_loss: ``(output, batch) -> [B]`` per-example loss.
         outer_loss: ``(output, batch) -> scalar`` meta loss.
         data: the :class:`~bilevel.data.DomainData`.
@@ -70,10 +71,13 @@ class BilevelTrainer:
         inner_scheduler: optional ``optimizer -> LRScheduler``, stepped every inner step.
         device: where everything runs (default: the model's device).
         run_dir: where ``metrics.jsonl``, ``summary.json``, ``weights.png`` and
-            ``checkpoints/last.pt`` go (``None``: nothing is written).
+            ``checkpoints/last.pt`` go (``None``: nothing is written). It must be new, empty,
+            or a run directory bilevel created.
         wandb: an optional :class:`~bilevel.logging.WandbLogger`.
         dist: the data-parallel context (default: one process).
-        run_config: the resolved config to record with the run.
+        strategy: how the model is laid out (default: ``config.strategy`` for ``dist``).
+        run_config: the resolved config to record with the run (and in its checkpoints).
+        overrides: the command-line overrides that made ``run_config`` (for resume).
 
     Example:
         >>> trainer = BilevelTrainer(model, weights, build("first_order"),
@@ -85,7 +89,7 @@ class BilevelTrainer:
         self,
         model: nn.Module,
         weights: DomainWeights,
-        solver: Solver,
+        solver: Solver | OuterMethod,
         inner_loss: Loss,
         outer_loss: Loss,
         data: DomainData,
@@ -99,6 +103,8 @@ class BilevelTrainer:
         dist: DistContext | None = None,
         seed: int = 0,
         run_config: dict[str, Any] | None = None,
+        strategy: Strategy | None = None,
+        overrides: list[str] | None = None,
     ) -> None:
         self.config = config or TrainerConfig()
         self.config.validate()
@@ -108,8 +114,21 @@ class BilevelTrainer:
                 "weights.names",
                 f"domain names {weights.names} do not match the data's {data.names}",
             )
-        self.dist = dist or DistContext()
         self.device = torch.device(device) if device else next(model.parameters()).device
+        dist = dist or DistContext()
+        if strategy is None:
+            strategy = (
+                build_strategy(self.config.strategy, dist, self.device, self.config.precision)
+                if dist.enabled
+                else DDPStrategy(dist, self.device)
+            )
+        if self.config.strategy == "fsdp" and strategy.name != "fsdp":
+            raise ConfigError(
+                "trainer.strategy",
+                "fsdp shards the model over processes: launch with torchrun "
+                "--nproc_per_node=N (N >= 2), or use trainer.strategy=ddp",
+            )
+        self.strategy = strategy
         self.module = model.to(self.device)
         self.weights = weights.to(self.device)
         self.names = list(weights.names)
@@ -119,83 +138,129 @@ class BilevelTrainer:
         self.data = data
         self.seed = seed
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.wandb = wandb if self.dist.is_main else None
+        self.wandb = wandb if strategy.is_main else None
         self.run_config = run_config or {}
+        self.overrides = list(overrides or [])
+        self._check_losses()
 
-        self.dist.broadcast_(self.weights.logits.data)
-        self.net: nn.Module = self.module
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("model", "the model has no trainable parameters")
-        self._params = params
-        self._param_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        for p in self.weights.parameters():
+            strategy.broadcast_(p.data)
+        self._trainable_keys, self._frozen = _checkpoint_keys(self.module)
+        self.loop = InnerLoop(
+            self.module,
+            self.weights,
+            inner_loss,
+            outer_loss,
+            data,
+            self.config,
+            strategy,
+            self.device,
+            seed,
+            inner_optimizer,
+            inner_scheduler,
+        )
         fused = self.device.type in ("cpu", "cuda")
-        self.inner_opt = (inner_optimizer or _default_sgd(fused))(params)
-        self._plain_sgd = (
-            is_plain_sgd(self.inner_opt) and len(self.inner_opt.param_groups) == 1 and fused
+        self.outer_opt = make_optimizer(
+            outer_optimizer or _default_adam(fused),
+            list(self.weights.parameters()),
+            "trainer.outer_optimizer",
         )
-        self.outer_opt = (outer_optimizer or _default_adam(fused))([self.weights.logits])
-        self.scheduler = inner_scheduler(self.inner_opt) if inner_scheduler else None
-        self._check_solver_and_optimizers()
-        # The hypergradient can reuse the last inner step's graph unless the gradient must be
-        # averaged by DDP (which only hooks .backward()) or the sampler applies the weights.
-        self._reuse_graph = (
-            callable(getattr(solver, "solve", None))
-            and not self.dist.enabled
-            and self.config.sampling != "weights"
-        )
+        self.method = method_for(solver)
+        self._check_outer_optimizer()
+        self.notes: list[str] = []
+        if self.config.learn_weights:
+            self.notes += self.method.setup(self.loop)
+            self.notes += self._sampling_notes()
+        self.test = data.test
+        if self.test is not None:
+            from bilevel.data.columns import to_device
 
-        self.train_sampler = DomainSampler(
-            to_device(data.train, self.device),
-            self.k,
-            self.config.batch_size,
-            self.config.sampling,
-            seed,
-            self.dist.rank,
-            self.dist.world_size,
-        )
-        self.meta_sampler = MetaSampler(
-            to_device(data.meta, self.device),
-            self.config.meta_batch_size,
-            seed,
-            self.dist.rank,
-            self.dist.world_size,
-        )
-        self.test = to_device(data.test, self.device) if data.test is not None else None
+            self.test = to_device(data.test, self.device)
 
         self.step = 0
         self.elapsed = 0.0
-        self.skips = SkipCounter(self.device)
-        self._one = torch.ones((), device=self.device)
-        self._w = self.weights.value().detach().float()
-        self._last: dict[str, Tensor] = {}
+        self.outer_updates = 0
         self._resumed_from: str | None = None
         self._wandb_id: str | None = None
+        self._last_checkpoint = time.monotonic()
+        self._resume_file: Path | None = None
+
+    # -- views kept for users and scripts ---------------------------------------------------------
+
+    @property
+    def inner_loss(self) -> Loss:
+        return self._inner_loss
+
+    @inner_loss.setter
+    def inner_loss(self, fn: Loss) -> None:
+        self._inner_loss = fn
+        if "loop" in self.__dict__:
+            self.loop.inner_loss = fn
+
+    @property
+    def outer_loss(self) -> Loss:
+        return self._outer_loss
+
+    @outer_loss.setter
+    def outer_loss(self, fn: Loss) -> None:
+        self._outer_loss = fn
+        if "loop" in self.__dict__:
+            self.loop.outer_loss = fn
+
+    @property
+    def skips(self):
+        return self.loop.skips
+
+    @property
+    def train_sampler(self):
+        return self.loop.train_sampler
+
+    @property
+    def meta_sampler(self):
+        return self.loop.meta_sampler
+
+    @property
+    def inner_opt(self) -> torch.optim.Optimizer:
+        return self.loop.inner_opt
+
+    @property
+    def scheduler(self):
+        return self.loop.scheduler
 
     # -- validation ----------------------------------------------------------------------------
 
-    def _check_solver_and_optimizers(self) -> None:
-        if isinstance(self.solver, Unrolled):
-            if not is_plain_sgd(self.inner_opt):
+    def _check_losses(self) -> None:
+        """One forward pass of each loss on a few rows: an inner loss must return one value per
+        example and an outer loss a scalar (bad shapes become one line naming the field; a bug
+        inside the user's loss keeps its traceback)."""
+        from bilevel.data.columns import num_rows, take, to_device
+
+        with torch.no_grad():
+            train = to_device(self.data.train, self.device)
+            rows = torch.arange(min(4, num_rows(train)), device=self.device)
+            batch = take(train, rows)
+            was = self.module.training
+            out = self.inner_loss(forward_batch(self.module, batch), batch)
+            if not isinstance(out, Tensor) or out.shape != (len(rows),):
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ConfigError(
-                    "solver",
-                    "unrolled differentiates through the trainer's inner steps, which must then "
-                    "be plain SGD (torch.optim.SGD, momentum 0, weight_decay 0); use first_order, "
-                    "neumann or cg with other inner optimizers",
+                    "inner_loss",
+                    f"must return one loss per example (shape ({len(rows)},) for {len(rows)} "
+                    f"rows), got {shape}",
                 )
-            if self.solver.steps > self.config.outer_every:
+            meta = to_device(self.data.meta, self.device)
+            meta = take(meta, torch.arange(min(16, num_rows(meta)), device=self.device))
+            value = self.outer_loss(forward_batch(self.module, meta), meta)
+            if not isinstance(value, Tensor) or value.dim() != 0:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ConfigError(
-                    "solver.steps",
-                    f"unrolls {self.solver.steps} steps but trainer.outer_every is "
-                    f"{self.config.outer_every}; it must be <= outer_every",
+                    "outer_loss",
+                    f"must return a scalar (one meta loss for the batch), got shape {shape}; "
+                    "reduce it, e.g. with .mean()",
                 )
-            if self.dist.enabled:
-                raise ConfigError(
-                    "solver", "unrolled is not supported under torchrun; use first_order or cg"
-                )
+            self.module.train(was)
+
+    def _check_outer_optimizer(self) -> None:
         if isinstance(self.outer_opt, MirrorDescent):
             smoothing = any(g["smoothing"] > 0 for g in self.outer_opt.param_groups)
             allowed = ("softmax",) if smoothing else ("softmax", "exp")
@@ -206,162 +271,26 @@ class BilevelTrainer:
                     f"{self.weights.parametrization!r}",
                 )
 
-    # -- one step of each kind -------------------------------------------------------------------
+    def _sampling_notes(self) -> list[str]:
+        """Say when a batch is too small for each hypergradient to see every domain."""
+        if not getattr(self.method, "uses_meta", True):
+            return []
+        sampler = self.loop.train_sampler
+        counts = sampler.expected_counts(uniform=self.loop.applies_weights)
+        few = [(n, c) for n, c in zip(self.names, counts) if 0 < c < 1]
+        if not few:
+            return []
+        shown = ", ".join(f"{n} {c:.2g}" for n, c in few[:6])
+        need = math.ceil(max(1 / c for _, c in few) * sampler.batch_size * self.strategy.world_size)
+        return [
+            f"trainer.batch_size={self.config.batch_size} gives fewer than one row per batch, "
+            f"on average, to {len(few)} domain(s) ({shown} rows): a hypergradient sees only the "
+            f"domains its batch drew (each is drawn in a fraction of the batches equal to its "
+            f"expected rows, never starved); batch_size >= {need} lets every window see every "
+            f"domain"
+        ]
 
-    def _autocast(self):
-        if self.config.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _with_autocast(self, fn: Callable[[Any], Tensor]) -> Callable[[Any], Tensor]:
-        if self.config.precision != "bf16":
-            return fn
-
-        def wrapped(params):
-            with self._autocast():
-                return fn(params).float()
-
-        return wrapped
-
-    def _inner_lr(self) -> float:
-        if self.config.inner_lr is not None:
-            return float(self.config.inner_lr)
-        return float(self.inner_opt.param_groups[0]["lr"])
-
-    def _objective(self, per_example: Tensor, losses: Tensor) -> Tensor:
-        if self.config.sampling == "weights":  # the sampler already applied the weights
-            return per_example.mean()
-        return torch.dot(self._w, losses)
-
-    def _found_inf(self, *values: Tensor, tensors: list[Tensor] | None = None) -> Tensor:
-        """1.0 if any of ``tensors`` (default: the gradients) or ``values`` is NaN/inf."""
-        if tensors is None:
-            tensors = [p.grad for p in self._params if p.grad is not None]
-        return found_inf([*tensors, *(v.detach().reshape(-1) for v in values)], self._one)
-
-    def _inner_update(self, found: Tensor) -> None:
-        if self._plain_sgd:
-            plain_sgd_step(self._params, self.inner_opt.param_groups[0]["lr"], found)
-        else:
-            guarded_step(self.inner_opt, found)
-
-    def _inner_step(self, batch: dict[str, Any], keep_graph: bool = False) -> InnerProducts | None:
-        """One optimizer step on the weighted mixture.
-
-        With ``keep_graph`` the step's gradient is taken with ``create_graph=True``, at copies of
-        the parameters and with the weights as a leaf, and returned as :class:`InnerProducts`:
-        the hypergradient then gets J_L v (and H u) at theta_{T-1} from this graph instead of
-        running a new forward and backward. The copies matter: optimizers update parameters in
-        place, and fused kernels do so without bumping autograd's version counters, so a graph
-        built on the parameters themselves would silently read theta_T.
-        """
-        inverse = self.train_sampler.inverse_counts
-        if keep_graph:
-            theta = [p.detach().clone().requires_grad_(True) for p in self._params]
-            per_domain = make_per_domain_loss(self.module, batch, self.inner_loss, self.k, inverse)
-            losses = self._with_autocast(per_domain)(dict(zip(self._param_names, theta)))
-            w = self._w.clone().requires_grad_(True)
-            objective = torch.dot(w, losses)
-            grads = torch.autograd.grad(
-                objective, theta, create_graph=True, allow_unused=True, materialize_grads=True
-            )
-            for p, g in zip(self._params, grads):
-                p.grad = g.detach()
-            products = InnerProducts(grads, theta, w, losses)
-        else:
-            with self._autocast():
-                per_example = self.inner_loss(forward_batch(self.net, batch), batch).float()
-            losses = segment_mean(per_example, batch["domain"], self.k, inverse)
-            objective = self._objective(per_example, losses)
-            objective.backward()
-            products = None
-        found = self._found_inf(objective)
-        self._inner_update(found)
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.skips.add(found, inner=True)
-        self._last["inner_loss"] = objective.detach()
-        self._last["domain_loss"] = losses.detach()
-        return products
-
-    def _meta_gradient(self) -> list[Tensor]:
-        """grad M at the current parameters on a meta batch (marked NaN if M is not finite)."""
-        meta = self.meta_sampler.next()
-        with self._autocast():
-            value = self.outer_loss(forward_batch(self.module, meta), meta).float()
-        return grad_of_outer_value(value, self._params)
-
-    def _graph_hypergradient_step(self, products: InnerProducts) -> None:
-        """Hypergradient from the last inner step's graph (see :meth:`_window`)."""
-        grad_values = self.solver.solve(products, self._meta_gradient(), self._inner_lr())
-        if isinstance(self.outer_opt, MirrorDescent):
-            grad = grad_values
-        else:
-            grad = chain_through_parametrization(self.weights, grad_values)
-        self._outer_step(grad, (~torch.isfinite(grad).all()).float())
-
-    def _outer_step(self, grad: Tensor, found: Tensor) -> None:
-        logits = self.weights.logits
-        logits.grad = grad.to(logits.dtype)
-        guarded_step(self.outer_opt, found)
-        self.skips.add(found, inner=False)
-        self._w = self.weights.value().detach().float()
-
-    def _hypergradient_step(self, batch: dict[str, Any], inverse_counts: Tensor | None) -> None:
-        meta = self.meta_sampler.next()
-        per_domain = self._with_autocast(
-            make_per_domain_loss(self.module, batch, self.inner_loss, self.k, inverse_counts)
-        )
-        outer = self._with_autocast(make_outer_loss(self.module, meta, self.outer_loss))
-        wrt = "values" if isinstance(self.outer_opt, MirrorDescent) else "logits"
-        grad = hypergradient(
-            self.solver,
-            per_domain,
-            outer,
-            trainable_params(self.module),
-            self.weights,
-            self._inner_lr(),
-            wrt=wrt,
-            reduce=self.dist.reduce if self.dist.enabled else None,
-        )
-        self._outer_step(grad, (~torch.isfinite(grad).all()).float())
-
-    def _unrolled_window(self, batches: list[dict[str, Any]]) -> None:
-        """``len(batches)`` differentiable SGD steps, then the exact hypergradient through them."""
-        names = self._param_names
-        current = [p.detach().requires_grad_(True) for p in self._params]
-        w = self._w.clone().requires_grad_(True)
-        lr = self._inner_lr()
-        objectives = []
-        for batch in batches:
-            per_domain = self._with_autocast(
-                make_per_domain_loss(
-                    self.module, batch, self.inner_loss, self.k, self.train_sampler.inverse_counts
-                )
-            )
-            losses = per_domain(dict(zip(names, current)))
-            objective = torch.dot(w, losses)
-            current = sgd_step(objective, current, lr)
-            objectives.append(objective)
-            self._last["domain_loss"] = losses.detach()
-        meta = self.meta_sampler.next()
-        outer = self._with_autocast(make_outer_loss(self.module, meta, self.outer_loss))
-        meta_value = outer(dict(zip(names, current)))
-        (grad_w,) = torch.autograd.grad(meta_value, w, allow_unused=True, materialize_grads=True)
-        with torch.no_grad():
-            new = [c.detach() for c in current]
-            values = torch.stack([*objectives, meta_value]).detach()
-            found = self._found_inf(values, tensors=new)
-            keep = found.bool()
-            for p, n in zip(self._params, new):
-                p.copy_(torch.where(keep, p, n))
-        self._last["inner_loss"] = objectives[-1].detach()
-        self.skips.add(found, inner=True, steps=len(batches))
-        if isinstance(self.outer_opt, MirrorDescent):
-            grad = grad_w.detach()
-        else:
-            grad = chain_through_parametrization(self.weights, grad_w.detach())
-        self._outer_step(grad, torch.maximum(found, (~torch.isfinite(grad).all()).float()))
+    # -- one window ------------------------------------------------------------------------------
 
     def step_window(self) -> None:
         """One window: ``outer_every`` inner steps (fewer at the end of the run) and, when the
@@ -372,44 +301,44 @@ class BilevelTrainer:
         self.step += n
 
     def _window(self, n: int) -> None:
-        """``n`` inner steps; an outer update at the end when the window is complete.
+        update = n == self.config.outer_every and self.config.learn_weights
+        self._apply(self.method.window(self.loop, n, update))
 
-        ``unrolled`` differentiates its last ``steps`` inner steps. ``first_order``, ``neumann``
-        and ``cg`` (on one process, with the loss weighted rather than the sampling) keep the
-        graph of the last inner step, at theta_{T-1}, and pair it with grad M at theta_T after
-        that step: for first_order this is -lr <grad L_k(theta_{T-1}), grad M(theta_T)>, the
-        exact derivative of M through that SGD step; the implicit solvers take H and J_L at
-        theta_{T-1}, one step from theta_T. Neither needs another forward pass.
-        """
-        cfg = self.config
-        complete = n == cfg.outer_every and cfg.learn_weights
-        unroll = self.solver.steps if isinstance(self.solver, Unrolled) and complete else 0
-        reuse = complete and not unroll and self._reuse_graph
-        batch = None
-        for _ in range(n - unroll - reuse):
-            batch = self.train_sampler.next(self._w)
-            self._inner_step(batch)
-        if reuse:
-            products = self._inner_step(self.train_sampler.next(self._w), keep_graph=True)
-            self._graph_hypergradient_step(products)
-        elif unroll:
-            self._unrolled_window([self.train_sampler.next(self._w) for _ in range(unroll)])
-        elif complete:
-            inverse = self.train_sampler.inverse_counts
-            if cfg.sampling == "weights":  # every domain needs examples for its hypergradient
-                batch = self.train_sampler.next_uniform()
-                inverse = self.train_sampler.uniform_inverse_counts
-            self._hypergradient_step(batch, inverse)
+    def _apply(self, update: OuterUpdate | None) -> None:
+        """Apply a method's outer update on the device (skipped where non-finite)."""
+        if update is None:
+            return
+        logits = self.weights.logits
+        if update.values is not None:
+            values = update.values.detach()
+            found = update.found
+            if found is None:
+                found = (~torch.isfinite(values).all()).float()
+            self.weights.assign_values_(values, skip=found)
+        else:
+            grad = update.grad.detach()
+            if not wants_values(self.outer_opt):
+                grad = chain_through_parametrization(self.weights, grad)
+            found = update.found
+            if found is None:
+                found = (~torch.isfinite(grad).all()).float()
+            logits.grad = grad.to(logits.dtype)
+            guarded_step(self.outer_opt, found)
+        self.loop.skips.add(found, inner=False)
+        self.outer_updates += 1
+        self.loop.refresh_weights()
 
     # -- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
         """Train for ``config.steps`` inner steps (from the resumed step); returns the summary."""
         cfg = self.config
+        if self.run_dir is not None and self.strategy.is_main:
+            run_dirs.claim(self.run_dir)
         self.log = RunLog(
             self.run_dir,
             self.wandb,
-            self.dist.is_main,
+            self.strategy.is_main,
             cfg.progress,
             cfg.steps,
             self.step,
@@ -418,7 +347,16 @@ class BilevelTrainer:
             self._wandb_id,
         )
         self._wandb_id = self.log.wandb_id
+        if self.strategy.is_main:
+            for note in self.notes:
+                log.warning(f"note: {note}")
+            if self.run_dir is not None:
+                verb = "continuing" if self._resumed_from else "writing"
+                log.info(f"{verb} run directory {self.run_dir}")
+        if self.step == 0 and self.run_dir is not None:
+            self.log.write(self._weights_record())
         started = time.perf_counter()
+        first = self.step
         try:
             while self.step < cfg.steps:
                 before = self.step
@@ -431,20 +369,59 @@ class BilevelTrainer:
                     record = self._log()
                     if _crossed(cfg.eval_every, before, self.step) and not last:
                         self._evaluate()
-                    if self.skips.consecutive.item() >= cfg.max_skipped:
-                        self._checkpoint()
-                        raise NonFiniteError(
-                            f"stopped at step {self.step}: "
-                            f"{int(self.skips.consecutive.item())} consecutive non-finite updates "
-                            f"(trainer.max_skipped={cfg.max_skipped}); last record: {record}; "
-                            "checkpoint written"
-                        )
-                if _crossed(cfg.checkpoint_every, before, self.step) and not last:
+                    self._stop_if_not_finite(record)
+                if not last and self._checkpoint_due(before, first):
                     self._checkpoint()
             self.elapsed += time.perf_counter() - started
+            if self.outer_updates and self.loop.skips.totals()["skipped_outer"] >= (
+                self.outer_updates
+            ):
+                self._checkpoint()
+                raise NonFiniteError(self._outer_message(self.outer_updates))
             return self._finish()
         finally:
             self.log.close()
+
+    def _checkpoint_due(self, before: int, first: int) -> bool:
+        every = self.config.checkpoint_every
+        if not every:
+            return False
+        if _crossed(every, before, self.step) or before == first:
+            return True
+        seconds = self.config.checkpoint_seconds
+        due = bool(seconds) and time.monotonic() - self._last_checkpoint >= seconds
+        if self.strategy.world_size > 1:  # every rank must take part in the same checkpoint
+            flag = torch.tensor([float(due)], device=self.device)
+            due = bool(self.strategy.reduce([flag])[0].item() > 0)
+        return due
+
+    def _outer_message(self, count: int) -> str:
+        meta = self.loop.last.get("meta_value")
+        if meta is not None and not bool(torch.isfinite(meta)):
+            what = (
+                f"the meta loss is not finite ({float(meta)}): check the meta set (data.meta) "
+                "and the outer loss"
+            )
+        else:
+            what = "the hypergradient is not finite"
+        return (
+            f"stopped at step {self.step}: {count} consecutive outer updates were skipped, "
+            f"{what}; checkpoint written"
+        )
+
+    def _stop_if_not_finite(self, record: dict[str, Any]) -> None:
+        inner, outer = self.loop.skips.consecutive()
+        limit = self.config.max_skipped
+        if inner >= limit:
+            self._checkpoint()
+            raise NonFiniteError(
+                f"stopped at step {self.step}: {inner} consecutive inner steps were skipped, "
+                f"the inner loss or its gradient is not finite (trainer.max_skipped={limit}); "
+                f"last record: {record}; checkpoint written"
+            )
+        if outer >= limit:
+            self._checkpoint()
+            raise NonFiniteError(self._outer_message(outer))
 
     # -- outputs --------------------------------------------------------------------------------
 
@@ -453,23 +430,30 @@ class BilevelTrainer:
         """The outer loss on the whole meta set (averaged over ranks)."""
         was = self.module.training
         self.module.eval()
-        columns = self.meta_sampler.columns
-        with self._autocast():
+        columns = self.loop.meta_sampler.columns
+        with self.loop.autocast():
             value = self.outer_loss(forward_batch(self.module, columns), columns)
         self.module.train(was)
-        return float(self.dist.reduce([value.float().reshape(1)])[0].item())
+        return float(self.strategy.reduce([value.float().reshape(1)])[0].item())
+
+    def _weights_record(self) -> dict[str, Any]:
+        """The starting point (step 0): initial weights and meta loss, for the plots."""
+        return {"step": self.step, "weights": self.weights.as_dict(), "meta_loss": self.meta_loss()}
 
     def _log(self) -> dict[str, Any]:
         weights = self.weights.as_dict()
-        last = self._last
+        last = self.loop.last
+        totals = self.loop.skips.totals()
         record: dict[str, Any] = {
             "step": self.step,
             "weights": weights,
-            "inner_loss": float(last["inner_loss"].item()) if last else math.nan,
+            "inner_loss": float(last["inner_loss"].item()) if "inner_loss" in last else math.nan,
             "meta_loss": self.meta_loss(),
-            "domain_loss": dict(zip(self.names, last["domain_loss"].tolist())) if last else {},
-            "skipped_steps": self.skips.totals()["skipped_steps"],
-            "inner_lr": self._inner_lr(),
+            "domain_loss": (
+                dict(zip(self.names, last["domain_loss"].tolist())) if "domain_loss" in last else {}
+            ),
+            **totals,
+            "inner_lr": self.loop.last_lr,
             "elapsed_s": round(self.elapsed, 3),
         }
         self.log.write(record)
@@ -491,19 +475,25 @@ class BilevelTrainer:
 
     def _finish(self) -> dict[str, Any]:
         test = self._evaluate()
-        agree = self.dist.all_equal(self.weights.logits.detach())
+        agree = self.strategy.all_equal(self.weights.logits.detach())
         summary = {
             "weights": self.weights.as_dict(),
             "meta_loss": self.meta_loss(),
             "test": test,
             "steps": self.step,
             "wall_time_s": round(self.elapsed, 3),
-            "solver": self.solver.name,
+            "solver": self.method.name,
             "solver_options": _options(self.solver),
+            "learn_weights": self.config.learn_weights,
             "parametrization": self.weights.parametrization,
-            **self.skips.totals(),
-            "world_size": self.dist.world_size,
+            **self.loop.skips.totals(),
+            "strategy": self.strategy.name,
+            "world_size": self.strategy.world_size,
             "ranks_agree": bool(agree),
+            "parameter_elements": self._parameter_elements(),
+            "parameter_elements_per_rank": sum(
+                self.strategy.local(p).numel() for p in self.loop.params
+            ),
             "seed": self.seed,
             "info": self.data.info,
         }
@@ -513,69 +503,96 @@ class BilevelTrainer:
         self.log.finish(summary)
         return summary
 
+    def _parameter_elements(self) -> int:
+        return sum(p.numel() for p in self.loop.params)
+
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: model, optimizers, logits, RNG, samplers, step."""
+        """Everything needed to continue exactly: the trainable part of the model (and its
+        buffers), optimizers, logits, RNG, samplers, the method's state (warm starts), step."""
         local = {
             "rng": ckpt.capture_rng(),
             "samplers": {
-                "train": self.train_sampler.state_dict(),
-                "meta": self.meta_sampler.state_dict(),
+                "train": self.loop.train_sampler.state_dict(),
+                "meta": self.loop.meta_sampler.state_dict(),
             },
         }
-        per_rank = self.dist.gather_objects(local)
-        return {
-            "version": 1,
+        per_rank = self.strategy.gather_objects(local)
+        state = {
+            "version": CHECKPOINT_VERSION,
             "step": self.step,
             "elapsed_s": self.elapsed,
+            "outer_updates": self.outer_updates,
             "names": self.names,
             "parametrization": self.weights.parametrization,
-            "model": self.module.state_dict(),
+            "model": self.strategy.model_state(self.module, self._trainable_keys),
+            "frozen": self._frozen_record(),
             "weights": self.weights.state_dict(),
-            "inner_optimizer": self.inner_opt.state_dict(),
+            "inner_optimizer": self.strategy.optimizer_state(self.module, self.loop.inner_opt),
             "outer_optimizer": self.outer_opt.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "counters": self.skips.state_dict(),
-            "last": self._last,
+            "scheduler": self.loop.scheduler.state_dict() if self.loop.scheduler else None,
+            "counters": self.loop.skips.state_dict(),
+            "last": dict(self.loop.last),
+            "method": self.method.state_dict(),
             "ranks": per_rank,
             "wandb_id": self._wandb_id,
+            "world_size": self.strategy.world_size,
+            "config": self.run_config,
+            "overrides": self.overrides,
         }
+        return state
+
+    def _frozen_record(self) -> dict[str, Any]:
+        if not self._frozen:
+            return {}
+        if "fingerprint" not in self._frozen:
+            named = [(n, p) for n, p in self.module.named_parameters() if not p.requires_grad]
+            local = ckpt.fingerprint(named)
+            self._frozen["fingerprint"] = "+".join(self.strategy.gather_objects(local))
+        return dict(self._frozen)
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
-        if list(state["names"]) != self.names:
+        _check_compatible(state, self)
+        frozen = state.get("frozen") or {}
+        mine = self._frozen_record()
+        if frozen.get("fingerprint") != mine.get("fingerprint"):
             raise ConfigError(
                 "resume",
-                f"the checkpoint's domain names {list(state['names'])} differ from "
-                f"the config's {self.names}",
+                f"the checkpoint was trained on another frozen base model "
+                f"({frozen.get('source', 'none')}, fingerprint "
+                f"{str(frozen.get('fingerprint'))[:12]}) than this one "
+                f"({mine.get('source', 'none')}, {str(mine.get('fingerprint'))[:12]}); resume "
+                "with the same model.path",
             )
-        if state["parametrization"] != self.weights.parametrization:
+        try:
+            self.strategy.restore(
+                state, self._resume_file, self.module, self.loop.inner_opt, self._trainable_keys
+            )
+        except (RuntimeError, KeyError, ValueError) as err:
+            first = str(err).strip().splitlines()
+            detail = next((line.strip() for line in first if "size mismatch" in line), None)
             raise ConfigError(
                 "resume",
-                f"the checkpoint's parametrization {state['parametrization']!r} differs "
-                f"from the config's {self.weights.parametrization!r}",
-            )
-        if len(state["ranks"]) != self.dist.world_size:
-            raise ConfigError(
-                "resume",
-                f"the checkpoint was written by {len(state['ranks'])} rank(s), this run "
-                f"has {self.dist.world_size}",
-            )
-        self.module.load_state_dict(state["model"])
+                "the checkpoint's model or optimizer does not fit this model "
+                f"({detail or (first[0] if first else type(err).__name__)})",
+            ) from None
         self.weights.load_state_dict(state["weights"])
-        self.inner_opt.load_state_dict(state["inner_optimizer"])
         self.outer_opt.load_state_dict(state["outer_optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        local = state["ranks"][self.dist.rank]
+        if self.loop.scheduler is not None and state["scheduler"] is not None:
+            self.loop.scheduler.load_state_dict(state["scheduler"])
+        local = state["ranks"][self.strategy.rank]
         ckpt.restore_rng(local["rng"])
-        self.train_sampler.load_state_dict(local["samplers"]["train"])
-        self.meta_sampler.load_state_dict(local["samplers"]["meta"])
-        self.skips.load_state_dict(state["counters"])
-        self._last = {k: v.to(self.device) for k, v in state["last"].items()}
+        self.loop.train_sampler.load_state_dict(local["samplers"]["train"])
+        self.loop.meta_sampler.load_state_dict(local["samplers"]["meta"])
+        self.loop.skips.load_state_dict(state["counters"])
+        self.loop.last = {k: v.to(self.device) for k, v in state["last"].items()}
+        method_state = state.get("method") or {}
+        self.method.load_state_dict(_to_device(method_state, self.device))
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed_s"])
-        self._w = self.weights.value().detach().float()
+        self.outer_updates = int(state.get("outer_updates", 0))
+        self.loop.refresh_weights()
         self._wandb_id = state.get("wandb_id")
         self._resumed_from = source
 
@@ -587,12 +604,71 @@ class BilevelTrainer:
             raise ConfigError(
                 "resume", f"no checkpoint at {file} (expected <run dir>/checkpoints/last.pt)"
             )
-        self.load_state_dict(ckpt.load(file, map_location=self.device), source=str(path))
+        self._resume_file = file
+        state = self.strategy.load(file)
+        if int(state["step"]) > self.config.steps:
+            raise ConfigError(
+                "trainer.steps",
+                f"is {self.config.steps} but the checkpoint is at step {state['step']}; "
+                "a resumed run can only continue (trainer.steps >= the checkpoint's step)",
+            )
+        self.load_state_dict(state, source=str(path))
 
     def _checkpoint(self) -> None:
         state = self.state_dict()  # a collective under torchrun: every rank takes part
-        if self.run_dir is not None and self.dist.is_main:
-            ckpt.save_atomic(state, self.run_dir / "checkpoints" / "last.pt")
+        if self.run_dir is not None:
+            self.strategy.save(state, self.run_dir / "checkpoints")
+        self._last_checkpoint = time.monotonic()
+
+
+def _checkpoint_keys(module: nn.Module) -> tuple[set[str], dict[str, Any]]:
+    """The state-dict entries a checkpoint holds (trainable parameters and every buffer) and a
+    record of the frozen rest (where it came from; its fingerprint is added when first saved)."""
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    keys = {n for n, p in module.named_parameters() if p.requires_grad}
+    keys |= {n for n, _ in module.named_buffers()}
+    if not frozen:
+        return keys, {}
+    source = str(getattr(module, "path", None) or type(module).__qualname__)
+    return keys, {"source": source, "parameters": len(frozen)}
+
+
+def _check_compatible(state: dict[str, Any], trainer: BilevelTrainer) -> None:
+    if list(state["names"]) != trainer.names:
+        raise ConfigError(
+            "resume",
+            f"the checkpoint's domain names {list(state['names'])} differ from "
+            f"the config's {trainer.names}",
+        )
+    if state["parametrization"] != trainer.weights.parametrization:
+        raise ConfigError(
+            "resume",
+            f"the checkpoint's parametrization {state['parametrization']!r} differs "
+            f"from the config's {trainer.weights.parametrization!r}",
+        )
+    if len(state["ranks"]) != trainer.strategy.world_size:
+        raise ConfigError(
+            "resume",
+            f"the checkpoint was written by {len(state['ranks'])} rank(s), this run "
+            f"has {trainer.strategy.world_size}",
+        )
+    missing = trainer._trainable_keys - set(state["model"]) if "shards" not in state else set()
+    if missing:
+        raise ConfigError(
+            "resume",
+            f"the checkpoint lacks {len(missing)} trainable tensor(s) of this model "
+            f"(e.g. {sorted(missing)[0]}): it was written for another model",
+        )
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def _crossed(every: int, before: int, after: int) -> bool:
@@ -600,7 +676,7 @@ def _crossed(every: int, before: int, after: int) -> bool:
     return bool(every) and after // every > before // every
 
 
-def _options(solver: Solver) -> dict[str, Any]:
+def _options(solver: Any) -> dict[str, Any]:
     if is_dataclass(solver):
         return {
             f.name: getattr(solver, f.name)
@@ -608,10 +684,6 @@ def _options(solver: Solver) -> dict[str, Any]:
             if f.name != "name" and not f.name.startswith("_")
         }
     return {}
-
-
-def _default_sgd(fused: bool) -> OptimizerFactory:
-    return lambda params: torch.optim.SGD(params, lr=0.1, fused=fused)
 
 
 def _default_adam(fused: bool) -> OptimizerFactory:

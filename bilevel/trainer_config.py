@@ -20,15 +20,29 @@ class TrainerConfig:
         outer_every: inner steps per outer (weight) update.
         batch_size: training examples per inner step (all ranks together).
         meta_batch_size: meta examples per hypergradient; ``None`` uses the whole meta set.
-        sampling: how a batch splits over domains: ``uniform`` | ``size`` | ``weights``.
+        sampling: how a batch splits over domains: ``uniform`` | ``size`` (shuffled union) |
+            ``weights`` (the current weights) | ``temperature`` (shares ~ size^(1/T)); see
+            :mod:`bilevel.data.samplers`.
+        temperature: T of ``sampling=temperature``.
         log_every: inner steps between log events (the only regular host reads).
-        checkpoint_every: inner steps between checkpoints (0: only at the end).
+        checkpoint_every: inner steps between checkpoints (0: only at the end). With a
+            positive value, a first checkpoint is also written after the first window, and
+            another whenever ``checkpoint_seconds`` have passed since the last one.
+        checkpoint_seconds: wall-clock seconds between checkpoints (0: by steps only).
         eval_every: inner steps between test-set evaluations (0: only at the end).
         max_skipped: consecutive non-finite updates after which the run stops.
         precision: ``fp32`` or ``bf16`` (autocast of the forward passes; hypergradient math and
             weights stay float32).
-        inner_lr: the step size the hypergradient assumes (``first_order``, ``unrolled``);
-            ``None`` reads the inner optimizer's current learning rate.
+        inner_lr: the step size the hypergradient *assumes* for an inner step (first_order's
+            H^-1 ~ inner_lr I, sama's fallback); ``None`` uses the learning rate of the last inner
+            step the optimizer actually took. It never changes how the model is trained (the
+            inner optimizer and its scheduler do that, in every path), and ``unrolled`` does not
+            use it: it differentiates the real steps.
+        hessian_batch: ``same`` (H and J_L from the window's last batch) or ``independent``
+            (H from a second batch: removes the bias of sharing one minibatch; one more
+            forward/backward per outer step).
+        strategy: ``ddp`` (replicated model; one process without torchrun) or ``fsdp`` (FSDP2
+            sharding under torchrun; finite-difference products).
         learn_weights: ``False`` keeps the weights at their initial values (the fixed-weight
             baseline: the same loop without hypergradients).
         progress: show a progress bar.
@@ -39,12 +53,16 @@ class TrainerConfig:
     batch_size: int = 128
     meta_batch_size: int | None = None
     sampling: str = "uniform"
+    temperature: float = 1.0
     log_every: int = 50
     checkpoint_every: int = 0
+    checkpoint_seconds: float = 300.0
     eval_every: int = 0
     max_skipped: int = 20
     precision: str = "fp32"
     inner_lr: float | None = None
+    hessian_batch: str = "same"
+    strategy: str = "ddp"
     learn_weights: bool = True
     progress: bool = True
 
@@ -64,5 +82,26 @@ class TrainerConfig:
             raise ConfigError("trainer.sampling", f"must be one of {', '.join(SAMPLING)}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError("trainer.precision", f"must be fp32 or bf16, got {self.precision!r}")
-        if self.inner_lr is not None and not self.inner_lr > 0:
+        if self.inner_lr is not None and not (
+            isinstance(self.inner_lr, int | float) and self.inner_lr > 0
+        ):
             raise ConfigError("trainer.inner_lr", f"must be > 0 or null, got {self.inner_lr!r}")
+        if not (isinstance(self.temperature, int | float) and self.temperature > 0):
+            raise ConfigError("trainer.temperature", f"must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.checkpoint_seconds, int | float) and self.checkpoint_seconds >= 0):
+            raise ConfigError(
+                "trainer.checkpoint_seconds", f"must be >= 0, got {self.checkpoint_seconds!r}"
+            )
+        if self.hessian_batch not in ("same", "independent"):
+            raise ConfigError(
+                "trainer.hessian_batch",
+                f"must be same or independent, got {self.hessian_batch!r}",
+            )
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError("trainer.strategy", f"must be ddp or fsdp, got {self.strategy!r}")
+        if self.sampling == "temperature" and self.learn_weights:
+            raise ConfigError(
+                "trainer.sampling",
+                "temperature sampling is a fixed mixture (the sampler applies it): set "
+                "trainer.learn_weights=false, or learn weights with sampling=uniform|weights",
+            )

@@ -181,5 +181,16 @@ class DomainWeights(nn.Module):
         fresh = DomainWeights(self.names, self.parametrization, values, dtype=torch.float64)
         self.logits.copy_(fresh.logits.to(self.logits))
 
+    @torch.no_grad()
+    def assign_values_(self, values: Tensor, skip: Tensor | None = None) -> None:
+        """Set the logits so that :meth:`value` returns ``values`` ``[K]`` (positive), on the
+        device and without a host sync; unchanged where ``skip`` (a 0-d flag) is nonzero.
+        For outer methods that set the weights directly (bandits)."""
+        fresh = _logits_from_values(self.parametrization, values.detach().to(torch.float64))
+        fresh = fresh.to(self.logits.dtype)
+        if skip is not None:
+            fresh = torch.where(skip.to(torch.bool), self.logits, fresh)
+        self.logits.copy_(fresh)
+
     def extra_repr(self) -> str:
         return f"names={self.names}, parametrization={self.parametrization!r}"

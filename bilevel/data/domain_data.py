@@ -94,3 +94,23 @@ class DomainData:
             raise ConfigError(
                 "data.meta", "the meta set is missing or empty; the outer loss needs it"
             )
+        for where, columns in (("data.train", self.train), ("data.meta", self.meta)):
+            _check_finite(where, columns)
+        if self.test is not None:
+            _check_finite("data.test", self.test)
+
+
+def _check_finite(field: str, columns: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise :class:`ConfigError` when a floating column holds NaN or inf (one host read per
+    column, before training)."""
+    for key, value in columns.items():
+        if isinstance(value, Mapping):
+            _check_finite(field, value, f"{prefix}{key}.")
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise ConfigError(
+                    field,
+                    f"column {prefix}{key!r} holds {bad} non-finite value(s) (NaN/inf); "
+                    "clean or drop those rows: they would make every loss on them NaN",
+                )

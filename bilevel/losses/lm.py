@@ -11,11 +11,13 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
+from bilevel.losses.precision import upcast
+
 __all__ = ["per_sequence_token_cross_entropy", "token_cross_entropy"]
 
 
 def _token_losses(output: Tensor, targets: Tensor) -> Tensor:
-    logits = output.float()
+    logits = upcast(output)
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         targets.reshape(-1),

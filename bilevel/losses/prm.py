@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bilevel.losses.precision import upcast
+
 __all__ = [
     "AGGREGATIONS",
     "aggregation_loss",
@@ -36,10 +38,10 @@ AGGREGATIONS = ("mean_logodds", "min", "product", "last")
 
 def step_bce(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
     """Inner loss: mean binary cross-entropy over each trajectory's real steps -> ``[B]``."""
-    logits = output.float()
+    logits = upcast(output)
     mask = batch["step_mask"].float()
     losses = F.binary_cross_entropy_with_logits(
-        logits, batch["step_labels"].float(), reduction="none"
+        logits, batch["step_labels"].to(logits.dtype), reduction="none"
     )
     return (losses * mask).sum(1) / mask.sum(1).clamp_min(1)
 
@@ -50,7 +52,7 @@ def trajectory_logits(output: Tensor, batch: Mapping[str, Any], aggregation: str
     For ``product`` the value is log P (a log-probability, not a logit); use
     :func:`aggregation_loss` or compare scores only within one aggregation.
     """
-    logits = output.float()
+    logits = upcast(output)
     mask = batch["step_mask"].float()
     if aggregation == "mean_logodds":
         return (logits * mask).sum(1) / mask.sum(1).clamp_min(1)
@@ -68,8 +70,8 @@ def aggregation_loss(
     output: Tensor, batch: Mapping[str, Any], aggregation: str = "mean_logodds"
 ) -> Tensor:
     """Outer loss: BCE of the aggregated trajectory score against ``batch["outcome"]``."""
-    outcome = batch["outcome"].float()
     score = trajectory_logits(output, batch, aggregation)
+    outcome = batch["outcome"].to(score.dtype)
     if aggregation == "product":  # score = log P(all steps right)
         log_p = score.clamp_max(-1e-6)
         log_not_p = torch.log(-torch.expm1(log_p))
@@ -87,7 +89,7 @@ def pairwise_ranking_loss(
     not on how calibrated the scores are.
     """
     score = trajectory_logits(output, batch, aggregation)
-    outcome = batch["outcome"].float()
+    outcome = batch["outcome"].to(score.dtype)
     problem = batch["problem"]
     pairs = (
         (problem[:, None] == problem[None, :]) & (outcome[:, None] > 0.5) & (outcome[None, :] < 0.5)

@@ -1,8 +1,8 @@
 """Hypergradient solvers, one method per module, built by name with :func:`build`.
 
 >>> from bilevel.solvers import build
->>> build("cg", iters=10, damping=0.0)
-ConjugateGradient(iters=10, damping=0.0, tol=0.0, name='cg')
+>>> build("cg", iters=10, damping=0.0).iters
+10
 """
 
 from __future__ import annotations
@@ -14,27 +14,52 @@ from bilevel.solvers.base import Solver
 from bilevel.solvers.cg import ConjugateGradient
 from bilevel.solvers.first_order import FirstOrder
 from bilevel.solvers.neumann import Neumann
+from bilevel.solvers.sama import SAMA
 from bilevel.solvers.unrolled import Unrolled
 
-__all__ = ["SOLVERS", "Solver", "build", "FirstOrder", "Unrolled", "Neumann", "ConjugateGradient"]
+__all__ = [
+    "SOLVERS",
+    "SAMA",
+    "ConjugateGradient",
+    "FirstOrder",
+    "Neumann",
+    "Solver",
+    "Unrolled",
+    "build",
+    "options",
+]
 
 SOLVERS: dict[str, type] = {
     "first_order": FirstOrder,
     "unrolled": Unrolled,
     "neumann": Neumann,
     "cg": ConjugateGradient,
+    "sama": SAMA,
 }
+
+
+def _register_methods() -> None:
+    # Outer methods that are not hypergradient solvers but are chosen the same way
+    # (``solver=scalebio``, ``solver=odm``, ...): imported here so ``build`` finds them.
+    from bilevel.methods import METHOD_SOLVERS
+
+    SOLVERS.update(METHOD_SOLVERS)
 
 
 def options(name: str) -> list[str]:
     """The option names solver ``name`` accepts."""
-    return [f.name for f in dataclasses.fields(SOLVERS[name]) if f.name != "name"]
+    return [
+        f.name
+        for f in dataclasses.fields(SOLVERS[name])
+        if f.name != "name" and not f.name.startswith("_")
+    ]
 
 
 def build(name: str, **opts: Any) -> Solver:
     """The solver called ``name`` with ``opts``; ``ValueError`` names the valid choices."""
+    _register_methods()
     if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVERS)}")
+        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(sorted(SOLVERS))}")
     valid = options(name)
     unknown = sorted(set(opts) - set(valid))
     if unknown:

@@ -6,24 +6,44 @@ once the residual drops below ``tol * ||grad M||`` (or reaches zero), the step s
 to 0 on the device, so the iterate stays put instead of the loop breaking early. The same happens
 at a direction of non-positive curvature (truncated CG, as in Steihaug's method): a non-convex
 inner loss can make H indefinite, where plain CG steps would diverge.
+
+Each iteration takes H p and J_L p from ONE product (:meth:`hvp_jvp`), and J_L v is accumulated
+as sum_i alpha_i J_L p_i alongside v, so ``iters`` iterations cost ``iters`` products in all.
+
+``warm_start=True`` restarts CG from the last call's solution (amortized implicit
+differentiation, Arbel & Mairal, 2022): the first product then forms the residual g - A v0, so a
+call costs ``iters + 1`` products, and repeated calls on one problem converge to the solution.
+Because a warm start accumulates the solve across outer steps, two guards keep it safe on
+non-convex inner problems: the kept v is dropped (restart from zero) when it makes the residual
+larger than zero would, and it is forgotten after a call that met non-positive curvature.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
-from bilevel.solvers.products import InnerProducts, Reduce, solve_at_params, tree_dot
+from bilevel.solvers.backends import check_products, solve_at_params
+from bilevel.solvers.products import Reduce
+from bilevel.solvers.warm import WarmState
 
 __all__ = ["ConjugateGradient"]
 
 
 @dataclass(frozen=True)
 class ConjugateGradient:
-    """v = (H + damping I)^-1 grad M by ``iters`` CG iterations from v0 = 0; dM/dw = -J_L v.
+    """v = (H + damping I)^-1 grad M by ``iters`` CG iterations; dM/dw = -J_L v.
+
+    Args:
+        iters: CG iterations per call.
+        damping: the added multiple of the identity.
+        tol: stop (on the device) once |r| <= tol |grad M|.
+        warm_start: start from the last call's v (see the module doc); :meth:`reset`.
+        products: ``"autograd"`` or ``"finite_difference"``.
+        fd_step: relative finite-difference step (``None``: from the dtype).
 
     ``params`` should be (close to) the inner solution theta*(w).
     """
@@ -31,7 +51,11 @@ class ConjugateGradient:
     iters: int = 10
     damping: float = 0.0
     tol: float = 0.0
+    warm_start: bool = False
+    products: str = "autograd"
+    fd_step: float | None = None
     name: str = "cg"
+    _warm: WarmState = field(default_factory=WarmState, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.iters, int) or self.iters < 1:
@@ -40,6 +64,17 @@ class ConjugateGradient:
             raise ValueError(f"cg: damping must be >= 0, got {self.damping!r}")
         if not self.tol >= 0:
             raise ValueError(f"cg: tol must be >= 0, got {self.tol!r}")
+        check_products(self.name, self.products, self.fd_step)
+
+    def reset(self) -> None:
+        """Forget the kept solution: the next call starts cold."""
+        self._warm.reset()
+
+    def state_dict(self) -> dict:
+        return self._warm.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._warm.load_state_dict(state)
 
     def domain_grad(
         self,
@@ -49,35 +84,58 @@ class ConjugateGradient:
         w: Tensor,
         inner_lr: float,
         reduce: Reduce | None = None,
+        hessian_loss: PerDomainLoss | None = None,
     ) -> Tensor:
-        return solve_at_params(self, per_domain_loss, outer_loss, params, w, inner_lr, reduce)
+        return solve_at_params(
+            self, per_domain_loss, outer_loss, params, w, inner_lr, reduce, hessian_loss
+        )
 
-    def solve(self, products: InnerProducts, g_outer: list[Tensor], inner_lr: float) -> Tensor:
-        """dM/dw given the inner products and grad M (``inner_lr`` is not used)."""
-        g_outer = [g.detach() for g in g_outer]
+    def _apply(self, products, u: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        hu, jl = products.hvp_jvp(u)
+        if self.damping:
+            hu = torch._foreach_add(hu, u, alpha=self.damping)
+        return hu, jl
 
-        def apply(u: list[Tensor]) -> list[Tensor]:
-            hu = products.hvp(u)
-            return torch._foreach_add(hu, u, alpha=self.damping) if self.damping else hu
-
-        x = [torch.zeros_like(g) for g in g_outer]
-        r = [g.clone() for g in g_outer]
-        p = [g.clone() for g in g_outer]
-        rr = tree_dot(r, r)
-        threshold = (self.tol**2) * rr
+    def solve(self, products, g_outer: list[Tensor], inner_lr: float) -> Tensor:
+        """dM/dw given the products and grad M (``inner_lr`` is not used)."""
+        g = [t.detach() for t in g_outer]
+        start = self._warm.start(g) if self.warm_start else None
+        gg = products.dot(g, g)
+        if start is None:
+            x = [torch.zeros_like(t) for t in g]
+            r = [t.clone() for t in g]
+            jl_x = None
+        else:
+            x = [t.clone() for t in start]
+            ax, jl_x = self._apply(products, x)
+            r = torch._foreach_sub(g, ax)
+            # A kept v that is worse than starting from zero is dropped (on the device).
+            keep = products.dot(r, r) <= gg
+            x = [torch.where(keep, xi, torch.zeros_like(xi)) for xi in x]
+            r = [torch.where(keep, ri, gi) for ri, gi in zip(r, g)]
+            jl_x = torch.where(keep, jl_x, torch.zeros_like(jl_x))
+        p = [t.clone() for t in r]
+        rr = products.dot(r, r)
+        threshold = (self.tol**2) * gg
         done = torch.zeros((), dtype=torch.bool, device=rr.device)
+        curved = torch.zeros((), dtype=torch.bool, device=rr.device)
         for _ in range(self.iters):
-            ap = apply(p)
-            pap = tree_dot(p, ap)
+            ap, jl_p = self._apply(products, p)
+            pap = products.dot(p, ap)
             # Converged, or a direction of non-positive curvature (H is not positive definite
             # there, as happens away from a minimum): keep the current iterate from now on.
+            curved = curved | ((pap <= 0) & ~done)
             done = done | (rr <= threshold) | (pap <= 0)
             active = ~done
             step = torch.where(active, rr / torch.where(active, pap, 1), 0)
             torch._foreach_add_(x, torch._foreach_mul(p, step))
+            jl_x = jl_p * step if jl_x is None else jl_x + jl_p * step
             torch._foreach_sub_(r, torch._foreach_mul(ap, step))
-            rr_new = tree_dot(r, r)
+            rr_new = products.dot(r, r)
             beta = torch.where(active, rr_new / torch.where(active, rr, 1), 0)
             p = torch._foreach_add(r, torch._foreach_mul(p, beta))
             rr = torch.where(active, rr_new, rr)
-        return -products.domain_jvp(x)
+        if self.warm_start:
+            # After non-positive curvature the kept v restarts from zero next time.
+            self._warm.keep([torch.where(curved, torch.zeros_like(xi), xi) for xi in x])
+        return -jl_x

@@ -2,38 +2,78 @@
 
 H^-1 ~ alpha * sum_{j=0}^{iters} (I - alpha H)^j, which converges when 0 < alpha < 2/lambda_max(H)
 for a positive definite H (Lorraine et al., 2020, "Optimizing Millions of Hyperparameters by
-Implicit Differentiation"). ``iters`` is the number of Hessian-vector products.
+Implicit Differentiation"). The same vector is the Richardson iteration v <- v + alpha (g - H v)
+run ``iters + 1`` times from v = 0 (the first step, alpha g, needs no product), which is how it is
+computed here: ``iters`` Hessian-vector products.
+
+``warm_start=True`` keeps v between calls and continues the Richardson iteration from it
+(``iters`` products per call), so repeated calls on one problem converge to H^-1 g: amortized
+implicit differentiation (Arbel & Mairal, 2022). ``damping`` solves (H + damping I) v = g
+instead; warm starts accumulate the solve over outer steps, so along near-zero or negative
+curvature (a non-convex inner loss) v can grow where a short cold series never reaches; the
+iteration restarts from zero whenever the kept v makes the residual larger than starting from
+zero would (|g - (H + damping I) v| > |g|).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
-from bilevel.solvers.products import InnerProducts, Reduce, solve_at_params
+from bilevel.solvers.backends import check_products, solve_at_params
+from bilevel.solvers.products import Reduce
+from bilevel.solvers.warm import WarmState
 
 __all__ = ["Neumann"]
 
 
 @dataclass(frozen=True)
 class Neumann:
-    """v = alpha * sum_{j=0}^{iters} (I - alpha H)^j grad M; dM/dw = -J_L v.
+    """v = alpha * sum_{j=0}^{iters} (I - alpha H)^j grad M (cold); dM/dw = -J_L v.
+
+    Args:
+        iters: Hessian-vector products per call.
+        alpha: step size of the series (< 2 / lambda_max(H)).
+        damping: solve (H + damping I) v = grad M.
+        warm_start: continue from the last call's v (see the module doc); :meth:`reset`.
+        products: ``"autograd"`` or ``"finite_difference"``.
+        fd_step: relative finite-difference step (``None``: from the dtype).
 
     ``params`` should be (close to) the inner solution theta*(w).
     """
 
     iters: int = 20
     alpha: float = 0.1
+    damping: float = 0.0
+    warm_start: bool = False
+    products: str = "autograd"
+    fd_step: float | None = None
     name: str = "neumann"
+    _warm: WarmState = field(default_factory=WarmState, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.iters, int) or self.iters < 0:
             raise ValueError(f"neumann: iters must be an integer >= 0, got {self.iters!r}")
+        if self.warm_start and self.iters < 1:
+            raise ValueError("neumann: warm_start needs iters >= 1")
         if not self.alpha > 0:
             raise ValueError(f"neumann: alpha must be > 0, got {self.alpha!r}")
+        if not self.damping >= 0:
+            raise ValueError(f"neumann: damping must be >= 0, got {self.damping!r}")
+        check_products(self.name, self.products, self.fd_step)
+
+    def reset(self) -> None:
+        """Forget the kept solution: the next call starts cold."""
+        self._warm.reset()
+
+    def state_dict(self) -> dict:
+        return self._warm.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._warm.load_state_dict(state)
 
     def domain_grad(
         self,
@@ -43,16 +83,36 @@ class Neumann:
         w: Tensor,
         inner_lr: float,
         reduce: Reduce | None = None,
+        hessian_loss: PerDomainLoss | None = None,
     ) -> Tensor:
-        return solve_at_params(self, per_domain_loss, outer_loss, params, w, inner_lr, reduce)
+        return solve_at_params(
+            self, per_domain_loss, outer_loss, params, w, inner_lr, reduce, hessian_loss
+        )
 
-    def solve(self, products: InnerProducts, g_outer: list[Tensor], inner_lr: float) -> Tensor:
-        """dM/dw given the inner products and grad M (``inner_lr`` is not used)."""
-        term = [g.detach() for g in g_outer]
-        total = [t.clone() for t in term]
-        for _ in range(self.iters):
-            h = products.hvp(term)
-            term = torch._foreach_add(term, h, alpha=-self.alpha)
-            torch._foreach_add_(total, term)
-        torch._foreach_mul_(total, self.alpha)
-        return -products.domain_jvp(total)
+    def _apply(self, products, u: list[Tensor]) -> list[Tensor]:
+        hu = products.hvp(u)
+        return torch._foreach_add(hu, u, alpha=self.damping) if self.damping else hu
+
+    def solve(self, products, g_outer: list[Tensor], inner_lr: float) -> Tensor:
+        """dM/dw given the products and grad M (``inner_lr`` is not used)."""
+        g = [t.detach() for t in g_outer]
+        start = self._warm.start(g) if self.warm_start else None
+        steps = self.iters
+        if start is None:  # the first Richardson step from zero needs no product
+            v = torch._foreach_mul(g, self.alpha)
+        else:
+            v = [t.clone() for t in start]
+            residual = torch._foreach_sub(g, self._apply(products, v))
+            # Restart from zero where the kept v is worse than nothing (|r| > |g|): the
+            # curvature turned, or v grew along a direction the problem no longer supports.
+            worse = products.dot(residual, residual) > products.dot(g, g)
+            torch._foreach_mul_(v, (~worse).to(g[0].dtype))
+            residual = [torch.where(worse, gi, ri) for gi, ri in zip(g, residual)]
+            torch._foreach_add_(v, torch._foreach_mul(residual, self.alpha))
+            steps -= 1
+        for _ in range(steps):
+            residual = torch._foreach_sub(g, self._apply(products, v))
+            torch._foreach_add_(v, torch._foreach_mul(residual, self.alpha))
+        if self.warm_start:
+            self._warm.keep(v)
+        return -products.domain_jvp(v)

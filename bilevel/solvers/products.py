@@ -34,7 +34,6 @@ __all__ = [
     "grad_outer",
     "leaves",
     "poison_nonfinite",
-    "solve_at_params",
     "tree_dot",
 ]
 
@@ -180,6 +179,10 @@ class InnerProducts:
         )
         return list(grads)
 
+    def dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+        """<a, b> over parameter-shaped lists (replicated on every rank: no reduction)."""
+        return tree_dot(a, b)
+
     def hvp(self, u: Sequence[Tensor]) -> TensorList:
         """H u with H = d^2 F / d theta^2 at (theta, w)."""
         return self.reduce(self._backward(u, self.theta))
@@ -189,19 +192,11 @@ class InnerProducts:
         local = poison_nonfinite(self._backward(v, [self.w])[0], self.losses)
         return self.reduce([local])[0]
 
-
-def solve_at_params(
-    solver,
-    per_domain_loss: PerDomainLoss,
-    outer_loss: OuterLoss,
-    params: Params,
-    w: Tensor,
-    inner_lr: float,
-    reduce: Reduce | None = None,
-) -> Tensor:
-    """``solver.solve`` on a fresh gradient graph at ``params``: how the implicit solvers answer
-    :func:`bilevel.hypergradient` (the trainer instead hands them its last inner step's graph)."""
-    names, theta = leaves(params)
-    g_outer = grad_outer(outer_loss, names, theta, reduce)
-    products = InnerProducts.at(per_domain_loss, names, theta, w, reduce)
-    return solver.solve(products, g_outer, inner_lr)
+    def hvp_jvp(self, u: Sequence[Tensor]) -> tuple[TensorList, Tensor]:
+        """(H u, J_L u) from ONE backward pass over the kept graph: the gradient of
+        <grad_theta F, u> with respect to theta is H u, with respect to w it is J_L u. Solvers
+        that need J_L of a sum of directions (CG) accumulate it from these by-products."""
+        *hu, jl = self._backward(u, [*self.theta, self.w])
+        jl = poison_nonfinite(jl, self.losses)
+        out = self.reduce([*hu, jl])
+        return list(out[:-1]), out[-1]

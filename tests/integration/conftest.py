@@ -17,7 +17,7 @@ def run_cli(tmp_path):
         with initialize_config_dir(config_dir(), version_base="1.3"):
             cfg = compose("config", overrides=["trainer.progress=false", *overrides])
         with contextlib.redirect_stdout(io.StringIO()):
-            summary = run(cfg, output_dir=out)
+            summary = run(cfg, output_dir=out, overrides=list(overrides))
         return summary, out
 
     return _run

@@ -1,0 +1,66 @@
+"""The outer-method protocol: what turns one window of inner steps into an outer update.
+
+The trainer runs windows of ``trainer.outer_every`` inner steps. A method owns its window: it
+calls :class:`~bilevel.inner_loop.InnerLoop` for batches, inner steps, meta gradients and
+hypergradient products, and hands back an :class:`OuterUpdate`: a gradient for the outer
+optimizer, or new weight values. The trainer applies it (chain rule through the
+parametrization, on-device skipping of non-finite updates, logging, checkpoints) and never
+branches on the method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bilevel.inner_loop import InnerLoop
+
+__all__ = ["OuterMethod", "OuterUpdate"]
+
+
+@dataclass
+class OuterUpdate:
+    """What a window hands back.
+
+    Attributes:
+        grad: dM/dw, the gradient with respect to the weight VALUES (``[K]``, or the outer
+            variables' coefficients); the trainer chains it through the parametrization and
+            steps the outer optimizer.
+        values: new weight values ``[K]`` (methods that set the weights directly: bandits).
+        found: 0-d flag, nonzero to skip the update (non-finite); ``None``: the trainer checks
+            ``grad`` / ``values`` itself.
+    """
+
+    grad: Tensor | None = None
+    values: Tensor | None = None
+    found: Tensor | None = None
+
+
+@runtime_checkable
+class OuterMethod(Protocol):
+    """One way of moving the domain weights. ``solver=<name>`` picks one.
+
+    Attributes:
+        name: recorded in ``summary.json``.
+        uses_meta: whether the method reads the meta set (ODM and loss-based reweighting
+            do not).
+    """
+
+    name: str
+    uses_meta: bool
+
+    def setup(self, loop: InnerLoop) -> list[str]:
+        """Check the combination (raise :class:`~bilevel.errors.ConfigError`), allocate state;
+        returns notes for the run's first lines."""
+        ...
+
+    def window(self, loop: InnerLoop, n: int, update: bool) -> OuterUpdate | None:
+        """Run ``n`` inner steps; when ``update``, end with an outer update (else ``None``)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -1,0 +1,158 @@
+"""The hypergradient method: a solver's dM/dw, then the outer optimizer (``first_order``,
+``neumann``, ``cg``, ``sama`` and any user solver).
+
+Where the products come from, cheapest first:
+
+1. **The last inner step's graph** (autograd products, the loss weighted rather than the
+   sampling): the window's last inner step keeps its gradient's graph, at theta_{T-1}, and the
+   solver takes J_L v (and H u) from it, paired with grad M at theta_T after that step. For
+   first_order this is -lr <grad L_k(theta_{T-1}), grad M(theta_T)>, the exact derivative of M
+   through that SGD step; no extra forward pass.
+2. **The module itself** (``products="finite_difference"``, and always under FSDP): H u and J_L v
+   by central differences at theta_T on the window's last batch, perturbing the parameters (or
+   their shards) in place.
+3. **The public API** (:func:`bilevel.hypergradient`) on a fresh batch: for solvers that only
+   have ``domain_grad`` (DoReMi, user solvers), and when the sampler applies the weights (the
+   hypergradient then needs a batch with every domain: a uniform one).
+
+``trainer.hessian_batch=independent`` takes the Hessian-vector products from a second, independent
+batch at the same point: the same-batch estimate is biased (see the README).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bilevel.errors import ConfigError
+from bilevel.functional import trainable_params
+from bilevel.hypergradient import hypergradient
+from bilevel.methods.base import OuterUpdate
+from bilevel.outer import MirrorDescent
+from bilevel.solvers.backends import HessianFrom
+from bilevel.solvers.products import InnerProducts
+from bilevel.solvers.sama import preconditionable
+
+__all__ = ["HypergradientMethod"]
+
+
+class HypergradientMethod:
+    """Any :class:`~bilevel.solvers.base.Solver` as an outer method."""
+
+    uses_meta = True
+
+    def __init__(self, solver: Any) -> None:
+        self.solver = solver
+        self.name = solver.name
+        self.path = "api"
+
+    def setup(self, loop) -> list[str]:
+        cfg, solver = loop.config, self.solver
+        products = getattr(solver, "products", "autograd")
+        has_solve = callable(getattr(solver, "solve", None))
+        notes: list[str] = []
+        if loop.strategy.sharded and (products != "finite_difference" or not has_solve):
+            raise ConfigError(
+                "solver.products",
+                f"trainer.strategy=fsdp shards the parameters, where double backward is not "
+                f"available: use solver.products=finite_difference (solver {self.name!r} has "
+                f"products={products!r})",
+            )
+        if products == "finite_difference" and has_solve:
+            self.path = "module"
+        elif has_solve and not loop.applies_weights:
+            self.path = "graph"
+        else:
+            self.path = "api"
+        if cfg.hessian_batch == "independent" and self.name in ("first_order", "sama"):
+            notes.append(
+                f"trainer.hessian_batch=independent has no effect on {self.name} "
+                "(it uses no Hessian-vector products)"
+            )
+        if getattr(solver, "uses_optimizer", False):
+            loop.keep_last_grads = True
+            if not preconditionable(loop.inner_opt):
+                notes.append(
+                    f"sama cannot precondition {type(loop.inner_opt).__name__} (it knows SGD, "
+                    f"Adam, AdamW): it falls back to the identity times inner_lr="
+                    f"{loop.hyper_lr()}"
+                )
+        return notes
+
+    def _solve(self, loop, products, g_outer) -> Any:
+        kwargs: dict[str, Any] = {}
+        if getattr(self.solver, "uses_optimizer", False):
+            kwargs = dict(
+                optimizer=loop.inner_opt,
+                params=loop.params,
+                last_grads=loop.last_grads,
+                local=loop.strategy.local,
+            )
+        return self.solver.solve(products, g_outer, loop.hyper_lr(), **kwargs)
+
+    def window(self, loop, n: int, update: bool) -> OuterUpdate | None:
+        graph = update and self.path == "graph"
+        for _ in range(n - graph):
+            loop.inner_step(loop.next_batch())
+        if not update:
+            return None
+        independent = loop.config.hessian_batch == "independent"
+        if graph:
+            products = loop.inner_step(loop.next_batch(), keep_graph=True)
+            if independent:
+                other = loop.per_domain_loss(loop.next_batch())
+                hess = InnerProducts.at(
+                    other, loop.param_names, products.theta, products.w, products.reduce
+                )
+                products = HessianFrom(products, hess)
+            grad = self._solve(loop, products, loop.meta_gradient())
+        elif self.path == "module":
+            batch = loop.uniform_batch() if loop.applies_weights else loop.last_batch
+            other = loop.next_batch() if independent else None
+            if other is not None and loop.applies_weights:
+                other = loop.uniform_batch()
+            products = loop.module_products(batch, self.solver.fd_step, other)
+            grad = self._solve(loop, products, loop.meta_gradient())
+        else:
+            grad = self._public_api(loop, independent)
+        return OuterUpdate(grad=grad)
+
+    def _public_api(self, loop, independent: bool):
+        batch = loop.uniform_batch() if loop.applies_weights else loop.last_batch
+        if batch is None:
+            batch = loop.next_batch()
+        other = None
+        if independent:
+            other = loop.per_domain_loss(
+                loop.uniform_batch() if loop.applies_weights else loop.next_batch()
+            )
+        meta = loop.meta_batch()
+        extra: dict[str, Any] = {}
+        if getattr(self.solver, "uses_optimizer", False):
+            extra = dict(optimizer=loop.inner_opt, last_grads=loop.last_grads)
+        grad = hypergradient(
+            self.solver,
+            loop.per_domain_loss(batch),
+            loop.outer_loss_fn(meta),
+            trainable_params(loop.module),
+            loop.weights,
+            loop.hyper_lr(),
+            wrt="values",
+            reduce=loop.strategy.reduce if loop.strategy.world_size > 1 else None,
+            hessian_loss=other,
+            **extra,
+        )
+        return grad
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = getattr(self.solver, "state_dict", None)
+        return {"solver": state_dict()} if callable(state_dict) else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "solver" in state and callable(getattr(self.solver, "load_state_dict", None)):
+            self.solver.load_state_dict(state["solver"])
+
+
+def wants_values(outer_opt) -> bool:
+    """Whether the outer optimizer steps on dM/dw itself (mirror descent) rather than on the
+    logits' gradient."""
+    return isinstance(outer_opt, MirrorDescent)

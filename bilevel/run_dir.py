@@ -1,0 +1,84 @@
+"""Which folders the library may write into.
+
+A run directory is *ours* when it holds the marker file ``.bilevel-run.json``, written when the
+library first claims the folder. The library writes only into folders that are ours, or that it
+may make ours: a new or empty folder, or one that holds nothing but Hydra's own files (``.hydra/``
+and its log). Anything else is refused with one line, so a mistyped ``hydra.run.dir`` or a
+checkpoint kept in some other folder never costs the user a file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from bilevel.errors import ConfigError
+
+__all__ = ["MARKER", "claim", "is_run_dir", "resolve_resume"]
+
+MARKER = ".bilevel-run.json"
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a run directory the library created."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("bilevel_run") is True
+    except (OSError, ValueError):
+        return False
+
+
+def _hydra_only(path: Path) -> bool:
+    return all(p.name == ".hydra" or p.suffix == ".log" for p in path.iterdir())
+
+
+def claim(path: str | Path) -> Path:
+    """Make ``path`` a run directory of ours, or raise :class:`ConfigError` if it holds files the
+    library did not write. Returns the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError("run directory", f"{path} is a file, not a directory")
+    if path.is_dir() and not is_run_dir(path) and not _hydra_only(path):
+        raise ConfigError(
+            "run directory",
+            f"{path} holds files that bilevel did not write; it writes only into new or empty "
+            "directories or its own run directories: choose another (hydra.run.dir=...)",
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    if not is_run_dir(path):
+        (path / MARKER).write_text(
+            json.dumps({"bilevel_run": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        )
+    return path
+
+
+def resolve_resume(path: str | Path) -> tuple[Path, Path | None]:
+    """``(checkpoint file, run directory to continue in)`` for ``resume=path``.
+
+    ``path`` is a run directory of ours (continue in it), or a checkpoint file: inside a run
+    directory of ours (``<run>/checkpoints/last.pt``: continue in that run), or anywhere else
+    (its folder is not ours: the run continues in a new directory, ``None``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("resume", f"{path} does not exist")
+    if path.is_dir():
+        if not is_run_dir(path):
+            raise ConfigError(
+                "resume",
+                f"{path} is not a bilevel run directory (no {MARKER}); give a run directory "
+                "that bilevel created, or a checkpoint file",
+            )
+        file = path / "checkpoints" / "last.pt"
+        if not file.is_file():
+            raise ConfigError(
+                "resume", f"no checkpoint at {file} (expected <run dir>/checkpoints/last.pt)"
+            )
+        return file, path
+    run = path.parent.parent
+    if path.parent.name == "checkpoints" and is_run_dir(run):
+        return path, run
+    return path, None

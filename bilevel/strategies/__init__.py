@@ -1,0 +1,33 @@
+"""How a run is laid out across processes: ``ddp`` (replicated; one process without torchrun)
+and ``fsdp`` (FSDP2 sharding), both behind :class:`~bilevel.strategies.base.Strategy`."""
+
+from __future__ import annotations
+
+import torch
+
+from bilevel.distributed import DistContext
+from bilevel.errors import ConfigError
+from bilevel.strategies.base import Strategy
+from bilevel.strategies.ddp import DDPStrategy
+from bilevel.strategies.fsdp import FSDPStrategy
+
+__all__ = ["STRATEGIES", "DDPStrategy", "FSDPStrategy", "Strategy", "build_strategy"]
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def build_strategy(
+    name: str, dist: DistContext, device: torch.device, precision: str = "fp32"
+) -> Strategy:
+    """The strategy ``name`` for this process; ``fsdp`` needs torchrun with >= 2 ranks."""
+    if name == "ddp":
+        return DDPStrategy(dist, device)
+    if name == "fsdp":
+        if not dist.enabled:
+            raise ConfigError(
+                "trainer.strategy",
+                "fsdp shards the model over processes: launch with torchrun "
+                "--nproc_per_node=N (N >= 2), or use trainer.strategy=ddp",
+            )
+        return FSDPStrategy(dist, device, precision)
+    raise ConfigError("trainer.strategy", f"unknown strategy {name!r}; valid: ddp, fsdp")
