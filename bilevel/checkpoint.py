@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +48,31 @@ def load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # the unpickler's protocol notes are noise here
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise ConfigError("resume", f"no checkpoint at {path}") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same input error
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            "resume", f"{path} is not a readable bilevel checkpoint ({reason[:160]})"
+            "resume", f"{path} is not a readable bilevel checkpoint ({_why(err, path)})"
         ) from None
     if not isinstance(state, dict) or "step" not in state:
         raise ConfigError("resume", f"{path} is not a bilevel checkpoint (no step recorded)")
     return state
+
+
+def _why(err: BaseException, path: Path) -> str:
+    """A short reason why ``torch.load`` could not read ``path``."""
+    text = str(err)
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, EOFError) or "central directory" in text or "PytorchStreamReader" in text:
+        return "the file is truncated or is not a torch.save archive"
+    if "Weights only load failed" in text or "Unpickl" in type(err).__name__:
+        return "it is not a file written by torch.save of tensors and plain containers"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first[:160]
 
 
 def load_plain(path: str | os.PathLike) -> Any:

@@ -322,11 +322,22 @@ def resumed_config(
     if not saved:  # a checkpoint from before configs were saved: trust the command line
         log.warning("the checkpoint holds no saved config: using this command's config as is")
         return current
+    from hydra.errors import HydraException
+
     old_overrides = list(state.get("overrides") or [])
     before = _flatten(_compose(old_overrides))
-    after = _flatten(_compose([*old_overrides, *new_overrides]))
-    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    refused = [k for k in changed if not _harmless(k)]
+    try:
+        after = _flatten(_compose([*old_overrides, *new_overrides]))
+    except HydraException:
+        # the new overrides do not even compose with the run's own (e.g. another solver
+        # whose keys differ): every one that is not harmless changes what is trained
+        after = None
+    if after is None:
+        refused = [o for o in new_overrides if not _harmless(o.lstrip("+~").split("=")[0])]
+        changed = []
+    else:
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        refused = [k for k in changed if not _harmless(k)]
     if refused:
         shown = ", ".join(refused[:8]) + (" ..." if len(refused) > 8 else "")
         raise ConfigError(

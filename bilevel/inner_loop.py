@@ -278,6 +278,8 @@ class InnerLoop:
             )
             for p in live:
                 p.grad = None
+            # The optimizer did step (through its functional kernel): tell the scheduler so.
+            self.inner_opt._opt_called = True
         else:
             guarded_step(self.inner_opt, found)
         if self.scheduler is not None:

@@ -86,6 +86,7 @@ class UnrolledMethod:
             objective = loop.weighted(losses, w)
             loop.last_lr = loop.current_lr()
             current = sgd_step(objective, current, loop.last_lr)
+            loop.inner_opt._opt_called = True  # the step is taken here, not by opt.step()
             if loop.scheduler is not None:
                 loop.scheduler.step()
             objectives.append(objective)

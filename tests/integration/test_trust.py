@@ -1,0 +1,575 @@
+"""Trust at the edges: no silent wrong result (float64, schedulers, small batches, NaN meta
+sets, the H batch), and one line for every mistake."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bilevel
+from bilevel import BilevelTrainer, DomainWeights, TrainerConfig
+from bilevel.data import DomainData, noisy_domains
+from bilevel.errors import ConfigError, NonFiniteError
+from bilevel.logging import read_jsonl
+from bilevel.losses import cross_entropy, per_example_cross_entropy
+from bilevel.models import MLP
+from bilevel.solvers import build
+from tests.integration.helpers import cli, read_summary
+
+SOLVERS = {
+    "first_order": {},
+    "unrolled": {"steps": 2},
+    "neumann": {"iters": 3},
+    "cg": {"iters": 3},
+    "sama": {},
+    "cg-warm": {"iters": 1, "warm_start": True},
+    "first_order-fd": {"products": "finite_difference"},
+    "cg-fd": {"iters": 2, "products": "finite_difference"},
+}
+
+
+def float64_data():
+    data = noisy_domains(per_domain=64, meta_size=32, test_size=64, seed=0)
+    for columns in (data.train, data.meta, data.test):
+        columns["x"] = columns["x"].double()
+    return data
+
+
+def own_inner(output, batch):  # a user's own losses, in whatever dtype the model computes
+    return ((output - F.one_hot(batch["y"], output.shape[-1]).to(output.dtype)) ** 2).sum(1)
+
+
+def own_outer(output, batch):
+    return F.cross_entropy(output, batch["y"])
+
+
+@pytest.mark.parametrize("key", list(SOLVERS))
+def test_every_solver_trains_a_float64_model_in_float64(key):
+    name = key.split("-")[0]
+    data = float64_data()
+    torch.manual_seed(0)
+    model = MLP(**data.model_kwargs, hidden=8).double()
+    weights = DomainWeights(data.names, dtype=torch.float64)
+    trainer = BilevelTrainer(
+        model,
+        weights,
+        build(name, **SOLVERS[key]),
+        own_inner,
+        own_outer,
+        data,
+        TrainerConfig(steps=10, outer_every=5, batch_size=16, progress=False, log_every=5),
+    )
+    grads = []
+    original = trainer._apply
+    trainer._apply = lambda update: (grads.append(update.grad), original(update))[1]
+    summary = trainer.fit()
+    assert summary["skipped_steps"] == 0
+    assert grads and all(g.dtype == torch.float64 for g in grads)
+    assert trainer.weights.logits.dtype == torch.float64
+
+
+def test_float64_model_with_default_float32_weights_promotes():
+    data = float64_data()
+    model = MLP(**data.model_kwargs, hidden=8).double()
+    trainer = BilevelTrainer(
+        model,
+        DomainWeights(data.names),  # float32 logits
+        build("cg", iters=2),
+        per_example_cross_entropy,
+        cross_entropy,
+        data,
+        TrainerConfig(steps=5, outer_every=5, batch_size=16, progress=False),
+    )
+    assert trainer.fit()["skipped_steps"] == 0
+
+
+# -- one meaning for inner_lr; the scheduler stepped in every path ------------------------------
+
+
+def scheduled(solver, inner_lr=None, steps=10):
+    torch.manual_seed(0)
+    data = noisy_domains(per_domain=64, meta_size=32, test_size=64, seed=0)
+    model = MLP(**data.model_kwargs, hidden=8)
+    trainer = BilevelTrainer(
+        model,
+        DomainWeights(data.names),
+        build(solver, **({"steps": 2} if solver == "unrolled" else {})),
+        per_example_cross_entropy,
+        cross_entropy,
+        data,
+        TrainerConfig(steps=steps, outer_every=5, batch_size=16, progress=False, inner_lr=inner_lr),
+        inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.2),
+        inner_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9),
+    )
+    return trainer
+
+
+@pytest.mark.parametrize("solver", ["first_order", "unrolled", "cg"])
+def test_the_scheduler_steps_once_per_inner_step_in_every_path(solver):
+    trainer = scheduled(solver)
+    trainer.fit()
+    assert trainer.inner_opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.9**10)
+
+
+def test_inner_lr_never_changes_how_unrolled_trains():
+    a, b = scheduled("unrolled"), scheduled("unrolled", inner_lr=0.05)
+    assert b.notes and "not used by unrolled" in b.notes[0]
+    sa, sb = a.fit(), b.fit()
+    assert sa["weights"] == sb["weights"]
+    for p, q in zip(a.module.parameters(), b.module.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_inner_lr_is_only_the_step_the_hypergradient_assumes():
+    a, b = scheduled("first_order"), scheduled("first_order", inner_lr=0.05)
+    a.config.learn_weights = b.config.learn_weights = False  # same training, if lr unused
+    a.fit(), b.fit()
+    for p, q in zip(a.module.parameters(), b.module.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_first_order_uses_the_lr_of_the_step_it_differentiates():
+    # with a decaying lr, the kept-graph first_order gradient is -lr_t <grad L_k, grad M>,
+    # lr_t the lr of the step actually taken (not the next step's)
+    trainer = scheduled("first_order", steps=5)
+    lrs = []
+    original = trainer.method._solve
+
+    def spy(loop, products, g):
+        lrs.append(loop.hyper_lr())
+        return original(loop, products, g)
+
+    trainer.method._solve = spy
+    trainer.step_window()
+    assert lrs == [pytest.approx(0.2 * 0.9**4)]
+
+
+# -- small batches ------------------------------------------------------------------------------
+
+
+def test_batch_smaller_than_k_learns_every_domain_and_says_so(run_cli):
+    summary, out = run_cli("experiment=tiny", "trainer.batch_size=2", "trainer.steps=200")
+    weights = summary["weights"]
+    assert all(abs(v - 0.25) > 1e-4 for v in weights.values()), weights  # every one moved
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if "domain_loss" in r]
+    seen = {n for r in records for n, v in r["domain_loss"].items() if v > 0}
+    assert seen == set(weights)
+
+
+def test_batch_smaller_than_k_note_in_the_first_lines(tmp_path):
+    proc = cli("experiment=tiny", "trainer.batch_size=2", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[:3]
+    assert any("trainer.batch_size=2" in line and "fewer than one row" in line for line in first)
+
+
+def test_size_sampling_does_not_starve_a_small_domain(run_cli, tmp_path):
+    (tmp_path / "skewed.py").write_text(
+        "from bilevel.data import noisy_domains\n"
+        "from bilevel.data.columns import take\n"
+        "import torch\n"
+        "def skewed(**kw):\n"
+        "    d = noisy_domains(**kw)\n"
+        "    keep = torch.cat([torch.arange(0, 1000), torch.arange(1000, 2000),\n"
+        "                      torch.arange(2000, 2010)])\n"
+        "    d.names = d.names[:3]\n"
+        "    d.train = take(d.train, keep)\n"
+        "    d.info = {}\n"
+        "    return d\n"
+    )
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        summary, out = run_cli(
+            "experiment=tiny",
+            "data._target_=skewed.skewed",
+            "data.per_domain=1000",
+            "data.names=[a,b,c,d]",
+            "data.label_noise=[0,0,0,0]",
+            "trainer.sampling=size",
+            "trainer.batch_size=64",
+            "trainer.steps=100",
+            "trainer.log_every=5",
+        )
+    finally:
+        sys.path.remove(str(tmp_path))
+    losses = [
+        r["domain_loss"]["c"] for r in read_jsonl(out / "metrics.jsonl") if "domain_loss" in r
+    ]
+    assert any(v > 0 for v in losses)  # drawn (about 1 row in 3 batches), never starved
+    assert summary["weights"]["c"] != pytest.approx(1 / 3, abs=1e-6)
+
+
+# -- NaN in the meta set --------------------------------------------------------------------------
+
+
+def test_nan_in_the_meta_set_is_refused_at_start():
+    data = noisy_domains(per_domain=16, meta_size=8, test_size=8)
+    data.meta["x"][3, 2] = torch.nan
+    with pytest.raises(ConfigError, match="data.meta.*non-finite"):
+        data.validate()
+
+
+def nan_meta_trainer(tmp_path, steps=20, max_skipped=20):
+    data = noisy_domains(per_domain=32, meta_size=8, test_size=8)
+    model = MLP(**data.model_kwargs, hidden=8)
+
+    def nan_outer(output, batch):
+        return F.cross_entropy(output, batch["y"]) * torch.nan
+
+    return BilevelTrainer(
+        model,
+        DomainWeights(data.names),
+        build("first_order"),
+        per_example_cross_entropy,
+        nan_outer,
+        data,
+        TrainerConfig(
+            steps=steps,
+            outer_every=5,
+            batch_size=16,
+            progress=False,
+            log_every=5,
+            max_skipped=max_skipped,
+        ),
+        run_dir=tmp_path / "run",
+    )
+
+
+def test_a_run_whose_outer_updates_are_all_skipped_stops(tmp_path):
+    # 4 outer updates, all skipped, fewer than max_skipped: the end of the run catches it
+    trainer = nan_meta_trainer(tmp_path, steps=20, max_skipped=20)
+    with pytest.raises(NonFiniteError, match="meta loss is not finite"):
+        trainer.fit()
+    assert trainer.loop.skips.totals()["skipped_inner"] == 0
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_consecutive_outer_skips_stop_even_while_inner_steps_succeed(tmp_path):
+    trainer = nan_meta_trainer(tmp_path, steps=500, max_skipped=3)
+    with pytest.raises(NonFiniteError, match="3 consecutive outer updates"):
+        trainer.fit()
+    assert trainer.step < 500
+
+
+def test_nan_meta_loss_exits_3_from_the_cli(tmp_path):
+    (tmp_path / "nanmeta.py").write_text(
+        "import torch, torch.nn.functional as F\n"
+        "def loss(output, batch):\n"
+        "    return F.cross_entropy(output, batch['y']) * torch.nan\n"
+    )
+    proc = cli(
+        "experiment=tiny",
+        "outer_loss._target_=nanmeta.loss",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "meta loss is not finite" in lines[0]
+
+
+# -- the Hessian from an independent batch ---------------------------------------------------------
+
+
+def test_hessian_loss_takes_h_from_the_other_batch():
+    torch.manual_seed(0)
+    d, k = 5, 3
+    xs = [torch.randn(20, d, dtype=torch.float64) for _ in range(2)]
+    ys = [torch.randn(20, dtype=torch.float64) for _ in range(2)]
+    dom = torch.arange(20) % k
+    xm, ym = torch.randn(9, d, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+
+    def per_domain(x, y):
+        def f(p):
+            err = 0.5 * (x @ p["t"] - y) ** 2 + 0.1 * (p["t"] ** 2).sum()
+            return torch.zeros(k, dtype=err.dtype).index_add(0, dom, err) / torch.bincount(
+                dom, minlength=k
+            )
+
+        return f
+
+    meta = lambda p: 0.5 * ((xm @ p["t"] - ym) ** 2).mean()  # noqa: E731
+    w = DomainWeights(["a", "b", "c"], init=[0.5, 0.3, 0.2], dtype=torch.float64)
+    theta = {"t": torch.randn(d, dtype=torch.float64)}
+    got = bilevel.hypergradient(
+        build("cg", iters=50, tol=1e-14),
+        per_domain(xs[0], ys[0]),
+        meta,
+        theta,
+        w,
+        wrt="values",
+        hessian_loss=per_domain(xs[1], ys[1]),
+    )
+    wv = w.value().detach()
+    flat = theta["t"]
+    jac = torch.autograd.functional.jacobian(lambda t: per_domain(xs[0], ys[0])({"t": t}), flat)
+    hess = torch.autograd.functional.hessian(
+        lambda t: wv @ per_domain(xs[1], ys[1])({"t": t}), flat
+    )
+    g_meta = torch.autograd.functional.jacobian(lambda t: meta({"t": t}), flat)
+    torch.testing.assert_close(got, -(jac @ torch.linalg.solve(hess, g_meta)))
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+def test_trainer_runs_with_an_independent_hessian_batch(run_cli, solver):
+    summary, _ = run_cli("experiment=tiny", f"solver={solver}", "trainer.hessian_batch=independent")
+    assert summary["skipped_steps"] == 0
+
+
+# -- one clear line for every mistake --------------------------------------------------------
+
+
+BAD = [
+    (["seed=abc"], "seed"),
+    (["device=gpu"], "device"),
+    (["trainer.inner_optimizer.lr=-0.1"], "trainer.inner_optimizer"),
+    (["trainer.outer_optimizer.lr=-1"], "trainer.outer_optimizer"),
+    (["outer_loss._target_=bilevel.losses.no_such_loss"], "outer_loss"),
+    (["inner_loss._target_=bilevel.nope.loss"], "inner_loss"),
+    (["outer_loss._target_=bilevel.losses.per_example_cross_entropy"], "outer_loss"),
+    (["inner_loss._target_=bilevel.losses.cross_entropy"], "inner_loss"),
+    (["solver=doremi"], "solver.reference"),
+    (["trainer.hessian_batch=both"], "trainer.hessian_batch"),
+    (["trainer.sampling=temperature"], "trainer.sampling"),
+    (["trainer.strategy=fsdp"], "trainer.strategy"),
+    (["solver=unrolled", "solver.backend=higher"], "solver.backend"),
+    (["solver.products=symbolic"], "solver"),
+]
+
+
+@pytest.mark.parametrize("args,field", BAD)
+def test_bad_input_is_one_line_exit_2_and_leaves_no_directory(tmp_path, args, field):
+    out = tmp_path / "runs" / "r"
+    proc = cli("experiment=tiny", *args, f"hydra.run.dir={out}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"bilevel: error: {field}"), proc.stderr
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny run (its directory and checkpoint)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    proc = cli("experiment=tiny", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "random", "pickle"])
+def test_unreadable_checkpoint_is_one_line(tmp_path, finished, kind):
+    file = tmp_path / "bad.pt"
+    raw = (finished / "checkpoints" / "last.pt").read_bytes()
+    content = {
+        "empty": b"",
+        "truncated": raw[: len(raw) // 3],
+        "random": bytes(range(256)) * 40,
+        "pickle": __import__("pickle").dumps({"step": 3, "evil": object}),
+    }[kind]
+    file.write_bytes(content)
+    proc = cli("experiment=tiny", f"resume={file}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bilevel: error: resume:"), proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_of_another_model_shape_is_one_line(finished):
+    data = noisy_domains(per_domain=64, meta_size=32, test_size=64)
+    trainer = BilevelTrainer(
+        MLP(**data.model_kwargs, hidden=32),
+        DomainWeights(data.names),
+        build("first_order"),
+        per_example_cross_entropy,
+        cross_entropy,
+        data,
+        TrainerConfig(steps=80, progress=False),
+    )
+    with pytest.raises(ConfigError, match="resume: the checkpoint's model .* does not fit"):
+        trainer.resume(finished)
+
+
+# -- files that are not ours -------------------------------------------------------------------
+
+
+def test_resume_from_a_checkpoint_in_a_foreign_folder_touches_nothing_there(tmp_path, finished):
+    foreign = tmp_path / "some" / "dir"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "metrics.jsonl").write_text("mine\n")
+    (foreign / "summary.json").write_text('{"mine": 1}')
+    (foreign / "sub" / "foo.pt").write_bytes((finished / "checkpoints" / "last.pt").read_bytes())
+    before = {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file()}
+    new = tmp_path / "new"
+    proc = cli(f"resume={foreign / 'sub' / 'foo.pt'}", "trainer.steps=60", f"hydra.run.dir={new}")
+    assert proc.returncode == 0, proc.stderr
+    assert {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file()} == before
+    assert read_summary(new)["steps"] == 60 and read_summary(new)["resumed_from"]
+
+
+def test_a_run_directory_with_foreign_files_is_refused(tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    proc = cli("experiment=tiny", f"hydra.run.dir={target}")
+    assert proc.returncode == 2 and "bilevel: error: run directory" in proc.stderr
+    assert sorted(p.name for p in target.iterdir()) == [".hydra", "cli.log", "notes.txt"] or (
+        sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    )
+    assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_resume_alone_restores_the_saved_config_and_refuses_changes(tmp_path):
+    run = tmp_path / "run"
+    proc = cli(
+        "experiment=tiny", "solver=cg", "solver.iters=3", "trainer.steps=20", f"hydra.run.dir={run}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    for bad, names in [
+        (["solver=first_order"], "solver"),
+        (["solver.iters=4"], "solver.iters"),
+        (["model.hidden=[8]"], "model.hidden"),
+        (["trainer/inner_optimizer=adam"], "trainer"),
+        (["weights.parametrization=exp"], "weights.parametrization"),
+        (["trainer.steps=10"], "trainer.steps"),
+    ]:
+        proc = cli(f"resume={run}", *bad)
+        assert proc.returncode == 2, (bad, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and names in lines[0], (bad, proc.stderr)
+    proc = cli(f"resume={run}", "trainer.steps=40", "trainer.log_every=5")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith("continuing run directory")
+    summary = read_summary(run)
+    assert summary["steps"] == 40 and summary["solver"] == "cg"
+    assert summary["solver_options"]["iters"] == 3
+    assert not (tmp_path / "runs").exists()
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "weights" in r]
+    assert steps == sorted(steps) and steps[-1] == 40
+
+
+def test_checkpoint_is_written_in_the_first_window(tmp_path):
+    from bilevel import checkpoint
+
+    data = noisy_domains(per_domain=64, meta_size=32, test_size=64)
+    trainer = BilevelTrainer(
+        MLP(**data.model_kwargs, hidden=8),
+        DomainWeights(data.names),
+        build("first_order"),
+        per_example_cross_entropy,
+        cross_entropy,
+        data,
+        TrainerConfig(steps=10_000, outer_every=5, checkpoint_every=1000, progress=False),
+        run_dir=tmp_path / "run",
+    )
+    trainer.step_window = _stop_after(trainer.step_window, 2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 5
+
+
+def _stop_after(fn, n):
+    calls = {"n": 0}
+
+    def wrapped():
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt
+        fn()
+
+    return wrapped
+
+
+def test_checkpoints_hold_the_trainable_part_and_a_base_fingerprint(tmp_path):
+    from bilevel import checkpoint
+
+    class Frozen(nn.Module):
+        def __init__(self, scale=1.0):
+            super().__init__()
+            self.base = nn.Linear(16, 64)
+            self.base.weight.data *= scale
+            self.base.requires_grad_(False)
+            self.head = nn.Linear(64, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.base(x)))
+
+    data = noisy_domains(per_domain=64, meta_size=32, test_size=64)
+
+    def trainer(model, run_dir):
+        return BilevelTrainer(
+            model,
+            DomainWeights(data.names),
+            build("first_order"),
+            per_example_cross_entropy,
+            cross_entropy,
+            data,
+            TrainerConfig(steps=10, progress=False),
+            run_dir=run_dir,
+        )
+
+    torch.manual_seed(0)
+    trainer(Frozen(), tmp_path / "a").fit()
+    state = checkpoint.load(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert set(state["model"]) == {"head.weight", "head.bias"}
+    assert state["frozen"]["fingerprint"] and state["frozen"]["parameters"] == 2
+    torch.manual_seed(0)
+    same = trainer(Frozen(), None)
+    same.config.steps = 20
+    same.resume(tmp_path / "a")
+    assert same.step == 10
+    torch.manual_seed(0)
+    other = trainer(Frozen(scale=2.0), None)
+    other.config.steps = 20
+    with pytest.raises(ConfigError, match="another frozen base"):
+        other.resume(tmp_path / "a")
+
+
+def test_summary_records_the_strategy_and_parameter_counts(run_cli):
+    summary, out = run_cli("experiment=tiny")
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["strategy"] == "ddp" and on_disk["world_size"] == 1
+    assert on_disk["parameter_elements"] == on_disk["parameter_elements_per_rank"] > 0
+
+
+def test_data_with_nan_inputs_is_one_line(tmp_path):
+    (tmp_path / "nandata.py").write_text(
+        "import torch\n"
+        "from bilevel.data import noisy_domains\n"
+        "def build(**kw):\n"
+        "    d = noisy_domains(**kw)\n"
+        "    d.meta['x'][0, 0] = float('nan')\n"
+        "    return d\n"
+    )
+    proc = cli(
+        "experiment=tiny",
+        "data._target_=nandata.build",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.returncode == 2 and "bilevel: error: data.meta" in proc.stderr, proc.stderr
+
+
+def test_domain_data_from_plain_tensors_float64_end_to_end():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    data = DomainData(
+        names=["a", "b", "c"],
+        train={"x": x, "y": y, "domain": torch.arange(60) % 3},
+        meta={"x": x[:10], "y": y[:10]},
+    )
+    model = nn.Linear(3, 2).double()
+    trainer = BilevelTrainer(
+        model,
+        DomainWeights(data.names, dtype=torch.float64),
+        build("neumann", iters=2),
+        per_example_cross_entropy,
+        cross_entropy,
+        data,
+        TrainerConfig(steps=10, batch_size=9, progress=False),
+    )
+    assert trainer.fit()["steps"] == 10
