@@ -463,7 +463,9 @@ _STARTED = time.time()
 
 
 def _fail(message: str, code: int) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Print ``message`` (on rank 0 only: every rank meets the same error) and exit."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
     sys.exit(code)
 
 

@@ -69,6 +69,14 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of rank ``src`` on every rank (a collective: all ranks call)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -99,6 +99,11 @@ class InnerLoop:
         self.plain_sgd = (
             is_plain_sgd(self.inner_opt) and len(self.inner_opt.param_groups) == 1 and fused
         )
+        if strategy.sharded and isinstance(self.inner_opt, torch.optim.SGD):
+            # torch's fused SGD kernel has no rule for sharded tensors; plain SGD steps still
+            # run fused on the local shards (below), other SGD steps use the foreach kernel
+            for group in self.inner_opt.param_groups:
+                group["fused"] = False
         self.scheduler = inner_scheduler(self.inner_opt) if inner_scheduler else None
         self.train_sampler = DomainSampler(
             to_device(data.train, device),

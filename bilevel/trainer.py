@@ -115,6 +115,8 @@ class BilevelTrainer:
                 f"domain names {weights.names} do not match the data's {data.names}",
             )
         self.device = torch.device(device) if device else next(model.parameters()).device
+        if self.config.strategy == "fsdp":
+            check_fsdp_solver(solver)
         dist = dist or DistContext()
         if strategy is None:
             strategy = (
@@ -137,6 +139,8 @@ class BilevelTrainer:
         self.inner_loss, self.outer_loss = inner_loss, outer_loss
         self.data = data
         self.seed = seed
+        # every rank writes where rank 0 does (its shards, under fsdp)
+        run_dir = strategy.broadcast_object(str(run_dir) if run_dir is not None else None)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.wandb = wandb if strategy.is_main else None
         self.run_config = run_config or {}
@@ -619,6 +623,26 @@ class BilevelTrainer:
         if self.run_dir is not None:
             self.strategy.save(state, self.run_dir / "checkpoints")
         self._last_checkpoint = time.monotonic()
+
+
+def check_fsdp_solver(solver: Any) -> None:
+    """FSDP needs forward/backward-only products: refuse what cannot run sharded."""
+    from bilevel.solvers.unrolled import Unrolled
+
+    if isinstance(solver, Unrolled):
+        raise ConfigError(
+            "solver",
+            "unrolled differentiates through the inner steps (double backward), which sharded "
+            "parameters do not allow: under trainer.strategy=fsdp use first_order, sama, "
+            "neumann or cg with solver.products=finite_difference",
+        )
+    products = getattr(solver, "products", None)
+    if products is not None and products != "finite_difference":
+        raise ConfigError(
+            "solver.products",
+            f"trainer.strategy=fsdp shards the parameters, where double backward is not "
+            f"available: use solver.products=finite_difference (got {products!r})",
+        )
 
 
 def _checkpoint_keys(module: nn.Module) -> tuple[set[str], dict[str, Any]]:

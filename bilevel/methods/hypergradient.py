@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from bilevel.errors import ConfigError
 from bilevel.functional import trainable_params
 from bilevel.hypergradient import hypergradient
@@ -33,6 +35,8 @@ from bilevel.solvers.products import InnerProducts
 from bilevel.solvers.sama import preconditionable
 
 __all__ = ["HypergradientMethod"]
+
+_KINKED = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish)
 
 
 class HypergradientMethod:
@@ -68,6 +72,15 @@ class HypergradientMethod:
                 f"trainer.hessian_batch=independent has no effect on {self.name} "
                 "(it uses no Hessian-vector products)"
             )
+        if products == "finite_difference" and self.name in ("cg", "neumann"):
+            kinks = sorted({type(m).__name__ for m in loop.module.modules() if type(m) in _KINKED})
+            if kinks:
+                notes.append(
+                    f"finite-difference Hessian-vector products differentiate gradients, which "
+                    f"jump at the kinks of {', '.join(kinks)}: the products then include those "
+                    "jumps (autograd's do not); prefer a smooth activation (GELU, SiLU, tanh) or "
+                    "solver.products=autograd"
+                )
         if getattr(solver, "uses_optimizer", False):
             loop.keep_last_grads = True
             if not preconditionable(loop.inner_opt):

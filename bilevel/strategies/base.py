@@ -67,6 +67,10 @@ class Strategy(Protocol):
 
     def gather_objects(self, obj: Any) -> list[Any]: ...
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        ...
+
     def barrier(self) -> None: ...
 
     def model_state(self, module: nn.Module, keys: set[str]) -> dict[str, Any]:

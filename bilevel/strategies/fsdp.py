@@ -121,6 +121,9 @@ class FSDPStrategy:
     def gather_objects(self, obj: Any) -> list[Any]:
         return self.dist.gather_objects(obj)
 
+    def broadcast_object(self, obj: Any) -> Any:
+        return self.dist.broadcast_object(obj)
+
     def barrier(self) -> None:
         self.dist.barrier()
 

@@ -80,18 +80,28 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, solver):
     assert weights(killed) == weights(reference)
 
 
-def test_extending_a_finished_run_equals_one_long_run(run_cli, tmp_path):
-    long, _ = run_cli("experiment=tiny", "trainer.steps=40", "solver=cg", out=tmp_path / "long")
-    run_cli("experiment=tiny", "trainer.steps=20", "solver=cg", out=tmp_path / "short")
+@pytest.mark.parametrize(
+    "solver",
+    [
+        ["solver=cg"],
+        # the warm-started solution is part of the checkpoint: the resumed run continues it
+        ["solver=cg", "solver.iters=1", "solver.warm_start=true"],
+        ["solver=neumann", "solver.iters=1", "solver.warm_start=true"],
+    ],
+)
+def test_extending_a_finished_run_equals_one_long_run(run_cli, tmp_path, solver):
+    long, _ = run_cli("experiment=tiny", "trainer.steps=40", *solver, out=tmp_path / "long")
+    run_cli("experiment=tiny", "trainer.steps=20", *solver, out=tmp_path / "short")
     resumed, _ = run_cli(
         "experiment=tiny",
         "trainer.steps=40",
-        "solver=cg",
+        *solver,
         f"resume={tmp_path / 'short'}",
         out=tmp_path / "other",
     )
     assert resumed["weights"] == long["weights"]
     assert resumed["resumed_from"] == str(tmp_path / "short")
+    assert not (tmp_path / "other").exists()  # the run continued in its own directory
 
 
 # -- non-finite guard ---------------------------------------------------------------------------

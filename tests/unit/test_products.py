@@ -1,0 +1,152 @@
+"""Finite-difference products against autograd; exact restore of perturbed parameters; the fused
+H u / J_L u product; warm-started solvers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bilevel
+from bilevel import DomainWeights, make_outer_loss, make_per_domain_loss
+from bilevel.functional import trainable_params
+from bilevel.solvers import build
+from bilevel.solvers.finite_difference import FiniteDifferenceProducts, ModulePoint
+from bilevel.solvers.products import InnerProducts, leaves
+from tests.unit.test_solvers import Ridge
+
+K = 3
+
+
+def mlp_problem(dtype=torch.float64, activation=nn.Tanh, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 12), activation(), nn.Linear(12, 3)).to(dtype)
+    train = {
+        "x": torch.randn(48, 5, generator=g, dtype=dtype),
+        "y": torch.randint(0, 3, (48,), generator=g),
+        "domain": torch.arange(48) % K,
+    }
+    meta = {"x": torch.randn(20, 5, generator=g, dtype=dtype), "y": torch.randint(0, 3, (20,))}
+    weights = DomainWeights(["a", "b", "c"], init=[0.5, 0.3, 0.2], dtype=dtype)
+    per_example = lambda out, b: F.cross_entropy(out, b["y"], reduction="none")  # noqa: E731
+    mean_ce = lambda out, b: F.cross_entropy(out, b["y"])  # noqa: E731
+    per_domain = make_per_domain_loss(model, train, per_example, K)
+    outer = make_outer_loss(model, meta, mean_ce)
+    return model, per_domain, outer, weights
+
+
+SOLVERS = [
+    ("first_order", {}),
+    ("sama", {}),
+    ("neumann", {"iters": 8, "alpha": 0.3}),
+    ("cg", {"iters": 10, "damping": 0.1}),
+    ("cg", {"iters": 3, "damping": 0.1, "warm_start": True}),
+]
+
+
+@pytest.mark.parametrize("name,opts", SOLVERS)
+def test_finite_differences_match_autograd_in_float64(name, opts):
+    model, per_domain, outer, weights = mlp_problem()
+    params = trainable_params(model)
+    exact = bilevel.hypergradient(build(name, **opts), per_domain, outer, params, weights, 0.2)
+    approx = bilevel.hypergradient(
+        build(name, products="finite_difference", **opts), per_domain, outer, params, weights, 0.2
+    )
+    assert ((approx - exact).norm() / exact.norm()).item() <= 1e-6
+
+
+def test_products_agree_and_fused_product_equals_separate_ones():
+    model, per_domain, outer, weights = mlp_problem()
+    names, theta = leaves(trainable_params(model))
+    w = weights.value().detach()
+    u = [torch.randn_like(t) for t in theta]
+    ad = InnerProducts.at(per_domain, names, theta, w)
+    from bilevel.solvers.finite_difference import FunctionalPoint
+
+    fd = FiniteDifferenceProducts(FunctionalPoint(per_domain, names, theta, w))
+    for products in (ad, fd):
+        hu, jl = products.hvp_jvp(u)
+        for a, b in zip(hu, products.hvp(u)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(jl, products.domain_jvp(u), rtol=1e-9, atol=1e-12)
+    for a, b in zip(ad.hvp(u), fd.hvp(u)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(ad.domain_jvp(u), fd.domain_jvp(u), rtol=1e-6, atol=1e-9)
+
+
+def test_module_point_restores_parameters_bit_for_bit():
+    model, per_domain, outer, weights = mlp_problem(torch.float32)
+    params = [p for p in model.parameters()]
+    before = [p.detach().clone() for p in params]
+    w = weights.value().detach().float()
+    x = torch.randn(16, 5)
+
+    def losses_fn():
+        return model(x).pow(2).mean(1)[:K]
+
+    def grad_fn():
+        losses = losses_fn()
+        return list(torch.autograd.grad(torch.dot(w, losses), params)), losses
+
+    products = FiniteDifferenceProducts(ModulePoint(params, losses_fn, grad_fn))
+    direction = [torch.randn_like(p) * 3.7 for p in params]
+    products.hvp(direction)
+    products.domain_jvp(direction)
+    products.hvp_jvp(direction)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)  # bitwise, not approximately
+
+
+def test_finite_difference_step_is_validated():
+    with pytest.raises(ValueError, match="fd_step"):
+        build("cg", products="finite_difference", fd_step=2.0)
+    with pytest.raises(ValueError, match="unknown products"):
+        build("first_order", products="symbolic")
+
+
+# -- warm starts ---------------------------------------------------------------------------------
+
+
+def ridge_call(solver, problem=None):
+    problem = problem or Ridge()
+    w = DomainWeights(["a", "b", "c"], init=[0.5, 0.3, 0.2], dtype=torch.float64)
+    theta = {"theta": problem.solution(w.value().detach())}
+    return bilevel.hypergradient(solver, problem.per_domain, problem.meta, theta, w, 0.1)
+
+
+@pytest.mark.parametrize(
+    "name,opts", [("cg", {}), ("neumann", {"alpha": 0.05}), ("cg", {"damping": 0.2})]
+)
+def test_repeated_warm_calls_converge_to_the_cold_answer(name, opts):
+    problem = Ridge()
+    cold = ridge_call(build(name, iters=400, **opts), problem)
+    warm = build(name, iters=1, warm_start=True, **opts)
+    for _ in range(200):
+        got = ridge_call(warm, problem)
+    assert ((got - cold).norm() / cold.norm()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["cg", "neumann"])
+def test_a_fresh_or_reset_warm_solver_starts_cold(name):
+    problem = Ridge()
+    cold = ridge_call(build(name, iters=1), problem)
+    warm = build(name, iters=1, warm_start=True)
+    first = ridge_call(warm, problem)
+    torch.testing.assert_close(first, cold, rtol=1e-12, atol=0)
+    second = ridge_call(warm, problem)
+    assert not torch.allclose(second, cold)
+    warm.reset()
+    torch.testing.assert_close(ridge_call(warm, problem), cold, rtol=1e-12, atol=0)
+    state = warm.state_dict()
+    other = build(name, iters=1, warm_start=True)
+    other.load_state_dict(state)
+    torch.testing.assert_close(ridge_call(other, problem), ridge_call(warm, problem))
+
+
+def test_warm_cg_forgets_a_solution_that_is_worse_than_zero():
+    problem = Ridge()
+    warm = build("cg", iters=1, warm_start=True)
+    ridge_call(warm, problem)
+    warm._warm.v = [t * -50.0 for t in warm._warm.v]  # a kept v far off: residual > |g|
+    cold = ridge_call(build("cg", iters=1), problem)
+    torch.testing.assert_close(ridge_call(warm, problem), cold)
