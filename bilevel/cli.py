@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -543,9 +544,18 @@ def _resume_args(args: list[str]) -> list[str]:
     return []
 
 
+def quiet_third_parties() -> None:
+    """Silence messages the user cannot act on: alembic's plugin banners (imported by the
+    Optuna sweeper) and transformers' ``is_gradient_checkpointing`` deprecation."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+
+
 def main() -> None:
     """Console entry point. Under torchrun, ranks other than 0 keep Hydra's files out of the run
     directory."""
+    quiet_third_parties()
     args = sys.argv[1:]
     problem = preflight(args)
     if problem is not None:

@@ -23,6 +23,7 @@ __all__ = [
     "forward_batch",
     "trainable_params",
     "make_per_domain_loss",
+    "make_per_example_loss",
     "make_outer_loss",
     "check_per_domain_shape",
 ]
@@ -144,6 +145,19 @@ def make_per_domain_loss(
         return segment_mean(per_example, domain, num_domains, inverse_counts)
 
     return per_domain_loss
+
+
+def make_per_example_loss(
+    model: nn.Module, batch: Batch, loss_fn: Callable[[Any, Batch], Tensor]
+) -> Callable[[Params], Tensor]:
+    """``params -> Tensor[B]``: ``loss_fn(model(x), batch)`` per example (half precision is
+    upcast to float32)."""
+
+    def per_example_loss(params: Params) -> Tensor:
+        out = loss_fn(_call(model, params, batch), batch)
+        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+    return per_example_loss
 
 
 def make_outer_loss(

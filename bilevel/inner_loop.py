@@ -34,6 +34,7 @@ from bilevel.functional import (
     forward_batch,
     make_outer_loss,
     make_per_domain_loss,
+    make_per_example_loss,
     segment_mean,
 )
 from bilevel.guard import SkipCounter, found_inf, guarded_step, is_plain_sgd, plain_sgd_step
@@ -128,6 +129,7 @@ class InnerLoop:
         self.last_grads: list[Tensor] | None = None
         self.last: dict[str, Tensor] = {}
         self.last_batch: dict[str, Any] | None = None
+        self.last_per_example: Tensor | None = None
         self.last_lr = self.current_lr()
         self.refresh_weights()
 
@@ -232,8 +234,24 @@ class InnerLoop:
 
     # -- one inner step ----------------------------------------------------------------------------
 
-    def inner_step(self, batch: dict[str, Any], keep_graph: bool = False) -> InnerProducts | None:
+    def inner_step(
+        self,
+        batch: dict[str, Any],
+        keep_graph: bool = False,
+        *,
+        example_weights: Callable[[Tensor, dict[str, Any]], Tensor] | None = None,
+        extra: Callable[[], Tensor] | None = None,
+        mean: bool = False,
+        coefficients: Callable[[Tensor, dict[str, Any]], Tensor] | None = None,
+    ) -> InnerProducts | None:
         """One optimizer step on the weighted mixture.
+
+        Methods adjust the objective with ``example_weights`` (``(per_example, batch) -> [B]``
+        factors, detached, that multiply each example's loss), ``extra`` (a scalar added to the
+        objective, e.g. ScaleBiO's meta term) or ``mean`` (the plain batch mean: the batch was
+        drawn from the mixture itself). With ``keep_graph`` and ``coefficients`` (per-example
+        weights c ``[B]``, a meta-weight net's) the objective is (1/B) sum_i c_i l_i and the kept
+        graph's leaf is c: the products then act on examples instead of domains.
 
         With ``keep_graph`` the step's gradient is taken with ``create_graph=True``, at copies of
         the parameters and with the weights as a leaf, and returned as :class:`InnerProducts`:
@@ -246,10 +264,22 @@ class InnerLoop:
         products = None
         if keep_graph:
             theta = [p.detach().clone().requires_grad_(True) for p in self.params]
-            losses = self.per_domain_loss(batch)(dict(zip(self.param_names, theta)))
-            dtype = torch.promote_types(self.w.dtype, losses.dtype)
-            w = self.w.to(dtype).clone().requires_grad_(True)
-            objective = torch.dot(w, losses.to(dtype))
+            at = dict(zip(self.param_names, theta))
+            if coefficients is None:
+                losses = self.per_domain_loss(batch)(at)
+                units = losses
+                dtype = torch.promote_types(self.w.dtype, losses.dtype)
+                w = self.w.to(dtype).clone().requires_grad_(True)
+                objective = torch.dot(w, losses.to(dtype))
+            else:
+                units = self.with_autocast(
+                    make_per_example_loss(self.module, batch, self.inner_loss)
+                )(at)
+                c = coefficients(units.detach(), batch).detach()
+                w = c.to(units.dtype).clone().requires_grad_(True)
+                objective = torch.dot(w, units) / units.numel()
+                losses = self.domain_losses(units.detach(), batch)
+                per_example = units.detach()
             grads = torch.autograd.grad(
                 objective, theta, create_graph=True, allow_unused=True, materialize_grads=True
             )
@@ -257,11 +287,23 @@ class InnerLoop:
             averaged = self.strategy.reduce([g.detach() for g in grads])
             for p, g in zip(self.params, averaged):
                 p.grad = g
-            products = InnerProducts(grads, theta, w, losses, reduce)
+            products = InnerProducts(grads, theta, w, units, reduce)
         else:
             per_example = self.per_example(batch)
             losses = self.domain_losses(per_example, batch)
-            objective = self.objective(per_example, losses)
+            if example_weights is not None:
+                factors = example_weights(per_example.detach(), batch).detach()
+                if mean:
+                    objective = (per_example * factors).mean()
+                else:
+                    weighted_losses = self.domain_losses(per_example * factors, batch)
+                    objective = self.objective(per_example * factors, weighted_losses)
+            elif mean:
+                objective = per_example.mean()
+            else:
+                objective = self.objective(per_example, losses)
+            if extra is not None:
+                objective = objective + extra()
             objective.backward()
         local_grads = [self.strategy.local(p.grad) for p in self.params if p.grad is not None]
         if self.keep_last_grads:
@@ -292,6 +334,9 @@ class InnerLoop:
         self.skips.add(found, inner=True)
         self.last["inner_loss"] = objective.detach()
         self.last["domain_loss"] = losses.detach()
+        self.last_per_example = (
+            per_example.detach() if not keep_graph or coefficients is not None else None
+        )
         return products
 
     # -- what the hypergradient needs --------------------------------------------------------------

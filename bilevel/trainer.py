@@ -169,7 +169,7 @@ class BilevelTrainer:
             list(self.weights.parameters()),
             "trainer.outer_optimizer",
         )
-        self.method = method_for(solver)
+        self.method = method_for(solver, weights)
         self._check_outer_optimizer()
         self.notes: list[str] = []
         if self.config.learn_weights:
@@ -265,6 +265,18 @@ class BilevelTrainer:
             self.module.train(was)
 
     def _check_outer_optimizer(self) -> None:
+        if getattr(self.weights, "per_example", False):
+            if isinstance(self.outer_opt, MirrorDescent):
+                raise ConfigError(
+                    "trainer.outer_optimizer",
+                    "mirror descent acts on domain weights on the simplex; a meta-weight net's "
+                    "parameters need a torch optimizer (adam, sgd)",
+                )
+            if self.strategy.world_size > 1:
+                raise ConfigError(
+                    "weights", "weights=meta_weight_net runs in one process (no torchrun) for now"
+                )
+            return
         if isinstance(self.outer_opt, MirrorDescent):
             smoothing = any(g["smoothing"] > 0 for g in self.outer_opt.param_groups)
             allowed = ("softmax",) if smoothing else ("softmax", "exp")
@@ -321,7 +333,7 @@ class BilevelTrainer:
             self.weights.assign_values_(values, skip=found)
         else:
             grad = update.grad.detach()
-            if not wants_values(self.outer_opt):
+            if not update.wrt_logits and not wants_values(self.outer_opt):
                 grad = chain_through_parametrization(self.weights, grad)
             found = update.found
             if found is None:

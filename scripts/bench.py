@@ -241,6 +241,65 @@ def scaling(base: Problem, rounds: int, block: int, warmup: int, memory: bool) -
     return "\n\n".join(sections)
 
 
+def warm_accuracy(p: Problem, steps: int, warmup: int) -> str:
+    """Along a run of each warm-started solver, the cosine between its hypergradient and a cold
+    cg(20) solve of the same linear system (same point, same batch, same products)."""
+    from peers import Ours
+
+    from bilevel.solvers import build as build_solver
+
+    data = make_data(p)
+    rows = [
+        "| method | outer steps | cosine to cold cg(20): median | 10th percentile | "
+        "final noisy weight | test acc |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, name, opts in [
+        ("cg warm(1)", "cg", {"iters": 1, "warm_start": True}),
+        ("neumann warm(1)", "neumann", {"iters": 1, "alpha": p.inner_lr, "warm_start": True}),
+        ("cg(5) cold", "cg", {"iters": p.iters}),
+        ("first_order", "first_order", {}),
+    ]:
+        method = Ours(p, data, name, **opts)
+        reference = build_solver("cg", iters=20)
+        solver = method.trainer.solver
+        cosines: list[float] = []
+        original = type(solver).solve
+
+        def solve(
+            products,
+            g_outer,
+            inner_lr,
+            _orig=original,
+            _solver=solver,
+            _ref=reference,
+            _out=cosines,
+        ):
+            got = _orig(_solver, products, g_outer, inner_lr)
+            cold = _ref.solve(products, g_outer, inner_lr)
+            _out.append(torch.nn.functional.cosine_similarity(got, cold, dim=0).item())
+            return got
+
+        object.__setattr__(solver, "solve", solve)
+        for _ in range(warmup + steps):
+            method.outer_step()
+        measured = sorted(cosines[warmup:])
+        median = statistics.median(measured)
+        p10 = measured[max(0, int(0.1 * len(measured)) - 1)]
+        weights = method.final_weights()
+        noisy = sum(list(weights.values())[-p.noisy :])
+        test = classification_metrics(
+            method.final_model(),
+            {k: v.to(method.device) for k, v in data.test.items()},
+            method.device,
+        )
+        rows.append(
+            f"| {label} | {steps} | {median:.3f} | {p10:.3f} | {noisy:.4f} | "
+            f"{test['accuracy']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
 def gpu_throughput(steps: int = 300) -> str:
     if not torch.cuda.is_available():
         return "No GPU on this machine: the sync-free GPU check was not run."
@@ -282,6 +341,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny size, few steps, no memory")
+    parser.add_argument("--warm", action="store_true", help="also: warm-start accuracy along a run")
     parser.add_argument("--out", help="also write the report to this markdown file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--problem", help=argparse.SUPPRESS)
@@ -317,6 +377,14 @@ def main() -> None:
             goals(res),
         ]
         print("\n".join(report[-4:]), flush=True)
+    if args.warm:
+        for size in sizes:
+            p = Problem(device=args.device, **SIZES[size])
+            report += [
+                f"\n### Warm starts ({size}): cosine to a cold cg(20) solve at the same point\n",
+                warm_accuracy(p, steps=60 if args.quick else 200, warmup=args.warmup),
+            ]
+            print("\n".join(report[-2:]), flush=True)
     if args.scaling:
         base = Problem(device=args.device, **SIZES["tiny"])
         report += [

@@ -171,10 +171,18 @@ def run_once(overrides: list[str], out: Path) -> dict:
         with initialize_config_dir(config_dir(), version_base="1.3"):
             cfg = compose("config", overrides=[*overrides, "trainer.progress=false"])
         with contextlib.redirect_stdout(io.StringIO()):
-            summary = run(cfg, output_dir=out)
+            summary = run(cfg, output_dir=out, overrides=[*overrides, "trainer.progress=false"])
     summary["records"] = read_jsonl(out / "metrics.jsonl")
-    summary["run_dir"] = str(out)
+    summary["run_dir"] = relative(out)
     return summary
+
+
+def relative(path: Path) -> str:
+    """``path`` relative to the repository (results.json must not hold this machine's paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def run_method(
@@ -220,7 +228,7 @@ def loss_based_selection(common: list[str], out: Path, cache: dict, drop: int = 
 def doremi(common: list[str], out: Path, cache: dict, seed: int) -> dict:
     """DoReMi: reference = the uniform run of this seed; proxy run with the excess-loss EG update;
     a fresh model trained on the proxy run's average weights (sampled by weight, as DoReMi)."""
-    reference = cache[("uniform", seed)]["run_dir"]
+    reference = ROOT / cache[("uniform", seed)]["run_dir"]
     proxy = run_once(
         [
             *common,

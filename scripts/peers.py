@@ -139,7 +139,8 @@ class Ours(Method):
 
     def __init__(self, p, data, solver: str, learn: bool = True, **opts):
         super().__init__(p, data)
-        self.name = f"bilevel {solver}" if learn else "fixed weights, bilevel trainer"
+        label = solver + (" warm(1)" if opts.get("warm_start") else "")
+        self.name = f"bilevel {label}" if learn else "fixed weights, bilevel trainer"
         self.trainer = BilevelTrainer(
             self.model,
             self.weights,
@@ -368,6 +369,11 @@ def registry(p: Problem) -> dict[str, Any]:
         "ours_unrolled": lambda p, d: Ours(p, d, "unrolled", steps=p.unroll),
         "ours_neumann": lambda p, d: Ours(p, d, "neumann", iters=it, alpha=p.inner_lr),
         "ours_cg": lambda p, d: Ours(p, d, "cg", iters=it),
+        "ours_cg_warm": lambda p, d: Ours(p, d, "cg", iters=1, warm_start=True),
+        "ours_neumann_warm": lambda p, d: Ours(
+            p, d, "neumann", iters=1, alpha=p.inner_lr, warm_start=True
+        ),
+        "ours_sama": lambda p, d: Ours(p, d, "sama"),
         "higher_unrolled": HigherUnrolled,
         "torchopt_unrolled": TorchOptUnrolled,
         "torchopt_neumann": lambda p, d: TorchOptImplicit(p, d, "neumann"),

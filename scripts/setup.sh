@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv in the repository root and install bilevel into it.
 #
-# The pinned CPU build of torch goes in first: an unpinned torch (asked for by any package) would
-# pull gigabytes of CUDA wheels. Set TORCH_SPEC to install another build (e.g. a CUDA one), and
-# EXTRAS to choose the optional dependency groups (default: dev).
+# torch goes in first, pinned: an unpinned torch asked for by another package could pull a
+# different build. Which build `pip install torch==2.13.0` gets depends on the index:
+#   - on Linux, the public PyPI index serves the CUDA build (several GB);
+#   - TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu gets the CPU build (about 200 MB);
+#   - machines whose pip is configured with a local wheel folder (our CI) get what it holds.
+# TORCH_SPEC picks another version or build, EXTRAS the optional groups (default: dev).
 #
-#   bash scripts/setup.sh                 # .venv with torch==2.13.0 (CPU) and bilevel[dev]
-#   EXTRAS=dev,bench bash scripts/setup.sh
+#   bash scripts/setup.sh                                                  # torch 2.13.0, bilevel[dev]
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh   # CPU-only torch
+#   EXTRAS=dev,hf,optuna bash scripts/setup.sh                             # + Hugging Face, Optuna
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 EXTRAS=${EXTRAS:-dev}
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-  .venv/bin/python -m pip install -q "$TORCH_SPEC"
+  if [ -n "$TORCH_INDEX_URL" ]; then
+    .venv/bin/python -m pip install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
+  else
+    .venv/bin/python -m pip install -q "$TORCH_SPEC"
+  fi
 fi
 .venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
 case ",$EXTRAS," in

@@ -78,7 +78,12 @@ class RunLog:
     def finish(self, summary: dict[str, Any]) -> None:
         if self.run_dir is not None:
             (self.run_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
-            plot_weights(read_jsonl(self.run_dir / "metrics.jsonl"), self.run_dir / "weights.png")
+            plot_weights(
+                read_jsonl(self.run_dir / "metrics.jsonl"),
+                self.run_dir / "weights.png",
+                title=f"domain weights ({summary.get('solver', '')})",
+                info=summary.get("info"),
+            )
         if self.wandb is not None:
             self.wandb.finish(summary)
 

@@ -10,12 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from bilevel.methods.base import OuterMethod, OuterUpdate
+from bilevel.methods.doge import DoGE
 from bilevel.methods.hypergradient import HypergradientMethod
+from bilevel.methods.loss_reweighting import LossReweighting
+from bilevel.methods.odm import ODM
+from bilevel.methods.scalebio import ScaleBiO
 from bilevel.methods.unrolled import UnrolledMethod
 
 __all__ = [
     "METHOD_SOLVERS",
+    "DoGE",
     "HypergradientMethod",
+    "LossReweighting",
+    "ODM",
+    "ScaleBiO",
     "OuterMethod",
     "OuterUpdate",
     "UnrolledMethod",
@@ -23,14 +31,30 @@ __all__ = [
 ]
 
 #: methods chosen with ``solver=<name>`` that are not hypergradient solvers
-METHOD_SOLVERS: dict[str, type] = {}
+METHOD_SOLVERS: dict[str, type] = {
+    "scalebio": ScaleBiO,
+    "odm": ODM,
+    "loss_reweighting": LossReweighting,
+    "doge": DoGE,
+}
 
 
-def method_for(solver: Any) -> OuterMethod:
+def method_for(solver: Any, weights: Any = None) -> OuterMethod:
     """The outer method that runs ``solver``: itself when it implements :class:`OuterMethod`
-    (has ``window``), else the hypergradient or unrolled method around it."""
+    (has ``window``), else the hypergradient or unrolled method around it (the per-example one
+    for a meta-weight net)."""
+    from bilevel.errors import ConfigError
+    from bilevel.methods.per_example import PerExampleMethod
     from bilevel.solvers.unrolled import Unrolled
 
+    if getattr(weights, "per_example", False):
+        if callable(getattr(solver, "window", None)) or isinstance(solver, Unrolled):
+            raise ConfigError(
+                "solver",
+                f"weights=meta_weight_net is learned with first_order, neumann, cg or sama, "
+                f"not {getattr(solver, 'name', solver)!r}",
+            )
+        return PerExampleMethod(solver)
     if callable(getattr(solver, "window", None)):
         return solver
     if isinstance(solver, Unrolled):

@@ -32,11 +32,14 @@ class OuterUpdate:
         values: new weight values ``[K]`` (methods that set the weights directly: bandits).
         found: 0-d flag, nonzero to skip the update (non-finite); ``None``: the trainer checks
             ``grad`` / ``values`` itself.
+        wrt_logits: ``grad`` is already the gradient of the outer variables' parameters (a
+            meta-weight net's), not of the weight values.
     """
 
     grad: Tensor | None = None
     values: Tensor | None = None
     found: Tensor | None = None
+    wrt_logits: bool = False
 
 
 @runtime_checkable

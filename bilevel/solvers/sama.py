@@ -78,10 +78,14 @@ def optimizer_preconditioner(
         t = _float(state["step"])
         m, v = local(state["exp_avg"]), local(state["exp_avg_sq"])
         g = last_grads[i]
-        if isinstance(optimizer, torch.optim.Adam) and group.get("weight_decay"):
-            g = g + group["weight_decay"] * local(p)  # Adam's L2 term enters the gradient
         c1, c2 = 1 - beta1**t, 1 - beta2**t
         s = (v / c2).sqrt()
+        coupled = type(optimizer) is torch.optim.Adam and not group.get("decoupled_weight_decay")
+        if coupled and group.get("weight_decay"):
+            # Adam's L2 term enters the gradient at the parameters before the step, which the
+            # step itself gives back: theta_before = theta + lr * m_hat / (s + eps)
+            before = local(p) + lr * (m / c1) / (s + eps)
+            g = g + group["weight_decay"] * before
         first = (1 - beta1) / c1 / (s + eps)
         second = torch.where(
             s > 0, (m / c1) * (1 - beta2) * g / (c2 * s.clamp_min(1e-30) * (s + eps) ** 2), 0.0

@@ -335,7 +335,7 @@ BAD = [
     (["solver=doremi"], "solver.reference"),
     (["trainer.hessian_batch=both"], "trainer.hessian_batch"),
     (["trainer.sampling=temperature"], "trainer.sampling"),
-    (["trainer.strategy=fsdp"], "trainer.strategy"),
+    (["trainer.strategy=fsdp", "solver.products=finite_difference"], "trainer.strategy"),
     (["solver=unrolled", "solver.backend=higher"], "solver.backend"),
     (["solver.products=symbolic"], "solver"),
 ]

@@ -1,0 +1,147 @@
+"""ScaleBiO: a fully first-order penalty method for data reweighting.
+
+Pan et al., ACL 2025, "ScaleBiO: Scalable Bilevel Optimization for LLM Data Reweighting". The
+bilevel problem min_w M(theta*(w)) is replaced by the penalized saddle problem
+
+    min_{theta, w} max_u   M(theta) + alpha [ F_w(theta) - F_w(u) ],   F_w = sum_k w_k L_k,
+
+whose u-maximization makes F_w(u) the lower-level optimum, so the bracket is >= 0 and vanishes
+exactly when theta solves the inner problem too. Every inner step (all on the same batch):
+
+* u (a second copy of the trainable parameters, with its own copy of the inner optimizer)
+  descends F_w(u);
+* theta descends F_w(theta) + M(theta) / alpha_t: the penalized objective divided by alpha_t,
+  which is how the paper's schedule acts (alpha_i = alpha * tau^i with learning rates scaled by
+  tau^-i); as alpha_t grows the meta term fades and theta approaches the inner solution;
+* the window accumulates L_k(theta) - L_k(u), and the weights descend
+  alpha * [L_w(theta) - L_w(u)] averaged over the window: the gradient of the penalty in w.
+
+No second derivatives at all, so it runs wherever training runs (LoRA: the copy is only of the
+trainable parameters). Cost per inner step: about two training steps plus one meta
+forward/backward; memory: one more copy of the trainable parameters and of their optimizer
+state.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel.errors import ConfigError
+from bilevel.functional import forward_batch
+from bilevel.guard import guarded_step
+from bilevel.methods.base import OuterUpdate
+
+__all__ = ["ScaleBiO"]
+
+
+@dataclass
+class ScaleBiO:
+    """The ScaleBiO penalty method (see the module doc).
+
+    Args:
+        alpha: the penalty weight alpha at the start.
+        tau: its growth factor (>= 1), applied every ``alpha_every`` inner steps.
+        alpha_every: inner steps between growths of alpha (the paper's outer iterations).
+    """
+
+    alpha: float = 1.0
+    tau: float = 1.0
+    alpha_every: int = 500
+    name: str = "scalebio"
+    _state: dict = field(default_factory=dict, repr=False, compare=False)
+
+    uses_meta = True
+
+    def __post_init__(self) -> None:
+        if not self.alpha > 0:
+            raise ValueError(f"scalebio: alpha must be > 0, got {self.alpha!r}")
+        if not self.tau >= 1:
+            raise ValueError(f"scalebio: tau must be >= 1, got {self.tau!r}")
+        if not isinstance(self.alpha_every, int) or self.alpha_every < 1:
+            raise ValueError(
+                f"scalebio: alpha_every must be an integer >= 1, got {self.alpha_every!r}"
+            )
+
+    def alpha_at(self, step: int) -> float:
+        return self.alpha * self.tau ** (step // self.alpha_every)
+
+    def setup(self, loop) -> list[str]:
+        if loop.strategy.sharded:
+            raise ConfigError(
+                "solver",
+                "scalebio keeps a functional copy of the parameters; use trainer.strategy=ddp",
+            )
+        if loop.applies_weights:
+            raise ConfigError(
+                "trainer.sampling",
+                f"scalebio differentiates the weighted loss; with sampling={loop.config.sampling} "
+                "the sampler applies the weights instead (use uniform or size)",
+            )
+        u = [p.detach().clone().requires_grad_(True) for p in loop.params]
+        opt = loop.inner_opt
+        defaults = {k: v for k, v in opt.defaults.items() if k not in ("differentiable",)}
+        try:
+            u_opt = type(opt)(u, **defaults)
+        except (TypeError, ValueError):
+            u_opt = copy.deepcopy(opt)
+            u_opt.param_groups[0]["params"] = u
+        self._state.update(u=u, u_opt=u_opt, step=0)
+        count = sum(t.numel() for t in u)
+        return [
+            f"scalebio keeps a second copy of the {count:,} trainable parameters and of their "
+            f"{type(opt).__name__} state"
+        ]
+
+    def window(self, loop, n: int, update: bool) -> OuterUpdate | None:
+        u, u_opt = self._state["u"], self._state["u_opt"]
+        names = loop.param_names
+        diff = None
+        for _ in range(n):
+            batch = loop.next_batch()
+            step = self._state["step"]
+            alpha_t = self.alpha_at(step)
+            # u descends F_w(u)
+            losses_u = loop.per_domain_loss(batch)(dict(zip(names, u)))
+            grads = torch.autograd.grad(
+                loop.weighted(losses_u), u, allow_unused=True, materialize_grads=True
+            )
+            grads = loop.strategy.reduce(list(grads))
+            found = loop.found_inf([*grads, losses_u.detach()])
+            for t, g in zip(u, grads):
+                t.grad = g
+            guarded_step(u_opt, found)
+            # theta descends F_w(theta) + M(theta) / alpha_t
+            meta = loop.meta_batch()
+
+            def meta_term(meta=meta, alpha_t=alpha_t) -> Tensor:
+                with loop.autocast():
+                    value = loop.outer_loss(forward_batch(loop.module, meta), meta)
+                loop.last["meta_value"] = value.detach()
+                return value / alpha_t
+
+            loop.inner_step(batch, extra=meta_term)
+            delta = loop.last["domain_loss"] - losses_u.detach()
+            diff = delta if diff is None else diff + delta
+            self._state["step"] = step + 1
+        if not update:
+            return None
+        return OuterUpdate(grad=self.alpha * diff / n)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "u": [t.detach().clone() for t in self._state["u"]],
+            "u_opt": self._state["u_opt"].state_dict(),
+            "step": self._state["step"],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for t, saved in zip(self._state["u"], state["u"]):
+                t.copy_(saved)
+        self._state["u_opt"].load_state_dict(state["u_opt"])
+        self._state["step"] = int(state["step"])
