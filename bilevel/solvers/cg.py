@@ -97,23 +97,33 @@ class ConjugateGradient:
         return hu, jl
 
     def solve(self, products, g_outer: list[Tensor], inner_lr: float) -> Tensor:
-        """dM/dw given the products and grad M (``inner_lr`` is not used)."""
+        """dM/dw given the products and grad M (``inner_lr`` is not used).
+
+        Memory: the residual r, the direction p and the product A p, three vectors shaped like
+        the parameters, updated in place (the iterate x itself is kept only for a warm start:
+        J_L x is accumulated instead). ``g_outer`` is consumed (it becomes the residual).
+        """
         g = [t.detach() for t in g_outer]
-        start = self._warm.start(g) if self.warm_start else None
         gg = products.dot(g, g)
+        start = self._warm.start(g) if self.warm_start else None
+        x = None
+        jl_x = None
         if start is None:
-            x = [torch.zeros_like(t) for t in g]
-            r = [t.clone() for t in g]
-            jl_x = None
+            r = g  # the residual of x = 0, updated in place from here on
+            if self.warm_start:
+                x = [torch.zeros_like(t) for t in g]
         else:
             x = [t.clone() for t in start]
-            ax, jl_x = self._apply(products, x)
-            r = torch._foreach_sub(g, ax)
+            r, jl_x = self._apply(products, x)  # A x0, turned into g - A x0 in place
+            torch._foreach_neg_(r)
+            torch._foreach_add_(r, g)
             # A kept v that is worse than starting from zero is dropped (on the device).
             keep = products.dot(r, r) <= gg
-            x = [torch.where(keep, xi, torch.zeros_like(xi)) for xi in x]
-            r = [torch.where(keep, ri, gi) for ri, gi in zip(r, g)]
+            for xi, ri, gi in zip(x, r, g):
+                xi.mul_(keep.to(xi.dtype))
+                ri.copy_(torch.where(keep, ri, gi))
             jl_x = torch.where(keep, jl_x, torch.zeros_like(jl_x))
+            del g
         p = [t.clone() for t in r]
         rr = products.dot(r, r)
         threshold = (self.tol**2) * gg
@@ -128,14 +138,21 @@ class ConjugateGradient:
             done = done | (rr <= threshold) | (pap <= 0)
             active = ~done
             step = torch.where(active, rr / torch.where(active, pap, 1), 0)
-            torch._foreach_add_(x, torch._foreach_mul(p, step))
+            if x is not None:
+                for xi, pi in zip(x, p):
+                    xi.addcmul_(pi, step.to(xi.dtype))
             jl_x = jl_p * step if jl_x is None else jl_x + jl_p * step
-            torch._foreach_sub_(r, torch._foreach_mul(ap, step))
+            for ri, api in zip(r, ap):
+                ri.addcmul_(api, step.to(ri.dtype), value=-1)
+            del ap
             rr_new = products.dot(r, r)
             beta = torch.where(active, rr_new / torch.where(active, rr, 1), 0)
-            p = torch._foreach_add(r, torch._foreach_mul(p, beta))
+            torch._foreach_mul_(p, beta)
+            torch._foreach_add_(p, r)
             rr = torch.where(active, rr_new, rr)
         if self.warm_start:
             # After non-positive curvature the kept v restarts from zero next time.
-            self._warm.keep([torch.where(curved, torch.zeros_like(xi), xi) for xi in x])
+            for xi in x:
+                xi.mul_((~curved).to(xi.dtype))
+            self._warm.keep(x)
         return -jl_x

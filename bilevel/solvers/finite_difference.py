@@ -117,10 +117,12 @@ class FiniteDifferenceProducts:
     def hvp(self, u: Sequence[Tensor]) -> TensorList:
         """H u, H = d^2 F / d theta^2 at (theta, w): two gradients."""
         eps = self._eps(u)
-        plus = self.hessian_point.grad(u, eps)
+        diff = self.hessian_point.grad(u, eps)
         minus = self.hessian_point.grad(u, -eps)
-        diff = torch._foreach_sub(plus, minus)
-        return self.grad_reduce(list(torch._foreach_div(diff, 2 * eps)))
+        torch._foreach_sub_(diff, minus)  # in place: no third parameter-sized vector
+        del minus
+        torch._foreach_div_(diff, 2 * eps)
+        return self.grad_reduce(diff)
 
     def hvp_jvp(self, u: Sequence[Tensor]) -> tuple[TensorList, Tensor]:
         """(H u, J_L u): the two gradient evaluations of H u also give the per-domain losses at
@@ -128,9 +130,12 @@ class FiniteDifferenceProducts:
         if self.hessian_point is not self.point:
             return self.hvp(u), self.domain_jvp(u)
         eps = self._eps(u)
-        plus, l_plus = self.point.grad_and_losses(u, eps)
+        hu, l_plus = self.point.grad_and_losses(u, eps)
         minus, l_minus = self.point.grad_and_losses(u, -eps)
-        hu = self.grad_reduce(list(torch._foreach_div(torch._foreach_sub(plus, minus), 2 * eps)))
+        torch._foreach_sub_(hu, minus)
+        del minus
+        torch._foreach_div_(hu, 2 * eps)
+        hu = self.grad_reduce(hu)
         jl = poison_nonfinite((l_plus - l_minus) / (2 * eps), l_plus, l_minus)
         return hu, self.reduce([jl])[0]
 
@@ -160,7 +165,8 @@ class FunctionalPoint:
         self.w = w.detach()
 
     def _shifted(self, direction: Sequence[Tensor], eps: Tensor) -> TensorList:
-        return list(torch._foreach_add(self.theta, torch._foreach_mul(list(direction), eps)))
+        # one tensor at a time: only the shifted copy is allocated, no eps * direction temporary
+        return [t.addcmul(d, eps.to(t.dtype)) for t, d in zip(self.theta, direction)]
 
     @torch.no_grad()
     def losses(self, direction: Sequence[Tensor], eps: Tensor) -> Tensor:
@@ -211,7 +217,8 @@ class ModulePoint:
         saved = [p.detach().clone() for p in self.params]
         try:
             with torch.no_grad():
-                torch._foreach_add_(self.theta, torch._foreach_mul(list(direction), eps))
+                for t, d in zip(self.theta, direction):
+                    t.addcmul_(d, eps.to(t.dtype))
             self.after()
             return fn()
         finally:

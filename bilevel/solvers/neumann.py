@@ -89,12 +89,20 @@ class Neumann:
             self, per_domain_loss, outer_loss, params, w, inner_lr, reduce, hessian_loss
         )
 
-    def _apply(self, products, u: list[Tensor]) -> list[Tensor]:
-        hu = products.hvp(u)
-        return torch._foreach_add(hu, u, alpha=self.damping) if self.damping else hu
+    def _residual(self, products, g: list[Tensor], v: list[Tensor]) -> list[Tensor]:
+        """g - (H + damping I) v, in a fresh vector (the product's own output, reused)."""
+        out = products.hvp(v)
+        if self.damping:
+            torch._foreach_add_(out, v, alpha=self.damping)
+        torch._foreach_neg_(out)
+        torch._foreach_add_(out, g)
+        return out
 
     def solve(self, products, g_outer: list[Tensor], inner_lr: float) -> Tensor:
-        """dM/dw given the products and grad M (``inner_lr`` is not used)."""
+        """dM/dw given the products and grad M (``inner_lr`` is not used).
+
+        Memory: g, v and one product, three vectors shaped like the parameters, updated in
+        place."""
         g = [t.detach() for t in g_outer]
         start = self._warm.start(g) if self.warm_start else None
         steps = self.iters
@@ -102,17 +110,20 @@ class Neumann:
             v = torch._foreach_mul(g, self.alpha)
         else:
             v = [t.clone() for t in start]
-            residual = torch._foreach_sub(g, self._apply(products, v))
+            residual = self._residual(products, g, v)
             # Restart from zero where the kept v is worse than nothing (|r| > |g|): the
             # curvature turned, or v grew along a direction the problem no longer supports.
             worse = products.dot(residual, residual) > products.dot(g, g)
-            torch._foreach_mul_(v, (~worse).to(g[0].dtype))
-            residual = [torch.where(worse, gi, ri) for gi, ri in zip(g, residual)]
-            torch._foreach_add_(v, torch._foreach_mul(residual, self.alpha))
+            for vi, ri, gi in zip(v, residual, g):
+                vi.mul_((~worse).to(vi.dtype))
+                ri.copy_(torch.where(worse, gi, ri))
+            torch._foreach_add_(v, residual, alpha=self.alpha)
+            del residual
             steps -= 1
         for _ in range(steps):
-            residual = torch._foreach_sub(g, self._apply(products, v))
-            torch._foreach_add_(v, torch._foreach_mul(residual, self.alpha))
+            residual = self._residual(products, g, v)
+            torch._foreach_add_(v, residual, alpha=self.alpha)
+            del residual
         if self.warm_start:
             self._warm.keep(v)
         return -products.domain_jvp(v)

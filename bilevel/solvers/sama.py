@@ -75,9 +75,13 @@ def optimizer_preconditioner(
             return None
         beta1, beta2 = group["betas"]
         eps = group["eps"]
-        t = _float(state["step"])
         m, v = local(state["exp_avg"]), local(state["exp_avg_sq"])
         g = last_grads[i]
+        # the step count stays where the optimizer keeps it (on the device for fused Adam):
+        # reading it back would synchronize
+        t = state["step"]
+        if isinstance(t, Tensor):
+            t = t.to(device=m.device, dtype=m.dtype)
         c1, c2 = 1 - beta1**t, 1 - beta2**t
         s = (v / c2).sqrt()
         coupled = type(optimizer) is torch.optim.Adam and not group.get("decoupled_weight_decay")
