@@ -186,3 +186,38 @@ def test_trainer_with_hf_model_bf16_and_checkpointing(
     summary = trainer.fit()
     assert summary["skipped_steps"] == 0
     assert all(v == v for v in summary["weights"].values())
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"attn_implementation": "sdpa"}, "model.attn_implementation"),
+        ({"gradient_checkpointing": "reentrant"}, "model.gradient_checkpointing"),
+    ],
+)
+def test_fused_kernels_need_finite_difference_products(tiny_checkpoint, kwargs, field):
+    from bilevel import BilevelTrainer, TrainerConfig
+    from bilevel.data import DomainData
+    from bilevel.errors import ConfigError
+
+    train, meta = batches()
+    data = DomainData(["a", "b", "c"], train, meta)
+
+    def trainer(solver):
+        torch.manual_seed(0)
+        model = HFClassifier(num_labels=4, path=str(tiny_checkpoint), trainable="lora", **kwargs)
+        return BilevelTrainer(
+            model,
+            DomainWeights(data.names),
+            solver,
+            per_example,
+            mean_ce,
+            data,
+            TrainerConfig(steps=4, outer_every=2, batch_size=6, progress=False),
+        )
+
+    for solver in (build("cg", iters=2), build("first_order"), build("unrolled", steps=2)):
+        with pytest.raises(ConfigError, match=field):
+            trainer(solver)
+    summary = trainer(build("cg", iters=2, products="finite_difference")).fit()
+    assert summary["skipped_steps"] == 0
