@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -49,6 +50,11 @@ def segment_mean(
             f"segment_mean needs values [B] and index [B]; got {tuple(values.shape)} and "
             f"{tuple(index.shape)} (an inner loss must return one value per example)"
         )
+    if fwAD.unpack_dual(values).tangent is not None:
+        # forward-mode AD (first_order's J_L v): index_add and elementwise products of dual
+        # tensors take slow paths; one matrix-vector product does not
+        matrix = averaging_matrix(index, num_segments, inverse_counts, values.dtype)
+        return matrix.mv(values)
     sums = values.new_zeros(num_segments).index_add(0, index, values)
     if inverse_counts is not None:
         return sums * inverse_counts.to(sums.dtype)
@@ -137,14 +143,36 @@ def make_per_domain_loss(
     read from ``model``. ``inverse_counts``: see :func:`segment_mean`.
     """
     domain = batch["domain"]
+    averaging: dict[torch.dtype, Tensor] = {}
 
     def per_domain_loss(params: Params) -> Tensor:
         per_example = loss_fn(_call(model, params, batch), batch)
         if per_example.dtype in (torch.float16, torch.bfloat16):  # reduce in float32
             per_example = per_example.float()
-        return segment_mean(per_example, domain, num_domains, inverse_counts)
+        if per_example.dim() != 1 or per_example.shape != domain.shape:
+            return segment_mean(per_example, domain, num_domains, inverse_counts)  # says why
+        # One matrix-vector product with a per-batch [K, B] averaging matrix: the same numbers
+        # as segment_mean, and much cheaper under forward-mode AD (first_order's J_L v), where
+        # index_add and elementwise products of dual tensors go through slow paths.
+        matrix = averaging.get(per_example.dtype)
+        if matrix is None:
+            matrix = averaging_matrix(domain, num_domains, inverse_counts, per_example.dtype)
+            averaging[per_example.dtype] = matrix
+        return matrix.mv(per_example)
 
     return per_domain_loss
+
+
+def averaging_matrix(
+    index: Tensor, num_segments: int, inverse_counts: Tensor | None, dtype: torch.dtype
+) -> Tensor:
+    """``[K, B]``: row k averages the entries of segment k (what :func:`segment_mean` does)."""
+    onehot = torch.nn.functional.one_hot(index, num_segments).to(dtype).T
+    if inverse_counts is None:
+        inverse = 1.0 / onehot.sum(1).clamp_min(1)
+    else:
+        inverse = inverse_counts.to(dtype)
+    return (onehot * inverse[:, None]).contiguous()
 
 
 def make_per_example_loss(

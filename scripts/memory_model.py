@@ -82,7 +82,13 @@ def activations(
 
 
 def per_gpu(
-    m: Arch, strategy: str, n: int, solver: str, products: str, tokens: int, seq: int,
+    m: Arch,
+    strategy: str,
+    n: int,
+    solver: str,
+    products: str,
+    tokens: int,
+    seq: int,
     fused: bool,
 ) -> float | None:
     """Bytes on one GPU, or ``None`` for a combination the library refuses."""
@@ -125,9 +131,7 @@ def tables(tokens: int, seq: int) -> str:
             cells = [label, _fmt(base)]
             for solver, products in SOLVERS:
                 fused = products == "finite_difference" or products == "none"
-                cells.append(
-                    _fmt(per_gpu(m, strategy, n, solver, products, tokens, seq, fused))
-                )
+                cells.append(_fmt(per_gpu(m, strategy, n, solver, products, tokens, seq, fused)))
             rows.append(cells)
         out.append(f"**{m.name}** ({m.params / 1e9:.1f}B parameters)\n")
         out.append("| " + " | ".join(header) + " |")

@@ -52,8 +52,11 @@ def poison_nonfinite(result: Tensor, *values: Tensor) -> Tensor:
     A NaN loss does not always reach its derivatives (``torch.where`` with a NaN constant has a
     zero derivative), so the solvers mark their result non-finite whenever a loss value was.
     """
-    finite = torch.stack([torch.isfinite(v).all() for v in values]).all()
-    return torch.where(finite, result, torch.full_like(result, torch.nan))
+    if len(values) == 1:
+        finite = torch.isfinite(values[0]).all()
+    else:
+        finite = torch.stack([torch.isfinite(v).all() for v in values]).all()
+    return torch.where(finite, result, torch.nan)
 
 
 def leaves(params: Params) -> tuple[list[str], TensorList]:
