@@ -185,7 +185,7 @@ def test_implicit_solvers_hold_a_few_gradients_of_memory():
         ("cg", {"iters": 5, "products": "finite_difference"}, 2.5),
     ]:
         used = _peak_mb(
-            lambda: bilevel.hypergradient(
+            lambda name=name, opts=opts: bilevel.hypergradient(
                 build(name, **opts),
                 make_per_domain_loss(model, train, per_example, 4),
                 make_outer_loss(model, meta, mean_ce),
