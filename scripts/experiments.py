@@ -106,14 +106,14 @@ STUDIES = {
         [
             Method("uniform", ["trainer.learn_weights=false"]),
             Method("gold-only oracle", ["domains=[gold]", "trainer.learn_weights=false"]),
-            Method("DreamPRM (first_order, aggregation BCE)", ["solver=first_order"]),
+            Method("first_order, aggregation BCE (DreamPRM uses MSE)", ["solver=first_order"]),
             Method("cg, aggregation BCE", ["solver=cg", "solver.iters=5"]),
             Method("first_order, ranking meta loss", ["outer_loss=pairwise_ranking"]),
             Method(
                 "3 domains: uniform",
                 ["domains=[gold,noisy_20,noisy_45]", "trainer.learn_weights=false"],
             ),
-            Method("3 domains: DreamPRM (aggregation BCE)", ["domains=[gold,noisy_20,noisy_45]"]),
+            Method("3 domains: first_order, aggregation BCE", ["domains=[gold,noisy_20,noisy_45]"]),
             Method(
                 "3 domains: first_order, ranking meta loss",
                 ["domains=[gold,noisy_20,noisy_45]", "outer_loss=pairwise_ranking"],
@@ -137,6 +137,58 @@ STUDIES = {
             "data.meta_problems=8",
         ],
         plots=["weights", "best_of_n"],
+    ),
+    "prm_text": Study(
+        "prm_text",
+        [
+            Method("uniform", ["trainer.learn_weights=false"]),
+            Method("best single domain (by validation loss)", [], kind="best_single"),
+            Method("data selection (drop the 2 worst domains)", [], kind="selection_single"),
+            Method("DreamPRM (first_order, MSE at both levels)", ["solver=first_order"]),
+            Method("first_order, ranking meta loss", ["outer_loss=pairwise_ranking"]),
+        ],
+        metrics=["prm@1", "prm@4", "prm@16", "prm@32", "majority@4", "majority@32", "random@32"],
+        quick=[
+            "trainer.steps=4",
+            "trainer.log_every=2",
+            "trainer.batch_size=10",
+            "data.per_domain=8",
+            "data.test_problems=4",
+            "data.meta_problems=2",
+            "data.meta_candidates=4",
+        ],
+        plots=["weights", "best_of_n"],
+    ),
+    "lm_pretrained": Study(
+        "lm_pretrained",
+        [
+            Method("uniform", ["trainer.learn_weights=false"]),
+            Method(
+                "temperature sampling (T=2)",
+                [
+                    "trainer.learn_weights=false",
+                    "trainer.sampling=temperature",
+                    "trainer.temperature=2",
+                ],
+            ),
+            Method("DoReMi (excess-loss EG)", [], kind="doremi"),
+            Method("first_order", ["solver=first_order"]),
+            Method(
+                "neumann warm(1)",
+                ["solver=neumann", "solver.iters=1", "solver.warm_start=true"],
+            ),
+        ],
+        metrics=["perplexity", "loss"],
+        quick=[
+            "trainer.steps=4",
+            "trainer.log_every=2",
+            "trainer.eval_every=2",
+            "trainer.batch_size=6",
+            "data.per_domain=16",
+            "data.test_size=8",
+            "data.meta_size=8",
+        ],
+        plots=["weights", "perplexity"],
     ),
     "text_domains": Study(
         "text_domains",
@@ -194,6 +246,10 @@ def run_method(
         summary = run_once([*common, *method.overrides], out)
     elif method.kind == "selection":
         summary = loss_based_selection(common, out, cache)
+    elif method.kind == "best_single":
+        summary = best_single(common, runs, cache, seed)
+    elif method.kind == "selection_single":
+        summary = selection_single(common, out, runs, cache, seed)
     else:
         summary = doremi(common, out, cache, seed)
     summary.setdefault("time_s", summary["wall_time_s"])
@@ -222,6 +278,52 @@ def loss_based_selection(common: list[str], out: Path, cache: dict, drop: int = 
     summary["weights"] = {d: summary["weights"].get(d, 0.0) for d in names}
     summary["note"] = f"kept {keep}"
     summary["time_s"] = time_s + summary["wall_time_s"]
+    return summary
+
+
+def single_domain_runs(common: list[str], runs: Path, cache: dict, seed: int) -> dict:
+    """One full-length run per domain, trained on that domain alone (cached per seed)."""
+    key = ("singles", seed)
+    if key not in cache:
+        names = list(
+            run_once([*common, "trainer.steps=1"], runs / "probe" / f"seed{seed}")["weights"]
+        )
+        cache[key] = {
+            d: run_once(
+                [*common, f"domains=[{d}]", "trainer.learn_weights=false"],
+                runs / "single" / d / f"seed{seed}",
+            )
+            for d in names
+        }
+    return cache[key]
+
+
+def best_single(common: list[str], runs: Path, cache: dict, seed: int) -> dict:
+    """The domain whose model alone has the lowest validation (meta) loss."""
+    singles = single_domain_runs(common, runs, cache, seed)
+    name = min(singles, key=lambda d: singles[d]["meta_loss"])
+    summary = dict(singles[name])
+    summary["weights"] = {d: float(d == name) for d in singles}
+    summary["note"] = f"picked {name}"
+    summary["time_s"] = sum(s["wall_time_s"] for s in singles.values())
+    return summary
+
+
+def selection_single(
+    common: list[str], out: Path, runs: Path, cache: dict, seed: int, drop: int = 2
+) -> dict:
+    """Data selection: drop the ``drop`` domains whose own models have the worst validation
+    (meta) loss, train uniformly on the rest."""
+    singles = single_domain_runs(common, runs, cache, seed)
+    names = list(singles)
+    keep = sorted(names, key=lambda d: singles[d]["meta_loss"])[: len(names) - drop]
+    keep = [d for d in names if d in keep]
+    summary = run_once(
+        [*common, f"domains=[{','.join(keep)}]", "trainer.learn_weights=false"], out / "final"
+    )
+    summary["weights"] = {d: summary["weights"].get(d, 0.0) for d in names}
+    summary["note"] = f"kept {keep}"
+    summary["time_s"] = sum(s["wall_time_s"] for s in singles.values()) + summary["wall_time_s"]
     return summary
 
 
@@ -371,7 +473,7 @@ def perplexity_series(r: dict, tokens_per_step: int) -> tuple[list[float], list[
     return [x["step"] * tokens_per_step for x in tests], [x["test"]["perplexity"] for x in tests]
 
 
-def best_of_n_plot(results: dict[str, list[dict]], path: Path) -> None:
+def best_of_n_plot(results: dict[str, list[dict]], path: Path, name: str = "prm") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,7 +503,7 @@ def best_of_n_plot(results: dict[str, list[dict]], path: Path) -> None:
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("N candidates per problem")
     ax.set_ylabel("best-of-N accuracy")
-    ax.set_title("prm: best-of-N selection (mean over seeds)")
+    ax.set_title(f"{name}: best-of-N selection (mean over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -422,14 +524,14 @@ def make_plots(study: Study, results: dict, folder: Path, base: list[str]) -> li
         plot_curve(
             results,
             folder / "perplexity.png",
-            "lm_mixture: target perplexity",
+            f"{study.name}: target perplexity",
             "tokens seen",
-            "test perplexity (target mixture)",
+            "test perplexity (target)",
             lambda r: perplexity_series(r, tokens),
         )
         images.append("perplexity.png")
     if "best_of_n" in study.plots:
-        best_of_n_plot(results, folder / "best_of_n.png")
+        best_of_n_plot(results, folder / "best_of_n.png", study.name)
         images.append("best_of_n.png")
     return images
 

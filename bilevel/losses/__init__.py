@@ -10,6 +10,7 @@ from bilevel.losses.prm import (
     aggregation_loss,
     pairwise_ranking_loss,
     step_bce,
+    step_mse,
     trajectory_logits,
 )
 
@@ -20,6 +21,7 @@ __all__ = [
     "per_example_cross_entropy",
     "per_sequence_token_cross_entropy",
     "step_bce",
+    "step_mse",
     "token_cross_entropy",
     "trajectory_logits",
 ]

@@ -6,7 +6,9 @@ final answer right?).
 
 DreamPRM's meta objective (Cao et al., 2025) trains the weights without step labels: the step
 scores of a trajectory are aggregated into one trajectory score, which is compared with whether
-the trajectory's final answer is right. ``aggregation`` chooses how:
+the trajectory's final answer is right. DreamPRM's code uses the mean squared error at both
+levels (:func:`step_mse` against Monte-Carlo step labels, and ``aggregation_loss(loss="mse")``);
+the binary cross-entropy forms are kept as alternatives. ``aggregation`` chooses how:
 
 * ``mean_logodds``: mean of the step log-odds, then a sigmoid (DreamPRM's choice);
 * ``min``: the weakest step decides;
@@ -30,10 +32,20 @@ __all__ = [
     "aggregation_loss",
     "pairwise_ranking_loss",
     "step_bce",
+    "step_mse",
     "trajectory_logits",
 ]
 
 AGGREGATIONS = ("mean_logodds", "min", "product", "last")
+
+
+def step_mse(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
+    """Inner loss as DreamPRM's code: mean squared error between each step's probability
+    sigmoid(logit) and its (soft, e.g. Monte-Carlo) label, over each trajectory's steps -> [B]."""
+    probs = torch.sigmoid(upcast(output))
+    mask = batch["step_mask"].to(probs.dtype)
+    errors = (probs - batch["step_labels"].to(probs.dtype)) ** 2
+    return (errors * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 def step_bce(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
@@ -67,11 +79,24 @@ def trajectory_logits(output: Tensor, batch: Mapping[str, Any], aggregation: str
 
 
 def aggregation_loss(
-    output: Tensor, batch: Mapping[str, Any], aggregation: str = "mean_logodds"
+    output: Tensor,
+    batch: Mapping[str, Any],
+    aggregation: str = "mean_logodds",
+    loss: str = "bce",
 ) -> Tensor:
-    """Outer loss: BCE of the aggregated trajectory score against ``batch["outcome"]``."""
+    """Outer loss: the aggregated trajectory score against ``batch["outcome"]``.
+
+    ``loss="mse"`` is DreamPRM's: the squared error between the trajectory's probability
+    (sigmoid of the aggregated logit) and whether its final answer is right; ``"bce"`` the
+    binary cross-entropy of the same score.
+    """
+    if loss not in ("bce", "mse"):
+        raise ValueError(f"aggregation_loss: loss must be bce or mse, got {loss!r}")
     score = trajectory_logits(output, batch, aggregation)
     outcome = batch["outcome"].to(score.dtype)
+    if loss == "mse":
+        prob = score.exp() if aggregation == "product" else torch.sigmoid(score)
+        return ((prob - outcome) ** 2).mean()
     if aggregation == "product":  # score = log P(all steps right)
         log_p = score.clamp_max(-1e-6)
         log_not_p = torch.log(-torch.expm1(log_p))

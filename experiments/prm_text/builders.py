@@ -1,0 +1,297 @@
+"""DreamPRM, faithfully, on a pretrained encoder: arithmetic word problems written as text steps.
+
+A problem starts from a number (1..9) and applies 3 to 5 additions or subtractions of 1..5,
+staying within 0..20. A *policy* writes a solution step by step as text ("Step 2: 9 + 3 = 12.");
+each step slips with probability ``error_rate`` (by 1 or 2), one *trap* step per problem takes a
+habitual wrong result with probability ``trap_rate`` (so wrong answers cluster, as a real
+policy's do, and majority vote can be fooled), and later steps compute from whatever was
+written: the final answer is wrong exactly when some step is wrong. The numbers are small on
+purpose: verifying a step is then a table of a few hundred facts, which MiniLM can learn from
+the few thousand labelled steps a CPU study can afford.
+
+Step labels are Monte-Carlo estimates, as DreamPRM's sources are: the label of step s is the
+fraction of k rollouts, continued from the solution's first s steps by the same policy, that end
+at the right answer (0 once the prefix holds a wrong step). The training domains differ in the
+quality of those labels, like DreamPRM's sources:
+
+=============== ======================================================================
+``mc16``         16 rollouts per step (the best labels)
+``mc2``          2 rollouts per step (labels in {0, 0.5, 1}: noisy)
+``optimistic``   a biased annotator: a wrong step is called right (label 1) 60% of the time
+``mislabeled``   40% of the step labels replaced by 1 - label
+``trivial``      16 rollouts, but problems of 1 or 2 small additions (easy, uninformative)
+=============== ======================================================================
+
+No domain's labels are the meta target. The meta set holds, for ``meta_problems`` problems,
+``meta_candidates`` policy solutions with their final-answer correctness only (what DreamPRM's
+aggregation loss uses); the test set holds ``candidates`` solutions of each of ``test_problems``
+new problems, for best-of-N selection. ``info["label_error"]`` is each domain's mean absolute
+error against the exact probability of success (the true quality of its labels).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bilevel.data.columns import Columns, domain_columns
+from bilevel.data.domain_data import DomainData
+from bilevel.errors import ConfigError
+from bilevel.functional import forward_batch
+from bilevel.losses.prm import trajectory_logits
+
+__all__ = ["DOMAINS", "best_of_n", "prm_text", "sample_problems", "write_solutions"]
+
+DOMAINS = ("mc16", "mc2", "optimistic", "mislabeled", "trivial")
+N_VALUES = (1, 4, 16, 32)
+OPS = ("+", "-")
+
+
+def sample_problems(n: int, gen: torch.Generator, trivial: bool = False) -> list[dict]:
+    """``n`` problems: a start value, a list of (op, operand) and a trap step."""
+    problems = []
+    for _ in range(n):
+        if trivial:
+            steps = 1 + int(torch.randint(0, 2, (1,), generator=gen))
+            start = int(torch.randint(1, 6, (1,), generator=gen))
+            ops = [("+", int(torch.randint(1, 4, (1,), generator=gen))) for _ in range(steps)]
+        else:
+            # small numbers (0..20, operands 1..5): a table of facts an encoder can learn to
+            # check from a few thousand steps
+            steps = int(torch.randint(3, 6, (1,), generator=gen))
+            start = int(torch.randint(1, 10, (1,), generator=gen))
+            ops, value = [], start
+            for _ in range(steps):
+                a = int(torch.randint(1, 6, (1,), generator=gen))
+                op = OPS[int(torch.randint(0, 2, (1,), generator=gen))]
+                if _apply(value, op, a) < 0 or _apply(value, op, a) > 20:
+                    op = "+" if op == "-" else "-"
+                value = _apply(value, op, a)
+                ops.append((op, a))
+        trap = int(torch.randint(0, len(ops), (1,), generator=gen))
+        shift = 1 if float(torch.rand(1, generator=gen)) < 0.5 else -1
+        problems.append({"start": start, "ops": ops, "trap": trap, "trap_shift": shift})
+    return problems
+
+
+def _apply(value: int, op: str, a: int) -> int:
+    return value + a if op == "+" else value - a if op == "-" else value * a
+
+
+def write_solutions(
+    problem: dict, count: int, error_rate: float, gen: torch.Generator, trap_rate: float = 0.0
+) -> list:
+    """``count`` policy solutions: per step (stated value, op, operand, written result, prefix
+    right?). Each step slips with probability ``error_rate`` (by 1, 2 or 10); the problem's trap
+    step takes its habitual wrong result with probability ``trap_rate``."""
+    truth, value = [problem["start"]], problem["start"]
+    for op, a in problem["ops"]:
+        value = _apply(value, op, a)
+        truth.append(value)
+    out = []
+    for _ in range(count):
+        stated, steps, wrong_so_far = problem["start"], [], False
+        trapped = float(torch.rand(1, generator=gen)) < trap_rate
+        for s, (op, a) in enumerate(problem["ops"]):
+            right = _apply(stated, op, a)
+            written = right
+            if trapped and s == problem["trap"]:
+                written = right + problem["trap_shift"]
+            elif float(torch.rand(1, generator=gen)) < error_rate:
+                options = [d for d in (-2, -1, 1, 2) if right + d != truth[s + 1]]
+                written = right + options[int(torch.randint(0, len(options), (1,), generator=gen))]
+            if wrong_so_far and written == truth[s + 1]:
+                written = right  # a second slip must not land back on the right answer
+            wrong_so_far = wrong_so_far or written != right
+            steps.append((stated, op, a, written, not wrong_so_far))
+            stated = written
+        out.append({"steps": steps, "answer": stated, "correct": stated == truth[-1]})
+    return out
+
+
+def mc_labels(solution: dict, k: int, error_rate: float, gen: torch.Generator) -> list[float]:
+    """Monte-Carlo step labels: the fraction of k policy rollouts from each prefix that end at
+    the right answer (each remaining step right with probability 1 - error_rate)."""
+    n = len(solution["steps"])
+    labels = []
+    for s, (*_, prefix_right) in enumerate(solution["steps"]):
+        if not prefix_right:
+            labels.append(0.0)
+            continue
+        p = (1 - error_rate) ** (n - s - 1)
+        labels.append(
+            float(torch.binomial(torch.tensor(float(k)), torch.tensor(p), generator=gen)) / k
+        )
+    return labels
+
+
+def exact_labels(solution: dict, error_rate: float) -> list[float]:
+    n = len(solution["steps"])
+    return [
+        (1 - error_rate) ** (n - s - 1) if right else 0.0
+        for s, (*_, right) in enumerate(solution["steps"])
+    ]
+
+
+def _step_text(s: int, stated: int, op: str, a: int, result: int) -> str:
+    return f"Step {s + 1}: {stated} {op} {a} = {result}."
+
+
+class _Tokens:
+    """Question + step texts -> input ids with the token position that ends each step."""
+
+    def __init__(self, tokenizer, max_len: int, max_steps: int) -> None:
+        self.tok, self.max_len, self.max_steps = tokenizer, max_len, max_steps
+        self.cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.cache[text]
+
+    def encode(self, problem: dict, solution: dict) -> tuple[list[int], list[int]]:
+        # the steps carry all a check needs (each states its input, operation and result); the
+        # problem's own text would double the length, and the encoder's cost with it
+        ids = [self.tok.cls_token_id]
+        positions = []
+        for s, (stated, op, a, result, _) in enumerate(solution["steps"]):
+            ids += self.ids(_step_text(s, stated, op, a, result))
+            positions.append(min(len(ids), self.max_len) - 1)
+        return ids[: self.max_len], positions
+
+
+def _columns(rows: list[tuple], tokens: _Tokens) -> Columns:
+    b, t, s = len(rows), tokens.max_len, tokens.max_steps
+    input_ids = torch.zeros(b, t, dtype=torch.int64)
+    attention = torch.zeros(b, t, dtype=torch.int64)
+    positions = torch.zeros(b, s, dtype=torch.int64)
+    mask = torch.zeros(b, s)
+    labels = torch.zeros(b, s)
+    outcome, answer, problem_id = (
+        torch.zeros(b),
+        torch.zeros(b, dtype=torch.int64),
+        torch.zeros(b, dtype=torch.int64),
+    )
+    for i, (problem, solution, step_labels, pid) in enumerate(rows):
+        ids, pos = tokens.encode(problem, solution)
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        positions[i, : len(pos)] = torch.tensor(pos)
+        mask[i, : len(pos)] = 1
+        labels[i, : len(step_labels)] = torch.tensor(step_labels)
+        outcome[i] = float(solution["correct"])
+        answer[i] = solution["answer"]
+        problem_id[i] = pid
+    return {
+        "x": {"input_ids": input_ids, "attention_mask": attention, "step_positions": positions},
+        "step_labels": labels,
+        "step_mask": mask,
+        "outcome": outcome,
+        "answer": answer,
+        "problem": problem_id,
+    }
+
+
+@torch.no_grad()
+def best_of_n(
+    model: nn.Module,
+    columns: Columns,
+    device: torch.device,
+    aggregation: str = "mean_logodds",
+    chunk: int = 256,
+) -> dict[str, float]:
+    """Best-of-N accuracy of the PRM, majority vote and random choice (N in 1, 4, 16, 32)."""
+    from bilevel.data.columns import chunks
+
+    was = model.training
+    model.eval()
+    scores = torch.cat(
+        [trajectory_logits(forward_batch(model, c), c, aggregation) for c in chunks(columns, chunk)]
+    )
+    model.train(was)
+    candidates = int(columns["candidates"][0])
+    outcome = columns["outcome"].view(-1, candidates)
+    answer = columns["answer"].view(-1, candidates)
+    scores = scores.view(-1, candidates)
+    out: dict[str, float] = {}
+    for n in N_VALUES:
+        if n > candidates:
+            break
+        pick = scores[:, :n].argmax(1, keepdim=True)
+        out[f"prm@{n}"] = outcome[:, :n].gather(1, pick).mean().item()
+        same = (answer[:, :n, None] == answer[:, None, :n]).sum(2)  # votes for each candidate
+        first = same.argmax(1, keepdim=True)  # ties: the earliest
+        out[f"majority@{n}"] = outcome[:, :n].gather(1, first).mean().item()
+        out[f"random@{n}"] = outcome[:, :n].mean().item()
+    return out
+
+
+def prm_text(
+    per_domain: int = 400,
+    error_rate: float = 0.1,
+    trap_rate: float = 0.5,
+    meta_problems: int = 40,
+    meta_candidates: int = 8,
+    test_problems: int = 100,
+    candidates: int = 32,
+    max_len: int = 64,
+    tokenizer: str | None = None,
+    seed: int = 0,
+) -> DomainData:
+    """Build the five label-quality domains, the outcome-only meta set and the best-of-N test."""
+    if not 0 < error_rate < 1:
+        raise ConfigError("data.error_rate", f"must lie in (0, 1), got {error_rate}")
+    if not 0 <= trap_rate < 1:
+        raise ConfigError("data.trap_rate", f"must lie in [0, 1), got {trap_rate}")
+    if min(per_domain, meta_problems, meta_candidates, test_problems, candidates) < 1:
+        raise ConfigError("data", "sizes must be >= 1")
+    from bilevel.models.hf import load_tokenizer
+
+    tokens = _Tokens(load_tokenizer(tokenizer), max_len, max_steps=6)
+    gen = torch.Generator().manual_seed(int(seed))
+    parts, label_error = [], {}
+    for name in DOMAINS:
+        rows, errors = [], []
+        for pid, problem in enumerate(sample_problems(per_domain, gen, trivial=name == "trivial")):
+            (solution,) = write_solutions(problem, 1, error_rate, gen, trap_rate)
+            k = 2 if name == "mc2" else 16
+            labels = mc_labels(solution, k, error_rate, gen)
+            if name == "optimistic":
+                labels = [
+                    1.0 if not right and float(torch.rand(1, generator=gen)) < 0.6 else lab
+                    for lab, (*_, right) in zip(labels, solution["steps"])
+                ]
+            elif name == "mislabeled":
+                labels = [
+                    1 - lab if float(torch.rand(1, generator=gen)) < 0.4 else lab for lab in labels
+                ]
+            exact = exact_labels(solution, error_rate)
+            errors += [abs(a - b) for a, b in zip(labels, exact)]
+            rows.append((problem, solution, labels, pid))
+        columns = _columns(rows, tokens)
+        parts.append({k: columns[k] for k in ("x", "step_labels", "step_mask")})
+        label_error[name] = round(sum(errors) / len(errors), 3)
+
+    def candidate_set(problems: int, count: int) -> Columns:
+        rows = []
+        for pid, problem in enumerate(sample_problems(problems, gen)):
+            for solution in write_solutions(problem, count, error_rate, gen, trap_rate):
+                rows.append((problem, solution, [0.0] * len(solution["steps"]), pid))
+        columns = _columns(rows, tokens)
+        columns["candidates"] = torch.full((problems * count,), count)
+        return columns
+
+    meta = candidate_set(meta_problems, meta_candidates)
+    test = candidate_set(test_problems, candidates)
+    return DomainData(
+        names=list(DOMAINS),
+        train=domain_columns(parts),
+        meta={k: meta[k] for k in ("x", "step_mask", "outcome", "problem")},
+        test=test,
+        evaluate=best_of_n,
+        info={
+            "label_error": label_error,
+            "chance_right": round(float(test["outcome"].mean()), 3),
+            "steps_per_problem": "3-5 (trivial: 1-2)",
+        },
+    )
