@@ -63,7 +63,33 @@ def solver_methods(
     return out
 
 
+def other_methods() -> list[Method]:
+    """The methods beyond the four classic solvers, one row each (issue: every method)."""
+    return [
+        Method("neumann warm(1)", ["solver=neumann", "solver.iters=1", "solver.warm_start=true"]),
+        Method("cg warm(1)", ["solver=cg", "solver.iters=1", "solver.warm_start=true"]),
+        Method("sama (Adam inner optimizer)", ["solver=sama", "trainer/inner_optimizer=adam"]),
+        Method("scalebio", ["solver=scalebio"]),
+        Method("doge", ["solver=doge"]),
+        Method("DoReMi (excess-loss EG)", [], kind="doremi"),
+        Method("odm", ["solver=odm", "trainer.outer_every=1"]),
+        Method("loss_reweighting", ["solver=loss_reweighting"]),
+        Method("meta_weight_net (first_order)", ["weights=meta_weight_net"]),
+    ]
+
+
 STUDIES = {
+    "noisy_domains": Study(
+        "noisy_domains",
+        [
+            Method("uniform", ["trainer.learn_weights=false"]),
+            Method("clean-only oracle", ["domains=[d0,d1]", "trainer.learn_weights=false"]),
+            *solver_methods(),
+            *other_methods(),
+        ],
+        metrics=["accuracy", "loss"],
+        quick=["trainer.steps=20", "trainer.log_every=10"],
+    ),
     "digits": Study(
         "digits",
         [
@@ -71,6 +97,7 @@ STUDIES = {
             Method("loss-based selection", [], kind="selection"),
             Method("clean-only oracle", ["domains=[clean]", "trainer.learn_weights=false"]),
             *solver_methods(),
+            *other_methods(),
         ],
         metrics=["accuracy", "loss"],
         quick=["trainer.steps=20", "trainer.log_every=10", "trainer.eval_every=10"],

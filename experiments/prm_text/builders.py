@@ -1,18 +1,23 @@
 """DreamPRM, faithfully, on a pretrained encoder: arithmetic word problems written as text steps.
 
-A problem starts from a number (1..9) and applies 3 to 5 additions or subtractions of 1..5,
-staying within 0..20. A *policy* writes a solution step by step as text ("Step 2: 9 + 3 = 12.");
-each step slips with probability ``error_rate`` (by 1 or 2), one *trap* step per problem takes a
-habitual wrong result with probability ``trap_rate`` (so wrong answers cluster, as a real
-policy's do, and majority vote can be fooled), and later steps compute from whatever was
-written: the final answer is wrong exactly when some step is wrong. The numbers are small on
-purpose: verifying a step is then a table of a few hundred facts, which MiniLM can learn from
-the few thousand labelled steps a CPU study can afford.
+A problem starts from a number (1..9) and applies 3 to 5 additions or subtractions of 1..5, staying
+within 0..20. A *policy* writes a solution step by step as text, each step worded in one of four
+ways ("Start 7. Step 1: 7 + 3 = 10. Step 2: take 4 from 10 to get 6."), so that its right solutions
+differ from each other as a real policy's do (with one wording, every right solution of a problem is
+the same text with one score, and best-of-N turns into a contest between that score and the maximum
+over the varied wrong ones). A step goes wrong by starting from a value other than the previous
+step's result (a carry slip of 1 or 2, with probability ``error_rate`` per step); one *trap* step
+per problem takes a habitual slip with probability ``trap_rate``, so wrong answers cluster, as a
+real policy's do, and majority vote can be fooled. A wrong step's own arithmetic is right (from the
+wrong value), and later steps build on it: the final answer is wrong exactly when some step is
+wrong. Checking a step is comparing the value it starts from with the previous result, which a small
+pretrained encoder learns from a few thousand labelled steps; exact arithmetic checks (an earlier
+version) it did not learn at the scale a CPU study affords.
 
 Step labels are Monte-Carlo estimates, as DreamPRM's sources are: the label of step s is the
-fraction of k rollouts, continued from the solution's first s steps by the same policy, that end
-at the right answer (0 once the prefix holds a wrong step). The training domains differ in the
-quality of those labels, like DreamPRM's sources:
+fraction of k rollouts, continued from the solution's first s steps by the same policy, that end at
+the right answer (0 once the prefix holds a wrong step). The training domains differ in the quality
+of those labels, like DreamPRM's sources:
 
 =============== ======================================================================
 ``mc16``         16 rollouts per step (the best labels)
@@ -24,10 +29,9 @@ quality of those labels, like DreamPRM's sources:
 
 No domain's labels are the meta target. The meta set holds, for ``meta_problems`` problems,
 ``meta_candidates`` policy solutions with their final-answer correctness only (what DreamPRM's
-aggregation loss uses); the test set holds ``candidates`` solutions of each of ``test_problems``
-new problems, for best-of-N selection. ``info["label_error"]`` is each domain's mean absolute
-error against the exact probability of success (the true quality of its labels).
-"""
+aggregation loss uses); the test set holds ``candidates`` solutions of each of ``test_problems`` new
+problems, for best-of-N selection. ``info["label_error"]`` is each domain's mean absolute error
+against the exact probability of success (the true quality of its labels)."""
 
 from __future__ import annotations
 
@@ -81,60 +85,91 @@ def _apply(value: int, op: str, a: int) -> int:
 def write_solutions(
     problem: dict, count: int, error_rate: float, gen: torch.Generator, trap_rate: float = 0.0
 ) -> list:
-    """``count`` policy solutions: per step (stated value, op, operand, written result, prefix
-    right?). Each step slips with probability ``error_rate`` (by 1, 2 or 10); the problem's trap
-    step takes its habitual wrong result with probability ``trap_rate``."""
+    """``count`` policy solutions: per step (value it starts from, op, operand, result, prefix
+    right?). A step goes wrong by starting from a value other than the previous result (a carry
+    slip of 1 or 2, with probability ``error_rate``; at the problem's trap step a habitual one,
+    with probability ``trap_rate``); its own arithmetic is then done right, from the wrong value,
+    and every later step builds on it."""
     truth, value = [problem["start"]], problem["start"]
     for op, a in problem["ops"]:
         value = _apply(value, op, a)
         truth.append(value)
     out = []
     for _ in range(count):
-        stated, steps, wrong_so_far = problem["start"], [], False
+        carried, steps, wrong_so_far = problem["start"], [], False
         trapped = float(torch.rand(1, generator=gen)) < trap_rate
         for s, (op, a) in enumerate(problem["ops"]):
-            right = _apply(stated, op, a)
-            written = right
+            start = carried
             if trapped and s == problem["trap"]:
-                written = right + problem["trap_shift"]
+                start = carried + problem["trap_shift"]
             elif float(torch.rand(1, generator=gen)) < error_rate:
-                options = [d for d in (-2, -1, 1, 2) if right + d != truth[s + 1]]
-                written = right + options[int(torch.randint(0, len(options), (1,), generator=gen))]
-            if wrong_so_far and written == truth[s + 1]:
-                written = right  # a second slip must not land back on the right answer
-            wrong_so_far = wrong_so_far or written != right
-            steps.append((stated, op, a, written, not wrong_so_far))
-            stated = written
-        out.append({"steps": steps, "answer": stated, "correct": stated == truth[-1]})
+                start = carried + [-2, -1, 1, 2][int(torch.randint(0, 4, (1,), generator=gen))]
+            result = _apply(start, op, a)
+            if wrong_so_far and result == truth[s + 1]:
+                start, result = carried, _apply(carried, op, a)  # never back onto the truth
+            wrong_so_far = wrong_so_far or start != carried
+            steps.append((start, op, a, result, not wrong_so_far))
+            carried = result
+        # the policy words each step in one of a few ways, so its right solutions differ too
+        templates = torch.randint(0, len(TEMPLATES), (len(steps),), generator=gen).tolist()
+        out.append(
+            {
+                "steps": steps,
+                "answer": carried,
+                "correct": carried == truth[-1],
+                "templates": templates,
+            }
+        )
     return out
 
 
-def mc_labels(solution: dict, k: int, error_rate: float, gen: torch.Generator) -> list[float]:
+def _success(problem: dict, s: int, error_rate: float, trap_rate: float) -> float:
+    """Probability that the policy, continuing after step s with a right prefix, ends right."""
+    p = 1.0
+    for j in range(s + 1, len(problem["ops"])):
+        p *= (1 - error_rate) * ((1 - trap_rate) if j == problem["trap"] else 1.0)
+    return p
+
+
+def mc_labels(
+    problem: dict,
+    solution: dict,
+    k: int,
+    error_rate: float,
+    trap_rate: float,
+    gen: torch.Generator,
+) -> list[float]:
     """Monte-Carlo step labels: the fraction of k policy rollouts from each prefix that end at
-    the right answer (each remaining step right with probability 1 - error_rate)."""
-    n = len(solution["steps"])
+    the right answer (0 once the prefix holds a wrong step)."""
     labels = []
     for s, (*_, prefix_right) in enumerate(solution["steps"]):
         if not prefix_right:
             labels.append(0.0)
             continue
-        p = (1 - error_rate) ** (n - s - 1)
-        labels.append(
-            float(torch.binomial(torch.tensor(float(k)), torch.tensor(p), generator=gen)) / k
-        )
+        p = torch.tensor(_success(problem, s, error_rate, trap_rate))
+        labels.append(float(torch.binomial(torch.tensor(float(k)), p, generator=gen)) / k)
     return labels
 
 
-def exact_labels(solution: dict, error_rate: float) -> list[float]:
-    n = len(solution["steps"])
+def exact_labels(problem: dict, solution: dict, error_rate: float, trap_rate: float) -> list:
     return [
-        (1 - error_rate) ** (n - s - 1) if right else 0.0
+        _success(problem, s, error_rate, trap_rate) if right else 0.0
         for s, (*_, right) in enumerate(solution["steps"])
     ]
 
 
-def _step_text(s: int, stated: int, op: str, a: int, result: int) -> str:
-    return f"Step {s + 1}: {stated} {op} {a} = {result}."
+TEMPLATES = (
+    "Step {k}: {v} {op} {a} = {r}.",
+    "Step {k}: {v} {op} {a} gives {r}.",
+    "Step {k}: {r} = {v} {op} {a}.",
+    "Step {k}: {word} {a} {prep} {v} to get {r}.",
+)
+WORD = {"+": ("add", "to"), "-": ("take", "from")}
+
+
+def _step_text(s: int, stated: int, op: str, a: int, result: int, template: int = 0) -> str:
+    word, prep = WORD[op]
+    return TEMPLATES[template].format(k=s + 1, v=stated, op=op, a=a, r=result, word=word, prep=prep)
 
 
 class _Tokens:
@@ -150,12 +185,13 @@ class _Tokens:
         return self.cache[text]
 
     def encode(self, problem: dict, solution: dict) -> tuple[list[int], list[int]]:
-        # the steps carry all a check needs (each states its input, operation and result); the
-        # problem's own text would double the length, and the encoder's cost with it
-        ids = [self.tok.cls_token_id]
+        # "Start 7." then the steps: each step states the value it starts from, so checking it
+        # is comparing that value with the previous step's result (or the start); the problem's
+        # full text would double the length, and the encoder's cost with it
+        ids = [self.tok.cls_token_id, *self.ids(f"Start {problem['start']}.")]
         positions = []
         for s, (stated, op, a, result, _) in enumerate(solution["steps"]):
-            ids += self.ids(_step_text(s, stated, op, a, result))
+            ids += self.ids(_step_text(s, stated, op, a, result, solution["templates"][s]))
             positions.append(min(len(ids), self.max_len) - 1)
         return ids[: self.max_len], positions
 
@@ -255,7 +291,7 @@ def prm_text(
         for pid, problem in enumerate(sample_problems(per_domain, gen, trivial=name == "trivial")):
             (solution,) = write_solutions(problem, 1, error_rate, gen, trap_rate)
             k = 2 if name == "mc2" else 16
-            labels = mc_labels(solution, k, error_rate, gen)
+            labels = mc_labels(problem, solution, k, error_rate, trap_rate, gen)
             if name == "optimistic":
                 labels = [
                     1.0 if not right and float(torch.rand(1, generator=gen)) < 0.6 else lab
@@ -265,7 +301,7 @@ def prm_text(
                 labels = [
                     1 - lab if float(torch.rand(1, generator=gen)) < 0.4 else lab for lab in labels
                 ]
-            exact = exact_labels(solution, error_rate)
+            exact = exact_labels(problem, solution, error_rate, trap_rate)
             errors += [abs(a - b) for a, b in zip(labels, exact)]
             rows.append((problem, solution, labels, pid))
         columns = _columns(rows, tokens)

@@ -137,3 +137,80 @@ def test_experiments_script_quick(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "results_quick.md").exists() and (tmp_path / "best_of_n.png").exists()
+
+
+# -- the studies on pretrained transformers --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_prm_text_runs_offline_from_the_cli(tmp_path):
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from tests.integration.helpers import cli, read_summary
+
+    proc = cli(
+        "experiment=prm_text",
+        "trainer.steps=4",
+        "trainer.batch_size=10",
+        "data.per_domain=8",
+        "data.test_problems=4",
+        "data.meta_problems=2",
+        "data.meta_candidates=4",
+        f"hydra.run.dir={tmp_path}",
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = read_summary(tmp_path)
+    assert summary["steps"] == 4 and {"prm@1", "prm@32", "majority@32"} <= set(summary["test"])
+
+
+@pytest.mark.slow
+def test_lm_pretrained_runs_offline_from_the_cli(tmp_path):
+    pytest.importorskip("gguf", reason="needs the [lm] extra")
+    pytest.importorskip("gensim", reason="needs the [lm] extra")
+    from tests.integration.helpers import cli, read_summary
+
+    proc = cli(
+        "experiment=lm_pretrained",
+        "trainer.steps=4",
+        "trainer.batch_size=6",
+        "trainer.eval_every=2",
+        "data.per_domain=16",
+        "data.test_size=8",
+        "data.meta_size=8",
+        f"hydra.run.dir={tmp_path}",
+        env={"HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = read_summary(tmp_path)
+    assert summary["steps"] == 4 and summary["test"]["perplexity"] > 1
+
+
+def test_prm_text_solutions_and_labels_mean_what_they_say():
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from bilevel_experiments.prm_text.builders import (
+        exact_labels,
+        mc_labels,
+        prm_text,
+        sample_problems,
+        write_solutions,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    for problem in sample_problems(200, gen):
+        for solution in write_solutions(problem, 8, 0.2, gen, trap_rate=0.5):
+            steps = solution["steps"]
+            any_wrong = not all(right for *_, right in steps)
+            assert solution["correct"] == (not any_wrong)  # wrong exactly when a step is wrong
+            for s, (start, op, a, result, _) in enumerate(steps):  # each step's arithmetic holds
+                assert result == (start + a if op == "+" else start - a)
+            labels = mc_labels(problem, solution, 16, 0.2, 0.5, gen)
+            exact = exact_labels(problem, solution, 0.2, 0.5)
+            for lab, ex, (*_, right) in zip(labels, exact, steps):
+                assert (lab == 0 and ex == 0) if not right else 0 <= lab <= 1
+    data = prm_text(per_domain=40, test_problems=4, meta_problems=2, seed=0)
+    errors = data.info["label_error"]
+    assert errors["mc16"] < errors["mc2"] < errors["optimistic"]
+    assert errors["mc16"] < errors["mislabeled"]
+    # no domain's labels are the meta target (final-answer correctness of the whole solution)
+    assert "outcome" not in data.names

@@ -101,3 +101,23 @@ def test_parametrization_vjp_matches_autograd(param):
     g = torch.randn(5, dtype=torch.float64)
     (expected,) = torch.autograd.grad(apply_parametrization(param, logits), logits, g)
     torch.testing.assert_close(parametrization_vjp(param, logits, g), expected)
+
+
+def test_dreamprm_mse_losses():
+    from bilevel.losses import aggregation_loss, step_mse
+
+    logits = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.0, 0.0]])
+    batch = {
+        "step_mask": torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]),
+        "step_labels": torch.tensor([[0.5, 1.0, 0.0], [0.0, 0.0, 0.0]]),
+        "outcome": torch.tensor([1.0, 0.0]),
+    }
+    p = torch.sigmoid(logits)
+    expected = torch.stack(
+        [((p[0, :2] - batch["step_labels"][0, :2]) ** 2).mean(), (p[1] ** 2).mean()]
+    )
+    torch.testing.assert_close(step_mse(logits, batch), expected)
+    score = torch.sigmoid(torch.tensor([1.0, 1 / 3]))  # sigmoid of the mean step log-odds
+    torch.testing.assert_close(
+        aggregation_loss(logits, batch, loss="mse"), ((score - batch["outcome"]) ** 2).mean()
+    )
