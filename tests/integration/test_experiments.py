@@ -202,7 +202,7 @@ def test_prm_text_solutions_and_labels_mean_what_they_say():
             steps = solution["steps"]
             any_wrong = not all(right for *_, right in steps)
             assert solution["correct"] == (not any_wrong)  # wrong exactly when a step is wrong
-            for s, (start, op, a, result, _) in enumerate(steps):  # each step's arithmetic holds
+            for start, op, a, result, _ in steps:  # each step's arithmetic holds
                 assert result == (start + a if op == "+" else start - a)
             labels = mc_labels(problem, solution, 16, 0.2, 0.5, gen)
             exact = exact_labels(problem, solution, 0.2, 0.5)
