@@ -55,7 +55,10 @@ def make_optimizer(factory: OptimizerFactory, params: list, field: str) -> torch
     try:
         return factory(params)
     except (ValueError, TypeError) as err:
-        raise ConfigError(field, str(err)) from None
+        message = str(err)
+        if "unexpected keyword argument 'fused'" in message:
+            message += f" (this optimizer has no fused kernel: drop the key, ~{field}.fused)"
+        raise ConfigError(field, message) from None
 
 
 def default_sgd(fused: bool) -> OptimizerFactory:

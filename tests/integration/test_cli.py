@@ -210,3 +210,29 @@ def test_a_new_run_in_an_old_directory_starts_fresh_metrics(run_cli, tmp_path):
     run_cli("experiment=tiny", "trainer.steps=20", "seed=1", out=tmp_path / "run")
     steps = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "weights" in r]
     assert steps == [0, 10, 20]
+
+
+# -- the methods on the default problem (issue: every method behind one switch) ----------------
+
+
+def noisy_weight(summary):
+    return summary["weights"]["d2"] + summary["weights"]["d3"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides", [["solver=sama", "trainer/inner_optimizer=adam"], ["solver=scalebio"]]
+)
+def test_sama_and_scalebio_move_weight_off_the_noisy_domains(run_cli, overrides):
+    summary, _ = run_cli(*overrides)
+    assert noisy_weight(summary) <= 0.1, summary["weights"]
+
+
+@pytest.mark.slow
+def test_odm_runs_and_meta_weight_net_beats_uniform(run_cli, tmp_path):
+    odm, _ = run_cli("solver=odm", "trainer.steps=500", out=tmp_path / "odm")
+    assert odm["solver"] == "odm" and odm["skipped_steps"] == 0
+    assert abs(sum(odm["weights"].values()) - 1) < 1e-5
+    uniform, _ = run_cli("trainer.learn_weights=false", out=tmp_path / "uniform")
+    mwn, _ = run_cli("weights=meta_weight_net", out=tmp_path / "mwn")
+    assert mwn["test"]["accuracy"] > uniform["test"]["accuracy"]

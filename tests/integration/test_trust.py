@@ -573,3 +573,27 @@ def test_domain_data_from_plain_tensors_float64_end_to_end():
         TrainerConfig(steps=10, batch_size=9, progress=False),
     )
     assert trainer.fit()["steps"] == 10
+
+
+def test_sama_with_an_optimizer_it_cannot_precondition_says_so(tmp_path):
+    proc = cli(
+        "experiment=tiny",
+        "solver=sama",
+        "trainer/inner_optimizer=rmsprop",
+        f"hydra.run.dir={tmp_path / 'r'}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[:3]
+    assert any("sama cannot precondition RMSprop" in line for line in first)
+
+
+def test_meta_weight_net_with_a_sampler_that_applies_weights_is_one_line(tmp_path):
+    proc = cli(
+        "experiment=tiny",
+        "weights=meta_weight_net",
+        "trainer.sampling=weights",
+        f"hydra.run.dir={tmp_path / 'r'}",
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bilevel: error: trainer.sampling")
