@@ -117,6 +117,9 @@ STUDIES = {
             ),
             # unrolled differentiates through plain SGD steps; this study trains with Adam
             *solver_methods(solvers=["first_order", "neumann", "cg"]),
+            Method(
+                "neumann warm(1)", ["solver=neumann", "solver.iters=1", "solver.warm_start=true"]
+            ),
         ],
         metrics=["perplexity", "loss", "accuracy"],
         quick=[

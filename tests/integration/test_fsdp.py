@@ -81,14 +81,22 @@ def test_fsdp_holds_half_the_parameters_per_rank(runs):
 
 
 def test_fsdp_resume_equals_an_uninterrupted_run(runs):
+    # a warm-started solver: its kept solution is sharded like the parameters and saved per rank
     root = runs["root"]
+    extra = [
+        "trainer.strategy=fsdp",
+        "solver=neumann",
+        "solver.iters=1",
+        "solver.warm_start=true",
+        "solver.products=finite_difference",
+    ]
+    torchrun(*COMMON, *extra, f"hydra.run.dir={root / 'whole'}")
     part = root / "part"
-    extra = ["trainer.strategy=fsdp", "solver.products=finite_difference"]
     torchrun(*COMMON, *extra, "trainer.steps=50", f"hydra.run.dir={part}")
     assert (part / "checkpoints" / "last.pt").exists()
-    assert list((part / "checkpoints").glob("shards-50"))
+    assert list((part / "checkpoints").glob("shards-50/method-rank1.pt"))
     torchrun(f"resume={part}", "trainer.steps=100")
-    assert read_summary(part)["weights"] == runs["fsdp"]["weights"]
+    assert read_summary(part)["weights"] == read_summary(root / "whole")["weights"]
 
 
 def test_fsdp_with_cg_runs(tmp_path):
