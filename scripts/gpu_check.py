@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--windows", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--only", default="", help="comma-separated method names to run")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -100,7 +101,10 @@ def main() -> None:
     print("| method | no host sync in the loop | ms / window | × fixed weights |")
     print("|---|---|---|---|")
     base = None
+    wanted = [m for m in args.only.split(",") if m]
     for name, solver, opts, extra in METHODS:
+        if wanted and name not in wanted:
+            continue
         t = trainer(name, solver, opts, extra, device)
         for _ in range(args.warmup):
             t.step_window()
