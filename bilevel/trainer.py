@@ -46,6 +46,7 @@ from bilevel.weights import DomainWeights
 __all__ = ["BilevelTrainer", "NonFiniteError", "TrainerConfig"]
 
 log = logging.getLogger("bilevel")
+progress = logging.getLogger("bilevel.progress")
 
 Loss = Callable[[Any, Any], Tensor]
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
@@ -473,6 +474,13 @@ class BilevelTrainer:
             "elapsed_s": round(self.elapsed, 3),
         }
         self.log.write(record)
+        if progress.isEnabledFor(logging.INFO):
+            progress.info(
+                f"step {self.step}: inner loss {record['inner_loss']:.4f}, meta loss "
+                f"{record['meta_loss']:.4f}, weights "
+                + ", ".join(f"{k} {v:.4f}" for k, v in weights.items())
+                + (f", skipped {totals['skipped_steps']}" if totals["skipped_steps"] else "")
+            )
         shown = dict(list(weights.items())[:6])
         self.log.show(inner=record["inner_loss"], meta=record["meta_loss"], **shown)
         return record
