@@ -199,6 +199,14 @@ def goals(res: dict) -> str:
                 f"- {ours} / fastest peer implicit ({fastest}): {ratio(ours, fastest):.2f} "
                 "(goal <= 0.6)"
             )
+    for warm in ("ours_neumann_warm", "ours_cg_warm"):
+        if warm in ms:
+            out.append(
+                f"- {warm}: {ratio(warm, 'fixed_plain'):.2f}× the plain fixed-weight loop "
+                f"(goal <= 1.5 on compute), {ratio(warm, 'ours_first_order'):.2f}× first_order "
+                f"(goal <= 1.3 on tiny), {ratio(warm, 'betty_neumann'):.2f}× Betty neumann(5) "
+                "(goal <= 0.6 on tiny)"
+            )
     return "\n".join(out)
 
 

@@ -66,9 +66,11 @@ SOLVERS = [
     ("cg(5)", "autograd"),
     ("cg(5)", "finite_difference"),
     ("neumann warm(1)", "autograd"),
+    ("neumann warm(1)", "finite_difference"),
     ("unrolled(5)", "autograd"),
     ("scalebio", "none"),
 ]
+LABEL = {"autograd": "autograd", "finite_difference": "FD", "none": "(no products)"}
 
 
 def activations(
@@ -123,7 +125,7 @@ def tables(tokens: int, seq: int) -> str:
         f"fused kernels need them too). Bold: fits one 80 GB GPU.\n"
     ]
     for m in MODELS:
-        header = ["strategy, GPUs", "training only"] + [f"{s} {p[:8]}" for s, p in SOLVERS]
+        header = ["strategy, GPUs", "training only"] + [f"{s} {LABEL[p]}" for s, p in SOLVERS]
         rows = []
         for strategy, n in [("ddp", 1), ("fsdp", 2), ("fsdp", 8), ("fsdp", 64)]:
             base = per_gpu(m, strategy, n, "none", "finite_difference", tokens, seq, True)

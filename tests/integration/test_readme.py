@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from tests.integration.helpers import REPO
+from tests.integration.helpers import REPO, cli
 
 FILE_BLOCK = re.compile(r"#\s*([\w./-]+\.\w+)\s*(?:\(.*\))?$")
 
@@ -44,3 +44,48 @@ def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch):
         if name == "my_pkg" or name.startswith("my_pkg."):
             del sys.modules[name]
     assert os.getcwd() == str(tmp_path)
+
+
+def command_line_examples(text: str) -> list[list[str]]:
+    """The ``bilevel-run`` lines of the first bash block of the README's command-line section,
+    as override lists (comments and quotes removed)."""
+    import shlex
+
+    section = text.split("## Command line", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    out = []
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["bilevel-run"]:
+            out.append(words[1:])
+    return out
+
+
+def test_every_command_line_example_of_the_readme_runs(tmp_path, monkeypatch):
+    """Each example runs as written, shortened to a few steps (GPU ones only where CUDA is)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from bilevel.cli import config_dir, run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    examples = command_line_examples((REPO / "README.md").read_text())
+    assert len(examples) >= 10
+    short = ["trainer.steps=6", "trainer.log_every=3", "trainer.progress=false"]
+    ran = 0
+    for i, overrides in enumerate(examples):
+        if overrides[:1] == ["--cfg"]:
+            printed = cli(*overrides)
+            assert printed.returncode == 0 and "solver:" in printed.stdout, printed.stderr
+            continue
+        if "device=cuda" in overrides and not torch.cuda.is_available():
+            continue
+        full = [*overrides, *short]
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=full)
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary = run(cfg, output_dir=tmp_path / f"example{i}", overrides=full)
+        assert summary["steps"] == 6, overrides
+        ran += 1
+    assert ran >= 10
