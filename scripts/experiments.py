@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from bilevel.cli import config_dir, run
+from bilevel.cli import config_dir, quiet_third_parties, run
 from bilevel.logging import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +50,9 @@ class Study:
     quick: list[str]  # overrides that make a run take seconds
     notes: str = ""
     plots: list[str] = field(default_factory=lambda: ["weights"])
+
+
+PROBE = ["trainer.steps=50", "trainer.checkpoint_every=0"]
 
 
 def solver_methods(
@@ -172,8 +175,9 @@ STUDIES = {
         "prm_text",
         [
             Method("uniform", ["trainer.learn_weights=false"]),
-            Method("best single domain (by validation loss)", [], kind="best_single"),
-            Method("data selection (drop the 2 worst domains)", [], kind="selection_single"),
+            # each domain alone for a 50-step probe; rank by the probe's validation loss
+            Method("best single domain (by validation loss)", PROBE, kind="best_single"),
+            Method("data selection (drop the 2 worst domains)", PROBE, kind="selection_single"),
             Method("DreamPRM (first_order, MSE at both levels)", ["solver=first_order"]),
             Method("first_order, ranking meta loss", ["outer_loss=pairwise_ranking"]),
         ],
@@ -277,9 +281,9 @@ def run_method(
     elif method.kind == "selection":
         summary = loss_based_selection(common, out, cache)
     elif method.kind == "best_single":
-        summary = best_single(common, runs, cache, seed)
+        summary = best_single(common, runs, cache, seed, method.overrides)
     elif method.kind == "selection_single":
-        summary = selection_single(common, out, runs, cache, seed)
+        summary = selection_single(common, out, runs, cache, seed, method.overrides)
     else:
         summary = doremi(common, out, cache, seed)
     summary.setdefault("time_s", summary["wall_time_s"])
@@ -311,8 +315,12 @@ def loss_based_selection(common: list[str], out: Path, cache: dict, drop: int = 
     return summary
 
 
-def single_domain_runs(common: list[str], runs: Path, cache: dict, seed: int) -> dict:
-    """One full-length run per domain, trained on that domain alone (cached per seed)."""
+def single_domain_runs(
+    common: list[str], runs: Path, cache: dict, seed: int, probe: list[str]
+) -> dict:
+    """One short probe run per domain, trained on that domain alone (``probe``: the overrides
+    that make it short, e.g. ``trainer.steps=50``), cached per seed: how a practitioner would
+    rank the domains before committing to a full run."""
     key = ("singles", seed)
     if key not in cache:
         names = list(
@@ -320,31 +328,41 @@ def single_domain_runs(common: list[str], runs: Path, cache: dict, seed: int) ->
         )
         cache[key] = {
             d: run_once(
-                [*common, f"domains=[{d}]", "trainer.learn_weights=false"],
-                runs / "single" / d / f"seed{seed}",
+                [*probe, *common, f"domains=[{d}]", "trainer.learn_weights=false"],
+                runs / "single_probe" / d / f"seed{seed}",
             )
             for d in names
         }
     return cache[key]
 
 
-def best_single(common: list[str], runs: Path, cache: dict, seed: int) -> dict:
-    """The domain whose model alone has the lowest validation (meta) loss."""
-    singles = single_domain_runs(common, runs, cache, seed)
+def best_single(common: list[str], runs: Path, cache: dict, seed: int, probe: list[str]) -> dict:
+    """The domain whose probe model alone has the lowest validation (meta) loss, then trained
+    alone for the full run."""
+    singles = single_domain_runs(common, runs, cache, seed, probe)
     name = min(singles, key=lambda d: singles[d]["meta_loss"])
-    summary = dict(singles[name])
+    summary = run_once(
+        [*common, f"domains=[{name}]", "trainer.learn_weights=false"],
+        runs / "single" / name / f"seed{seed}",
+    )
     summary["weights"] = {d: float(d == name) for d in singles}
     summary["note"] = f"picked {name}"
-    summary["time_s"] = sum(s["wall_time_s"] for s in singles.values())
+    summary["time_s"] = sum(s["wall_time_s"] for s in singles.values()) + summary["wall_time_s"]
     return summary
 
 
 def selection_single(
-    common: list[str], out: Path, runs: Path, cache: dict, seed: int, drop: int = 2
+    common: list[str],
+    out: Path,
+    runs: Path,
+    cache: dict,
+    seed: int,
+    probe: list[str],
+    drop: int = 2,
 ) -> dict:
-    """Data selection: drop the ``drop`` domains whose own models have the worst validation
-    (meta) loss, train uniformly on the rest."""
-    singles = single_domain_runs(common, runs, cache, seed)
+    """Data selection: drop the ``drop`` domains whose own probe models have the worst
+    validation (meta) loss, train uniformly on the rest."""
+    singles = single_domain_runs(common, runs, cache, seed, probe)
     names = list(singles)
     keep = sorted(names, key=lambda d: singles[d]["meta_loss"])[: len(names) - drop]
     keep = [d for d in names if d in keep]
@@ -601,6 +619,7 @@ def main() -> None:
     if any(m.kind == "doremi" for m in methods) and not any(m.label == "uniform" for m in methods):
         methods.insert(0, next(m for m in study.methods if m.label == "uniform"))
     torch.set_num_threads(int(os.environ.get("BILEVEL_THREADS", "2")))
+    quiet_third_parties()
     results: dict[str, list[dict]] = {}
     cache: dict = {}
     for method in methods:

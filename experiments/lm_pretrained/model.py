@@ -63,7 +63,7 @@ def _base_model():
                 model = AutoModelForCausalLM.from_pretrained(
                     gguf_folder(),
                     gguf_file=GGUF_FILE,
-                    torch_dtype=torch.float32,
+                    dtype=torch.float32,
                     attn_implementation="eager",
                 )
         finally:
