@@ -283,8 +283,9 @@ def warm_accuracy(p: Problem, steps: int, warmup: int) -> str:
             _ref=reference,
             _out=cosines,
         ):
+            # solve() consumes g_outer (cg turns it into its residual, in place): one copy each
+            cold = _ref.solve(products, [t.clone() for t in g_outer], inner_lr)
             got = _orig(_solver, products, g_outer, inner_lr)
-            cold = _ref.solve(products, g_outer, inner_lr)
             _out.append(torch.nn.functional.cosine_similarity(got, cold, dim=0).item())
             return got
 
