@@ -199,7 +199,14 @@ def goals(res: dict) -> str:
                 f"- {ours} / fastest peer implicit ({fastest}): {ratio(ours, fastest):.2f} "
                 "(goal <= 0.6)"
             )
-    for warm in ("ours_neumann_warm", "ours_cg_warm"):
+    if "api_first_order" in ms:
+        out.append(
+            f"- bilevel.hypergradient first_order in a user's own loop: "
+            f"{ratio('api_first_order', 'fixed_plain'):.2f}× the plain fixed-weight loop, "
+            f"{ratio('api_first_order', 'ours_first_order'):.2f}× the trainer's first_order, "
+            f"{ratio('api_first_order', 'betty_darts'):.2f}× Betty darts"
+        )
+    for warm in ("ours_neumann_warm", "ours_cg_warm", "api_neumann_warm"):
         if warm in ms:
             out.append(
                 f"- {warm}: {ratio(warm, 'fixed_plain'):.2f}× the plain fixed-weight loop "

@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bilevel import BilevelTrainer, DomainWeights, TrainerConfig, segment_mean
+from bilevel import (
+    BilevelTrainer,
+    DomainWeights,
+    TrainerConfig,
+    hypergradient,
+    make_per_domain_loss,
+    segment_mean,
+)
 from bilevel.data import DomainData, DomainSampler
 from bilevel.data.columns import to_device
 from bilevel.losses import cross_entropy, per_example_cross_entropy
@@ -163,6 +170,45 @@ class Ours(Method):
 
     def outer_step(self):
         self.trainer.step_window()
+
+
+class OursAPI(Method):
+    """A user's own loop around the public ``bilevel.hypergradient``, as the README writes it.
+
+    T plain SGD steps on the weighted loss (``torch.optim.SGD``, fused), then one call of
+    ``bilevel.hypergradient`` at the last inner batch (``make_per_domain_loss``) and one Adam
+    step on the logits. What the public API costs on top of the trainer's own path.
+    """
+
+    def __init__(self, p, data, solver: str, **opts):
+        super().__init__(p, data)
+        label = solver + (" warm(1)" if opts.get("warm_start") else "")
+        self.name = f"bilevel.hypergradient {label} (own loop)"
+        self.solver = build(solver, **opts)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=p.inner_lr, fused=True)
+        self.outer = torch.optim.Adam(self.weights.parameters(), lr=p.outer_lr, fused=True)
+        self.meta_fn = lambda params: F.cross_entropy(
+            torch.func.functional_call(self.model, params, (self.meta["x"],)), self.meta["y"]
+        )
+
+    def outer_step(self):
+        w = self.weights.value().detach()
+        for _ in range(self.p.unroll):
+            batch = self.batch()
+            loss = torch.dot(w, self.per_domain(self.model, batch))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        per_domain = make_per_domain_loss(
+            self.model, batch, per_example_cross_entropy, self.p.k, self.inverse
+        )
+        params = {n: t.detach() for n, t in self.model.named_parameters()}
+        grad = hypergradient(
+            self.solver, per_domain, self.meta_fn, params, self.weights, self.p.inner_lr
+        )
+        self.outer.zero_grad(set_to_none=True)
+        self.weights.logits.grad = grad
+        self.outer.step()
 
 
 # -- higher ------------------------------------------------------------------------------------
@@ -374,6 +420,11 @@ def registry(p: Problem) -> dict[str, Any]:
             p, d, "neumann", iters=1, alpha=p.inner_lr, warm_start=True
         ),
         "ours_sama": lambda p, d: Ours(p, d, "sama"),
+        "api_first_order": lambda p, d: OursAPI(p, d, "first_order"),
+        "api_neumann": lambda p, d: OursAPI(p, d, "neumann", iters=it, alpha=p.inner_lr),
+        "api_neumann_warm": lambda p, d: OursAPI(
+            p, d, "neumann", iters=1, alpha=p.inner_lr, warm_start=True
+        ),
         "higher_unrolled": HigherUnrolled,
         "torchopt_unrolled": TorchOptUnrolled,
         "torchopt_neumann": lambda p, d: TorchOptImplicit(p, d, "neumann"),
