@@ -565,6 +565,17 @@ def main() -> None:
         scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{os.environ['RANK']}-")
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     app()
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Tear the torchrun process group down after a finished run. Left to the interpreter's
+    exit, gloo's worker threads can be destroyed while still joinable, and the rank then aborts
+    ("terminate called without an active exception") after the run already succeeded."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()  # local for gloo; the last collective has finished
 
 
 if __name__ == "__main__":

@@ -51,12 +51,12 @@ def poison_nonfinite(result: Tensor, *values: Tensor) -> Tensor:
 
     A NaN loss does not always reach its derivatives (``torch.where`` with a NaN constant has a
     zero derivative), so the solvers mark their result non-finite whenever a loss value was.
+    ``0 * v`` is 0 for a finite entry and NaN for inf or NaN, so adding the sum of it is exact
+    for finite values and poisons otherwise: three small kernels, where an ``isfinite`` test
+    and a ``where`` take six.
     """
-    if len(values) == 1:
-        finite = torch.isfinite(values[0]).all()
-    else:
-        finite = torch.stack([torch.isfinite(v).all() for v in values]).all()
-    return torch.where(finite, result, torch.nan)
+    zero = sum((v.detach() * 0).sum() for v in values)
+    return result + zero.to(result.dtype)
 
 
 def leaves(params: Params) -> tuple[list[str], TensorList]:
