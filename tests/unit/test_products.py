@@ -194,3 +194,15 @@ def test_implicit_solvers_hold_a_few_gradients_of_memory():
             )
         )
         assert used <= bound * plain, (name, opts, used / plain)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_loss_value_marks_the_product_and_a_finite_one_leaves_it_exact(bad):
+    from bilevel.solvers.products import poison_nonfinite
+
+    result = torch.tensor([1.5, -2.0, 3.0e-30], dtype=torch.float64)
+    huge = torch.tensor([3.0e38, 3.0e38])  # finite, though their float32 sum is not
+    assert torch.equal(poison_nonfinite(result, huge), result)
+    assert torch.equal(poison_nonfinite(result, huge, torch.zeros(1)), result)
+    marked = poison_nonfinite(result, torch.tensor([0.5, bad]), huge)
+    assert marked.dtype == result.dtype and torch.isnan(marked).all()
