@@ -36,14 +36,38 @@ def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(block)
             continue
-        with contextlib.redirect_stdout(io.StringIO()):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
             exec(compile(block, f"README block {ran + 1}", "exec"), namespace)  # noqa: S102
         ran += 1
+        check_shown_output(block, out.getvalue(), ran)
     assert ran >= 3
     for name in list(sys.modules):
         if name == "my_pkg" or name.startswith("my_pkg."):
             del sys.modules[name]
     assert os.getcwd() == str(tmp_path)
+
+
+NUMBER = re.compile(r"-?\d+\.\d+(?:e-?\d+)?|-?\d+")
+
+
+def check_shown_output(block: str, printed: str, index: int) -> None:
+    """Where a top-level ``print(...)  # <literal>`` shows its output in a comment (a dict, a
+    list or a number), the block printed that, to the comment's rounding: a README whose shown
+    numbers drifted from what the code prints fails here."""
+    prints = [line for line in block.splitlines() if line.startswith("print(")]
+    lines = printed.splitlines()
+    if len(prints) != len(lines):  # prints in loops or helpers: nothing to pair
+        return
+    for statement, line in zip(prints, lines, strict=True):
+        shown = statement.split("#", 1)[1].strip() if "#" in statement else ""
+        if shown[:1] not in ("{", "[") and not NUMBER.fullmatch(shown):
+            continue
+        want = [float(x) for x in NUMBER.findall(shown)]
+        got = [float(x) for x in NUMBER.findall(line)]
+        assert len(want) == len(got), f"README block {index}: shows {shown}, printed {line}"
+        for w, g in zip(want, got, strict=True):
+            assert abs(w - g) <= 2e-3, f"README block {index}: shows {shown}, printed {line}"
 
 
 def command_line_examples(text: str) -> list[list[str]]:
