@@ -20,6 +20,7 @@ device, and the learning rate is a Python number the optimizer already holds.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -55,10 +56,30 @@ def make_optimizer(factory: OptimizerFactory, params: list, field: str) -> torch
     try:
         return factory(params)
     except (ValueError, TypeError) as err:
-        message = str(err)
+        message = not_a_number(factory) or str(err)
         if "unexpected keyword argument 'fused'" in message:
             message += f" (this optimizer has no fused kernel: drop the key, ~{field}.fused)"
         raise ConfigError(field, message) from None
+
+
+def not_a_number(factory: OptimizerFactory) -> str | None:
+    """For a partial optimizer (what Hydra's ``_partial_`` builds) given a string where the
+    optimizer's own default is a number (``lr=abc``): say so, instead of the comparison error
+    torch raises from inside its checks."""
+    keywords = getattr(factory, "keywords", None) or {}
+    try:
+        defaults = inspect.signature(factory.func).parameters  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    for key, value in keywords.items():
+        default = defaults[key].default if key in defaults else None
+        if (
+            isinstance(value, str)
+            and isinstance(default, (int, float))
+            and not isinstance(default, bool)
+        ):
+            return f"{key} must be a number, got {value!r}"
+    return None
 
 
 def default_sgd(fused: bool) -> OptimizerFactory:

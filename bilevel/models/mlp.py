@@ -6,9 +6,17 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "check_sizes"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+def check_sizes(model: str, **sizes: int) -> None:
+    """Each size must be an integer >= 1: a zero-width layer builds and trains without error,
+    and silently learns nothing (its output is the last bias)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{model}: {name} must be an integer >= 1, got {value!r}")
 
 
 class MLP(nn.Module):
@@ -26,7 +34,12 @@ class MLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        widths = [hidden] if isinstance(hidden, int) else list(hidden)
+        widths = list(hidden) if hasattr(hidden, "__iter__") else [hidden]
+        check_sizes("MLP", in_dim=in_dim, out_dim=out_dim)
+        check_sizes(
+            "MLP",
+            **{f"hidden[{i}]" if len(widths) > 1 else "hidden": w for i, w in enumerate(widths)},
+        )
         layers: list[nn.Module] = []
         prev = in_dim
         for width in widths:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bilevel.models.mlp import check_sizes
+
 __all__ = ["TinyGPT"]
 
 
@@ -54,6 +56,9 @@ class TinyGPT(nn.Module):
         self, vocab_size: int, max_len: int, d_model: int = 64, heads: int = 4, layers: int = 2
     ) -> None:
         super().__init__()
+        check_sizes("TinyGPT", vocab_size=vocab_size, max_len=max_len, d_model=d_model, heads=heads)
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+            raise ValueError(f"TinyGPT: layers must be an integer >= 0, got {layers!r}")
         if d_model % heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of heads ({heads})")
         self.tok = nn.Embedding(vocab_size, d_model)

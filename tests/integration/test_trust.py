@@ -338,6 +338,8 @@ BAD = [
     (["trainer.strategy=fsdp", "solver.products=finite_difference"], "trainer.strategy"),
     (["solver=unrolled", "solver.backend=higher"], "solver.backend"),
     (["solver.products=symbolic"], "solver"),
+    (["model.hidden=0"], "model"),  # a zero-width layer trained silently to chance
+    (["trainer.inner_optimizer.lr=abc"], "trainer.inner_optimizer"),
 ]
 
 
