@@ -415,6 +415,8 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     learned = summary.get("learn_weights", True)
     title = "learned domain weights" if learned else "fixed domain weights (not learned)"
+    if learned and summary.get("outer_updates") == 0:
+        title = "domain weights (no outer step ran: trainer.steps < trainer.outer_every)"
     what = summary["solver"] if learned else "trainer.learn_weights=false"
     out = [
         f"\n{title} ({what}, {summary['steps']} steps, {summary['wall_time_s']:.1f} s)",

@@ -176,6 +176,12 @@ class BilevelTrainer:
         if self.config.learn_weights:
             self.notes += self.method.setup(self.loop)
             self.notes += self._sampling_notes()
+            if self.config.steps < self.config.outer_every:
+                self.notes.append(
+                    f"trainer.steps={self.config.steps} is shorter than one window "
+                    f"(trainer.outer_every={self.config.outer_every}): no outer step runs, and "
+                    "the weights keep their initial values"
+                )
         self.test = data.test
         if self.test is not None:
             from bilevel.data.columns import to_device
@@ -505,6 +511,7 @@ class BilevelTrainer:
             "meta_loss": self.meta_loss(),
             "test": test,
             "steps": self.step,
+            "outer_updates": self.outer_updates,
             "wall_time_s": round(self.elapsed, 3),
             "solver": self.method.name,
             "solver_options": _options(self.solver),

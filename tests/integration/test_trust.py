@@ -599,3 +599,32 @@ def test_meta_weight_net_with_a_sampler_that_applies_weights_is_one_line(tmp_pat
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("bilevel: error: trainer.sampling")
+
+
+def test_a_run_shorter_than_one_window_says_that_no_outer_step_runs():
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    trainer = BilevelTrainer(
+        MLP(**data.model_kwargs, hidden=8),
+        DomainWeights(data.names),
+        build("first_order"),
+        per_example_cross_entropy,
+        cross_entropy,
+        data,
+        TrainerConfig(steps=4, outer_every=5, batch_size=16, progress=False),
+    )
+    assert any("no outer step runs" in note for note in trainer.notes)
+    summary = trainer.fit()
+    assert summary["outer_updates"] == 0
+    assert all(abs(v - 0.25) < 1e-7 for v in summary["weights"].values())
+    longer = TrainerConfig(steps=10, outer_every=5, batch_size=16, progress=False)
+    trainer = BilevelTrainer(
+        MLP(**data.model_kwargs, hidden=8),
+        DomainWeights(data.names),
+        build("first_order"),
+        per_example_cross_entropy,
+        cross_entropy,
+        data,
+        longer,
+    )
+    assert not any("no outer step runs" in note for note in trainer.notes)
+    assert trainer.fit()["outer_updates"] == 2
