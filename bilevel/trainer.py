@@ -176,6 +176,13 @@ class BilevelTrainer:
         if self.config.learn_weights:
             self.notes += self.method.setup(self.loop)
             self.notes += self._sampling_notes()
+            meta = self.loop.meta_sampler
+            if meta.batch_size is not None and meta.batch_size * self.strategy.world_size > meta.n:
+                self.notes.append(
+                    f"trainer.meta_batch_size={self.config.meta_batch_size} is larger than the "
+                    f"meta set ({meta.n} rows): each meta batch draws rows with replacement, "
+                    "noisier and slower than the whole set (trainer.meta_batch_size=null)"
+                )
             if self.config.steps < self.config.outer_every:
                 self.notes.append(
                     f"trainer.steps={self.config.steps} is shorter than one window "

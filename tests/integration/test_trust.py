@@ -628,3 +628,22 @@ def test_a_run_shorter_than_one_window_says_that_no_outer_step_runs():
     )
     assert not any("no outer step runs" in note for note in trainer.notes)
     assert trainer.fit()["outer_updates"] == 2
+
+
+def test_a_meta_batch_larger_than_the_meta_set_is_named_in_the_notes():
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+
+    def notes(meta_batch_size):
+        config = TrainerConfig(steps=5, batch_size=16, meta_batch_size=meta_batch_size)
+        return BilevelTrainer(
+            MLP(**data.model_kwargs, hidden=8),
+            DomainWeights(data.names),
+            build("first_order"),
+            per_example_cross_entropy,
+            cross_entropy,
+            data,
+            config,
+        ).notes
+
+    assert any("larger than the meta set (16 rows)" in n for n in notes(64))
+    assert not any("meta set" in n for n in notes(8) + notes(None))
