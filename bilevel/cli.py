@@ -554,6 +554,20 @@ def quiet_third_parties() -> None:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
 
 
+def _check_explicit_dirs(args: list[str]) -> None:
+    """An explicit ``hydra.run.dir`` (or ``hydra.sweep.dir`` of a sweep) that holds files bilevel
+    did not write is refused before Hydra writes its own files (``.hydra/``, the log) there."""
+    sweep = "-m" in args or "--multirun" in args
+    key = "hydra.sweep.dir=" if sweep else "hydra.run.dir="
+    explicit = [a.split("=", 1)[1] for a in args if a.startswith(key)]
+    if not explicit:
+        return
+    try:
+        (run_dirs.check_sweep_writable if sweep else run_dirs.check_writable)(explicit[-1])
+    except ConfigError as err:
+        _fail(f"bilevel: error: {err}", 2)
+
+
 def main() -> None:
     """Console entry point. Under torchrun, ranks other than 0 keep Hydra's files out of the run
     directory."""
@@ -562,6 +576,7 @@ def main() -> None:
     problem = preflight(args)
     if problem is not None:
         _fail(f"bilevel: error: {problem}", 2)
+    _check_explicit_dirs(args)
     sys.argv += _resume_args(args)
     if int(os.environ.get("RANK", "0")) > 0:
         scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{os.environ['RANK']}-")

@@ -15,7 +15,15 @@ from pathlib import Path
 
 from bilevel.errors import ConfigError
 
-__all__ = ["MARKER", "claim", "is_run_dir", "resolve_resume"]
+__all__ = [
+    "MARKER",
+    "check_sweep_writable",
+    "check_writable",
+    "claim",
+    "is_our_table",
+    "is_run_dir",
+    "resolve_resume",
+]
 
 MARKER = ".bilevel-run.json"
 
@@ -35,9 +43,10 @@ def _hydra_only(path: Path) -> bool:
     return all(p.name == ".hydra" or p.suffix == ".log" for p in path.iterdir())
 
 
-def claim(path: str | Path) -> Path:
-    """Make ``path`` a run directory of ours, or raise :class:`ConfigError` if it holds files the
-    library did not write. Returns the path."""
+def check_writable(path: str | Path) -> None:
+    """Raise :class:`ConfigError` unless the library may write into ``path``: new, empty, only
+    Hydra's own files, or a run directory of ours. The command line checks an explicit
+    ``hydra.run.dir`` with this before Hydra writes its own files there."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError("run directory", f"{path} is a file, not a directory")
@@ -47,6 +56,52 @@ def claim(path: str | Path) -> Path:
             f"{path} holds files that bilevel did not write; it writes only into new or empty "
             "directories or its own run directories: choose another (hydra.run.dir=...)",
         )
+
+
+TABLE_HEADS = {"results.csv": "job,", "results.md": "| job |"}
+"""How the first line of a sweep table that bilevel wrote begins (``bilevel.logging.collect``)."""
+
+
+def is_our_table(path: str | Path) -> bool:
+    """Whether ``path`` is a sweep table (``results.csv`` / ``results.md``) bilevel wrote."""
+    path = Path(path)
+    head = TABLE_HEADS.get(path.name)
+    if head is None or not path.is_file():
+        return False
+    try:
+        with path.open() as handle:
+            return handle.readline().startswith(head)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_sweep_writable(path: str | Path) -> None:
+    """Raise :class:`ConfigError` unless ``path`` may hold a sweep: new, or holding only what
+    Hydra and bilevel write there (job run directories, ``multirun.yaml``, Optuna's results,
+    logs and bilevel's own ``results.csv``/``results.md``)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError("sweep directory", f"{path} is a file, not a directory")
+    if not path.is_dir():
+        return
+    hydra_files = {"multirun.yaml", "optimization_results.yaml", ".hydra"}
+    for entry in sorted(path.iterdir()):
+        if entry.is_dir() and (is_run_dir(entry) or _hydra_only(entry)):
+            continue
+        if entry.name in hydra_files or entry.suffix == ".log" or is_our_table(entry):
+            continue
+        raise ConfigError(
+            "sweep directory",
+            f"{path} holds files that bilevel did not write ({entry.name}); a sweep writes only "
+            "into a new folder or one of its own sweeps: choose another (hydra.sweep.dir=...)",
+        )
+
+
+def claim(path: str | Path) -> Path:
+    """Make ``path`` a run directory of ours, or raise :class:`ConfigError` if it holds files the
+    library did not write. Returns the path."""
+    path = Path(path)
+    check_writable(path)
     path.mkdir(parents=True, exist_ok=True)
     if not is_run_dir(path):
         (path / MARKER).write_text(

@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bilevel.errors import ConfigError
+from bilevel.run_dir import TABLE_HEADS, is_our_table
+
 __all__ = ["CollectResults", "collect", "main", "write_tables"]
 
 
@@ -109,6 +112,17 @@ def write_tables(folder: str | Path, rows: list[dict[str, Any]] | None = None) -
     rows = collect(folder) if rows is None else rows
     if not rows:
         return None
+    foreign = [
+        folder / name
+        for name in TABLE_HEADS
+        if (folder / name).exists() and not is_our_table(folder / name)
+    ]
+    if foreign:
+        raise ConfigError(
+            "sweep results",
+            f"{foreign[0]} exists and was not written by bilevel; it is left as it is "
+            "(move it away, then run bilevel-collect on the folder)",
+        )
     _add_trial_values(folder, rows)
     columns = _columns(rows)
     buffer = io.StringIO()
@@ -124,6 +138,20 @@ def write_tables(folder: str | Path, rows: list[dict[str, Any]] | None = None) -
     ]
     (folder / "results.md").write_text("\n".join(lines) + "\n")
     return folder / "results.csv"
+
+
+_said: set[str] = set()
+
+
+def _write_or_say(folder: Path) -> Path | None:
+    """:func:`write_tables`, or one line (once per folder) when a table there is not ours."""
+    try:
+        return write_tables(folder)
+    except ConfigError as err:
+        if str(folder) not in _said:
+            _said.add(str(folder))
+            print(f"bilevel: {err}", file=sys.stderr, flush=True)
+        return None
 
 
 try:  # Hydra's callback base class (hydra-core >= 1.1)
@@ -152,12 +180,12 @@ class CollectResults(_Callback):
             return
         folder = self._folder(config)
         if folder is not None and folder.is_dir():
-            write_tables(folder)
+            _write_or_say(folder)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         folder = self._folder(config)
         if folder is not None and folder.is_dir():
-            path = write_tables(folder)
+            path = _write_or_say(folder)
             if path is not None:
                 print(f"sweep results: {path} (and results.md)", flush=True)
 
@@ -175,7 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     if not folder.is_dir():
         print(f"bilevel-collect: error: {folder} is not a directory", file=sys.stderr)
         sys.exit(2)
-    path = write_tables(folder)
+    try:
+        path = write_tables(folder)
+    except ConfigError as err:
+        print(f"bilevel-collect: error: {err}", file=sys.stderr)
+        sys.exit(2)
     if path is None:
         print(f"bilevel-collect: error: no runs under {folder}", file=sys.stderr)
         sys.exit(2)

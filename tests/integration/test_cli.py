@@ -150,6 +150,25 @@ def test_sweep_writes_one_summary_per_job(tmp_path):
     assert solvers == ["cg", "cg", "first_order", "first_order"]
 
 
+def test_a_sweep_folder_with_foreign_files_is_refused_and_foreign_tables_are_kept(tmp_path):
+    from bilevel.logging.collect import main as collect_main
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.csv").write_text("mine\n")
+    proc = cli("-m", "experiment=tiny", "seed=0,1", f"hydra.sweep.dir={foreign}")
+    assert proc.returncode == 2 and "bilevel: error: sweep directory" in proc.stderr
+    assert sorted(p.name for p in foreign.iterdir()) == ["results.csv"]  # nothing written
+    # a sweep of ours, whose results.md the user then replaced: rebuilding keeps the user's file
+    ours = tmp_path / "ours"
+    assert cli("-m", "experiment=tiny", "seed=0", f"hydra.sweep.dir={ours}").returncode == 0
+    assert (ours / "results.csv").read_text().startswith("job,")
+    (ours / "results.md").write_text("my notes\n")
+    with pytest.raises(SystemExit) as stop:
+        collect_main([str(ours)])
+    assert stop.value.code == 2 and (ours / "results.md").read_text() == "my notes\n"
+
+
 def test_wandb_offline_logs_weights(run_cli, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     summary, out = run_cli("experiment=tiny", "logger=wandb")
