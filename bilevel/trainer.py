@@ -651,6 +651,11 @@ class BilevelTrainer:
                 "a resumed run can only continue (trainer.steps >= the checkpoint's step)",
             )
         self.load_state_dict(state, source=str(path))
+        if self.step >= self.config.steps:
+            self.notes.append(
+                f"the checkpoint is at step {self.step} = trainer.steps: there is nothing left "
+                f"to train; raise trainer.steps (e.g. trainer.steps={2 * self.step}) to continue"
+            )
 
     def _checkpoint(self) -> None:
         state = self.state_dict()  # a collective under torchrun: every rank takes part

@@ -395,6 +395,18 @@ def test_checkpoint_of_another_model_shape_is_one_line(finished):
         trainer.resume(finished)
 
 
+def test_resuming_a_finished_run_says_how_to_continue(tmp_path, finished):
+    import shutil
+
+    run = shutil.copytree(finished, tmp_path / "run")  # the fixture stays as it is
+    proc = cli(f"resume={run}")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing left to train; raise trainer.steps" in proc.stdout + proc.stderr
+    proc = cli(f"resume={run}", "trainer.steps=60")
+    assert proc.returncode == 0 and "nothing left" not in proc.stdout + proc.stderr
+    assert read_summary(run)["steps"] == 60
+
+
 # -- files that are not ours -------------------------------------------------------------------
 
 
