@@ -42,6 +42,7 @@ from bilevel import run_dir as run_dirs
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed
 from bilevel.errors import ConfigError
+from bilevel.stopping import StopRequested
 from bilevel.trainer import BilevelTrainer, NonFiniteError, TrainerConfig
 
 __all__ = ["main", "run"]
@@ -488,6 +489,8 @@ def app(cfg: DictConfig) -> float:
         _fail(f"bilevel: error: {key}: {reason}", 2)
     except NonFiniteError as err:
         _fail(f"bilevel: {err}", 3)
+    except StopRequested as stopped:  # the trainer logged the line and saved a checkpoint
+        sys.exit(stopped.exit_code)
     return float(summary["meta_loss"])
 
 

@@ -39,6 +39,7 @@ from bilevel.methods import OuterMethod, OuterUpdate, method_for
 from bilevel.methods.hypergradient import wants_values
 from bilevel.outer import MirrorDescent
 from bilevel.solvers.base import Solver
+from bilevel.stopping import StopRequested, stop_requests
 from bilevel.strategies import DDPStrategy, Strategy, build_strategy
 from bilevel.trainer_config import TrainerConfig
 from bilevel.weights import DomainWeights
@@ -388,20 +389,27 @@ class BilevelTrainer:
         started = time.perf_counter()
         first = self.step
         try:
-            while self.step < cfg.steps:
-                before = self.step
-                self.step_window()
-                self.log.advance(self.step - before)
-                last = self.step >= cfg.steps
-                if _crossed(cfg.log_every, before, self.step) or last:
-                    self.elapsed += time.perf_counter() - started
-                    started = time.perf_counter()
-                    record = self._log()
-                    if _crossed(cfg.eval_every, before, self.step) and not last:
-                        self._evaluate()
-                    self._stop_if_not_finite(record)
-                if not last and self._checkpoint_due(before, first):
-                    self._checkpoint()
+            with stop_requests(enabled=self.strategy.world_size == 1) as stop:
+                while self.step < cfg.steps:
+                    before = self.step
+                    self.step_window()
+                    self.log.advance(self.step - before)
+                    last = self.step >= cfg.steps
+                    if _crossed(cfg.log_every, before, self.step) or last:
+                        self.elapsed += time.perf_counter() - started
+                        started = time.perf_counter()
+                        record = self._log()
+                        if _crossed(cfg.eval_every, before, self.step) and not last:
+                            self._evaluate()
+                        self._stop_if_not_finite(record)
+                    if not last and stop.signal is not None:  # Ctrl-C or SIGTERM: keep all
+                        self.elapsed += time.perf_counter() - started
+                        self._checkpoint()
+                        stopped = StopRequested(stop.signal, self.step, self.run_dir)
+                        log.warning(f"bilevel: {stopped}")
+                        raise stopped
+                    if not last and self._checkpoint_due(before, first):
+                        self._checkpoint()
             self.elapsed += time.perf_counter() - started
             if self.outer_updates and self.loop.skips.totals()["skipped_outer"] >= (
                 self.outer_updates

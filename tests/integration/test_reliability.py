@@ -34,6 +34,43 @@ RESUME_ARGS = [
 
 
 @pytest.mark.slow
+def test_ctrl_c_or_sigterm_stops_at_a_window_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    reference = tmp_path / "reference"
+    assert cli(*RESUME_ARGS, f"hydra.run.dir={reference}").returncode == 0
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        stopped = tmp_path / sig.name
+        child = subprocess.Popen(
+            [sys.executable, "-m", "bilevel", *RESUME_ARGS, f"hydra.run.dir={stopped}"]
+            + ["trainer.progress=false"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        metrics = stopped / "metrics.jsonl"
+        deadline = time.time() + 120
+        while (
+            child.poll() is None
+            and time.time() < deadline
+            and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3)
+        ):
+            time.sleep(0.005)
+        assert child.poll() is None, "the run ended before it could be stopped"
+        child.send_signal(sig)
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == code, out + err
+        line = [x for x in (out + err).splitlines() if "stopped by" in x]
+        assert len(line) == 1 and f"stopped by {sig.name} at step" in line[0], out + err
+        step = int(line[0].split(" at step ")[1].split(";")[0])
+        assert 0 < step < 200 and f"resume={stopped}" in line[0]
+        assert not (stopped / "summary.json").exists()
+        assert torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["step"] == step
+        proc = cli(f"resume={stopped}")
+        assert proc.returncode == 0, proc.stderr
+        assert read_summary(stopped)["weights"] == read_summary(reference)["weights"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["first_order", "unrolled"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, solver):
     args = [*RESUME_ARGS, f"solver={solver}"]
