@@ -62,7 +62,23 @@ def poison_nonfinite(result: Tensor, *values: Tensor) -> Tensor:
 def leaves(params: Params) -> tuple[list[str], TensorList]:
     """Fresh leaf tensors (``requires_grad``) that share storage with ``params``."""
     names = list(params)
+    for name in names:
+        if not (params[name].is_floating_point() or params[name].is_complex()):
+            raise ValueError(
+                f"params[{name!r}] is {params[name].dtype}: hypergradients differentiate with "
+                "respect to the parameters, which must be floating point (leave integer buffers "
+                "out of params)"
+            )
     return names, [params[n].detach().requires_grad_(True) for n in names]
+
+
+def check_outer_value(value: Tensor) -> Tensor:
+    """``value`` if it is a scalar tensor, else a ValueError naming ``outer_loss``."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"outer_loss must return a scalar tensor, got {type(value).__name__}")
+    if value.dim() != 0:
+        raise ValueError(f"outer_loss must return a scalar, got shape {tuple(value.shape)}")
+    return value
 
 
 def tree_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -76,9 +92,7 @@ def grad_outer(
     outer_loss: OuterLoss, names: list[str], theta: TensorList, reduce: Reduce | None = None
 ) -> TensorList:
     """Gradient of the outer loss at ``theta`` (zeros for parameters it does not use)."""
-    value = outer_loss(dict(zip(names, theta, strict=True)))
-    if value.dim() != 0:
-        raise ValueError(f"outer_loss must return a scalar, got shape {tuple(value.shape)}")
+    value = check_outer_value(outer_loss(dict(zip(names, theta, strict=True))))
     return (reduce or _identity)(grad_of_outer_value(value, theta))
 
 
@@ -86,7 +100,10 @@ def grad_of_outer_value(value: Tensor, theta: Sequence[Tensor]) -> TensorList:
     """d value / d theta (zeros for tensors it does not use), marked NaN if ``value`` is not
     finite: every solver's K-vector sums over all entries of this gradient, so marking one
     (small) tensor is enough to make the result non-finite when the meta loss was."""
-    grads = list(torch.autograd.grad(value, theta, allow_unused=True, materialize_grads=True))
+    if not value.requires_grad:  # a meta loss that does not depend on theta at all
+        grads = [torch.zeros_like(t) for t in theta]
+    else:
+        grads = list(torch.autograd.grad(value, theta, allow_unused=True, materialize_grads=True))
     i = min(range(len(grads)), key=lambda j: grads[j].numel())
     grads[i] = poison_nonfinite(grads[i], value.detach())
     return grads

@@ -262,6 +262,28 @@ def test_wrong_per_domain_shape_names_both_shapes(name):
         )
 
 
+EVERY = ["first_order", "unrolled", "neumann", "cg", "sama"]
+
+
+@pytest.mark.parametrize("name", EVERY)
+def test_a_bad_outer_loss_or_integer_params_are_named_by_every_solver(name):
+    problem = Ridge()
+    w = weights_for(problem, "softmax")
+    theta = {"theta": torch.zeros(problem.d, dtype=torch.float64)}
+    call = lambda meta, params=theta: bilevel.hypergradient(  # noqa: E731
+        build(name), problem.per_domain, meta, params, w
+    )
+    with pytest.raises(ValueError, match=r"outer_loss must return a scalar, got shape \(3,\)"):
+        call(lambda p: p["theta"][:3] ** 2)
+    with pytest.raises(ValueError, match="outer_loss must return a scalar tensor, got float"):
+        call(lambda p: 1.0)
+    with pytest.raises(ValueError, match=r"params\['theta'\] is torch.int64"):
+        call(problem.meta, {"theta": torch.zeros(problem.d, dtype=torch.int64)})
+    # a meta loss that does not depend on the parameters: the hypergradient is exactly zero
+    zero = call(lambda p: torch.tensor(0.5, dtype=torch.float64))
+    assert torch.equal(zero.abs(), torch.zeros_like(zero))
+
+
 @pytest.mark.parametrize("name", ["first_order", "unrolled", "neumann", "cg"])
 def test_non_finite_is_returned_not_zeroed(name):
     problem = Ridge()
