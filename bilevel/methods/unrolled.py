@@ -95,7 +95,12 @@ class UnrolledMethod:
         meta = loop.meta_batch()
         meta_value = loop.outer_loss_fn(meta)(dict(zip(names, current)))
         loop.last["meta_value"] = meta_value.detach()
-        (grad_w,) = torch.autograd.grad(meta_value, w, allow_unused=True, materialize_grads=True)
+        if meta_value.requires_grad:
+            (grad_w,) = torch.autograd.grad(
+                meta_value, w, allow_unused=True, materialize_grads=True
+            )
+        else:  # a meta loss that does not depend on the model: nothing flows to the weights
+            grad_w = torch.zeros_like(w)
         with torch.no_grad():
             new = [c.detach() for c in current]
             values = torch.stack([*[o.detach() for o in objectives], meta_value.detach()])
