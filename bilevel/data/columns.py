@@ -38,8 +38,17 @@ def num_rows(columns: Mapping[str, Any]) -> int:
     """Length of dim 0 shared by every tensor (``ValueError`` if they disagree)."""
     sizes = {t.shape[0] for t in tensors(columns)}
     if len(sizes) > 1:
-        raise ValueError(f"columns have different lengths: {sorted(sizes)}")
+        lengths = ", ".join(f"{name} {n}" for name, n in _lengths(columns))
+        raise ValueError(f"columns have different lengths ({lengths}): one row per example")
     return sizes.pop() if sizes else 0
+
+
+def _lengths(columns: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, int]]:
+    for key, value in columns.items():
+        if isinstance(value, Mapping):
+            yield from _lengths(value, f"{prefix}{key}.")
+        elif isinstance(value, Tensor):
+            yield f"{prefix}{key}", value.shape[0]
 
 
 def take(columns: Mapping[str, Any], index: Tensor) -> Columns:

@@ -82,7 +82,11 @@ class DomainData:
         domain = self.train["domain"]
         if domain.dtype != torch.int64 or domain.dim() != 1:
             raise ConfigError("data.train", "'domain' must be an int64 tensor of shape [N]")
-        num_rows(self.train)
+        for where, columns in (("data.train", self.train), ("data.meta", self.meta)):
+            try:
+                num_rows(columns or {})
+            except ValueError as err:
+                raise ConfigError(where, str(err)) from None
         if domain.numel() and (int(domain.min()) < 0 or int(domain.max()) >= k):
             raise ConfigError(
                 "data.train", f"'domain' indices must lie in [0, {k}) for {k} domain names"

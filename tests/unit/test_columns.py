@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from bilevel.data.columns import domain_columns, num_rows
@@ -14,3 +15,22 @@ def test_domain_columns_concatenates_nested_parts_and_numbers_the_domains():
     assert torch.equal(out["domain"], torch.tensor([0, 0, 0, 1]))
     assert out["domain"].dtype == torch.int64
     assert num_rows(out) == 4
+
+
+def test_columns_of_different_lengths_are_named_with_their_lengths():
+    from bilevel.data import DomainData
+    from bilevel.errors import ConfigError
+
+    x = torch.randn(30, 2)
+    domain = torch.arange(30) % 3
+    y = torch.zeros(30, dtype=torch.long)
+    meta = {"x": x[:8], "y": y[:8]}
+    with pytest.raises(ConfigError, match=r"data.train: .*\(x 30, y 20, domain 30\)"):
+        DomainData(["a", "b", "c"], {"x": x, "y": y[:20], "domain": domain}, meta).validate()
+    nested = {"x": {"ids": x, "mask": x[:5]}, "y": y, "domain": domain}
+    with pytest.raises(ConfigError, match=r"\(x.ids 30, x.mask 5, y 30, domain 30\)"):
+        DomainData(["a", "b", "c"], nested, meta).validate()
+    with pytest.raises(ConfigError, match=r"data.meta: .*\(x 8, y 7\)"):
+        DomainData(
+            ["a", "b", "c"], {"x": x, "y": y, "domain": domain}, {"x": x[:8], "y": y[:7]}
+        ).validate()
