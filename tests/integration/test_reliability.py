@@ -33,14 +33,32 @@ RESUME_ARGS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """``solver -> run directory`` of the uninterrupted RESUME_ARGS run (made once per solver)."""
+    runs: dict = {}
+
+    def get(solver: str):
+        if solver not in runs:
+            out = tmp_path_factory.mktemp("reference") / solver
+            proc = cli(*RESUME_ARGS, f"solver={solver}", f"hydra.run.dir={out}")
+            assert proc.returncode == 0, proc.stderr
+            runs[solver] = out
+        return runs[solver]
+
+    return get
+
+
 @pytest.mark.slow
-def test_ctrl_c_or_sigterm_stops_at_a_window_with_a_checkpoint_and_resumes_exactly(tmp_path):
-    reference = tmp_path / "reference"
-    assert cli(*RESUME_ARGS, f"hydra.run.dir={reference}").returncode == 0
+def test_ctrl_c_or_sigterm_stops_at_a_window_with_a_checkpoint_and_resumes_exactly(
+    tmp_path, reference_run
+):
+    reference = reference_run("first_order")
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         stopped = tmp_path / sig.name
         child = subprocess.Popen(
-            [sys.executable, "-m", "bilevel", *RESUME_ARGS, f"hydra.run.dir={stopped}"]
+            [sys.executable, "-m", "bilevel", *RESUME_ARGS, "solver=first_order"]
+            + [f"hydra.run.dir={stopped}"]
             + ["trainer.progress=false"],
             cwd=REPO,
             stdout=subprocess.PIPE,
@@ -72,11 +90,9 @@ def test_ctrl_c_or_sigterm_stops_at_a_window_with_a_checkpoint_and_resumes_exact
 
 @pytest.mark.slow
 @pytest.mark.parametrize("solver", ["first_order", "unrolled"])
-def test_sigkill_then_resume_is_bit_identical(tmp_path, solver):
+def test_sigkill_then_resume_is_bit_identical(tmp_path, solver, reference_run):
     args = [*RESUME_ARGS, f"solver={solver}"]
-    reference = tmp_path / "reference"
-    proc = cli(*args, f"hydra.run.dir={reference}")
-    assert proc.returncode == 0, proc.stderr
+    reference = reference_run(solver)
 
     killed = tmp_path / "killed"
     child = subprocess.Popen(
