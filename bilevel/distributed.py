@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistContext", "init_distributed"]
+__all__ = ["DistContext", "init_distributed", "leave_process_group"]
 
 
 @dataclass
@@ -101,3 +101,14 @@ def init_distributed(device: str) -> tuple[DistContext, torch.device]:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend)
     return DistContext(rank=rank, world_size=world, local_rank=local), dev
+
+
+def leave_process_group() -> None:
+    """Leave the torchrun process group together after a finished run. A rank that reached
+    interpreter exit while another was still writing its files aborted in gloo's teardown
+    ("terminate called without an active exception", about 1 run in 20 on 2 CPU ranks) after
+    the run had succeeded; with a barrier first and an explicit destroy, 80 runs in a row
+    passed. Only on success: after an error torchrun stops the other ranks itself."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # ranks leave together (torchrun stops the others if one fails)
+        dist.destroy_process_group()

@@ -176,20 +176,7 @@ class BilevelTrainer:
         self.notes: list[str] = []
         if self.config.learn_weights:
             self.notes += self.method.setup(self.loop)
-            self.notes += self._sampling_notes()
-            meta = self.loop.meta_sampler
-            if meta.batch_size is not None and meta.batch_size * self.strategy.world_size > meta.n:
-                self.notes.append(
-                    f"trainer.meta_batch_size={self.config.meta_batch_size} is larger than the "
-                    f"meta set ({meta.n} rows): each meta batch draws rows with replacement, "
-                    "noisier and slower than the whole set (trainer.meta_batch_size=null)"
-                )
-            if self.config.steps < self.config.outer_every:
-                self.notes.append(
-                    f"trainer.steps={self.config.steps} is shorter than one window "
-                    f"(trainer.outer_every={self.config.outer_every}): no outer step runs, and "
-                    "the weights keep their initial values"
-                )
+            self.notes += self._sampling_notes() + self._schedule_notes()
         self.test = data.test
         if self.test is not None:
             from bilevel.data.columns import to_device
@@ -320,6 +307,24 @@ class BilevelTrainer:
             f"expected rows, never starved); batch_size >= {need} lets every window see every "
             f"domain"
         ]
+
+    def _schedule_notes(self) -> list[str]:
+        """Say when the meta batch or the run's length make the outer steps other than meant."""
+        notes = []
+        meta = self.loop.meta_sampler
+        if meta.batch_size is not None and meta.batch_size * self.strategy.world_size > meta.n:
+            notes.append(
+                f"trainer.meta_batch_size={self.config.meta_batch_size} is larger than the "
+                f"meta set ({meta.n} rows): each meta batch draws rows with replacement, "
+                "noisier and slower than the whole set (trainer.meta_batch_size=null)"
+            )
+        if self.config.steps < self.config.outer_every:
+            notes.append(
+                f"trainer.steps={self.config.steps} is shorter than one window "
+                f"(trainer.outer_every={self.config.outer_every}): no outer step runs, and "
+                "the weights keep their initial values"
+            )
+        return notes
 
     # -- one window ------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import torch
 from bilevel.errors import ConfigError
 from bilevel.guard import is_plain_sgd
 from bilevel.methods.base import OuterUpdate, require_second_derivatives
+from bilevel.solvers.products import grads_or_zeros
 from bilevel.solvers.unrolled import sgd_step
 
 __all__ = ["UnrolledMethod"]
@@ -95,12 +96,7 @@ class UnrolledMethod:
         meta = loop.meta_batch()
         meta_value = loop.outer_loss_fn(meta)(dict(zip(names, current)))
         loop.last["meta_value"] = meta_value.detach()
-        if meta_value.requires_grad:
-            (grad_w,) = torch.autograd.grad(
-                meta_value, w, allow_unused=True, materialize_grads=True
-            )
-        else:  # a meta loss that does not depend on the model: nothing flows to the weights
-            grad_w = torch.zeros_like(w)
+        (grad_w,) = grads_or_zeros(meta_value, [w])
         with torch.no_grad():
             new = [c.detach() for c in current]
             values = torch.stack([*[o.detach() for o in objectives], meta_value.detach()])

@@ -11,12 +11,12 @@ __all__ = ["MLP", "check_sizes"]
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
-def check_sizes(model: str, **sizes: int) -> None:
-    """Each size must be an integer >= 1: a zero-width layer builds and trains without error,
-    and silently learns nothing (its output is the last bias)."""
+def check_sizes(model: str, minimum: int = 1, **sizes: int) -> None:
+    """Each size must be an integer >= ``minimum``: a zero-width layer builds and trains without
+    error, and silently learns nothing (its output is the last bias)."""
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{model}: {name} must be an integer >= 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{model}: {name} must be an integer >= {minimum}, got {value!r}")
 
 
 class MLP(nn.Module):

@@ -57,8 +57,7 @@ class TinyGPT(nn.Module):
     ) -> None:
         super().__init__()
         check_sizes("TinyGPT", vocab_size=vocab_size, max_len=max_len, d_model=d_model, heads=heads)
-        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-            raise ValueError(f"TinyGPT: layers must be an integer >= 0, got {layers!r}")
+        check_sizes("TinyGPT", minimum=0, layers=layers)  # no blocks: a bigram model
         if d_model % heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of heads ({heads})")
         self.tok = nn.Embedding(vocab_size, d_model)

@@ -96,14 +96,19 @@ def grad_outer(
     return (reduce or _identity)(grad_of_outer_value(value, theta))
 
 
+def grads_or_zeros(value: Tensor, inputs: Sequence[Tensor]) -> TensorList:
+    """d value / d inputs, zeros for inputs it does not use, and all zeros when ``value`` does
+    not depend on any of them (a meta loss that ignores the model: autograd would raise)."""
+    if not value.requires_grad:
+        return [torch.zeros_like(t) for t in inputs]
+    return list(torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True))
+
+
 def grad_of_outer_value(value: Tensor, theta: Sequence[Tensor]) -> TensorList:
     """d value / d theta (zeros for tensors it does not use), marked NaN if ``value`` is not
     finite: every solver's K-vector sums over all entries of this gradient, so marking one
     (small) tensor is enough to make the result non-finite when the meta loss was."""
-    if not value.requires_grad:  # a meta loss that does not depend on theta at all
-        grads = [torch.zeros_like(t) for t in theta]
-    else:
-        grads = list(torch.autograd.grad(value, theta, allow_unused=True, materialize_grads=True))
+    grads = grads_or_zeros(value, theta)
     i = min(range(len(grads)), key=lambda j: grads[j].numel())
     grads[i] = poison_nonfinite(grads[i], value.detach())
     return grads

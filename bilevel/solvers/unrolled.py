@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss, check_per_domain_shape
-from bilevel.solvers.products import Reduce, check_outer_value, leaves, poison_nonfinite
+from bilevel.solvers.products import (
+    Reduce,
+    check_outer_value,
+    grads_or_zeros,
+    leaves,
+    poison_nonfinite,
+)
 
 __all__ = ["Unrolled", "sgd_step"]
 
@@ -72,12 +78,7 @@ class Unrolled:
             for _ in range(self.steps):
                 current = sgd_step(inner(current), current, inner_lr)
         value = check_outer_value(outer_loss(dict(zip(names, current, strict=True))))
-        if value.requires_grad:
-            (grad_w,) = torch.autograd.grad(
-                value, w_leaf, allow_unused=True, materialize_grads=True
-            )
-        else:  # the meta loss does not depend on theta: nothing flows back to the weights
-            grad_w = torch.zeros_like(w_leaf)
+        (grad_w,) = grads_or_zeros(value, [w_leaf])
         return poison_nonfinite(grad_w, value.detach(), *seen)
 
 
