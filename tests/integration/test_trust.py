@@ -611,49 +611,35 @@ def test_meta_weight_net_with_a_sampler_that_applies_weights_is_one_line(tmp_pat
     assert len(lines) == 1 and lines[0].startswith("bilevel: error: trainer.sampling")
 
 
-def test_a_run_shorter_than_one_window_says_that_no_outer_step_runs():
+def small_trainer(config, solver=None, outer_loss=cross_entropy, activation="relu"):
+    """A first_order trainer of a small MLP on a small noisy_domains problem."""
     data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
-    trainer = BilevelTrainer(
-        MLP(**data.model_kwargs, hidden=8),
+    return BilevelTrainer(
+        MLP(**data.model_kwargs, hidden=8, activation=activation),
         DomainWeights(data.names),
-        build("first_order"),
+        solver or build("first_order"),
         per_example_cross_entropy,
-        cross_entropy,
+        outer_loss,
         data,
-        TrainerConfig(steps=4, outer_every=5, batch_size=16, progress=False),
+        config,
     )
+
+
+def test_a_run_shorter_than_one_window_says_that_no_outer_step_runs():
+    trainer = small_trainer(TrainerConfig(steps=4, outer_every=5, batch_size=16, progress=False))
     assert any("no outer step runs" in note for note in trainer.notes)
     summary = trainer.fit()
     assert summary["outer_updates"] == 0
     assert all(abs(v - 0.25) < 1e-7 for v in summary["weights"].values())
-    longer = TrainerConfig(steps=10, outer_every=5, batch_size=16, progress=False)
-    trainer = BilevelTrainer(
-        MLP(**data.model_kwargs, hidden=8),
-        DomainWeights(data.names),
-        build("first_order"),
-        per_example_cross_entropy,
-        cross_entropy,
-        data,
-        longer,
-    )
+    trainer = small_trainer(TrainerConfig(steps=10, outer_every=5, batch_size=16, progress=False))
     assert not any("no outer step runs" in note for note in trainer.notes)
     assert trainer.fit()["outer_updates"] == 2
 
 
 def test_a_meta_batch_larger_than_the_meta_set_is_named_in_the_notes():
-    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
-
     def notes(meta_batch_size):
         config = TrainerConfig(steps=5, batch_size=16, meta_batch_size=meta_batch_size)
-        return BilevelTrainer(
-            MLP(**data.model_kwargs, hidden=8),
-            DomainWeights(data.names),
-            build("first_order"),
-            per_example_cross_entropy,
-            cross_entropy,
-            data,
-            config,
-        ).notes
+        return small_trainer(config).notes
 
     assert any("larger than the meta set (16 rows)" in n for n in notes(64))
     assert not any("meta set" in n for n in notes(8) + notes(None))
@@ -662,15 +648,11 @@ def test_a_meta_batch_larger_than_the_meta_set_is_named_in_the_notes():
 @pytest.mark.parametrize("key", list(SOLVERS))
 def test_a_meta_loss_that_ignores_the_model_gives_zero_hypergradients(key):
     """Exact zeros, in every solver's trainer path (unrolled raised inside autograd)."""
-    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
-    trainer = BilevelTrainer(
-        MLP(**data.model_kwargs, hidden=8, activation="gelu"),
-        DomainWeights(data.names),
-        build(key.split("-")[0], **SOLVERS[key]),
-        per_example_cross_entropy,
-        lambda output, batch: torch.tensor(0.3),
-        data,
+    trainer = small_trainer(
         TrainerConfig(steps=10, outer_every=5, batch_size=16, progress=False),
+        solver=build(key.split("-")[0], **SOLVERS[key]),
+        outer_loss=lambda output, batch: torch.tensor(0.3),
+        activation="gelu",
     )
     summary = trainer.fit()
     assert summary["outer_updates"] == 2 and summary["skipped_steps"] == 0
