@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "NonFiniteError"]
+import math
+
+__all__ = ["ConfigError", "NonFiniteError", "is_finite_number"]
 
 
 class ConfigError(ValueError):
@@ -21,3 +23,10 @@ class ConfigError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """Raised after ``trainer.max_skipped`` consecutive non-finite updates (after a checkpoint)."""
+
+
+def is_finite_number(value: object) -> bool:
+    """True for an int or float (not a bool) that is neither inf nor nan: a hyperparameter
+    check written ``is_finite_number(x) and x > 0`` refuses ``inf`` as well as ``nan`` and
+    strings, where ``x > 0`` alone lets ``inf`` through to a run of non-finite updates."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -54,12 +55,36 @@ OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 def make_optimizer(factory: OptimizerFactory, params: list, field: str) -> torch.optim.Optimizer:
     """``factory(params)``; a bad setting (e.g. a negative learning rate) becomes one line."""
     try:
-        return factory(params)
+        optimizer = factory(params)
     except (ValueError, TypeError) as err:
         message = not_a_number(factory) or str(err)
         if "unexpected keyword argument 'fused'" in message:
             message += f" (this optimizer has no fused kernel: drop the key, ~{field}.fused)"
         raise ConfigError(field, message) from None
+    check_hyperparameters(optimizer, field)
+    return optimizer
+
+
+def check_hyperparameters(optimizer: torch.optim.Optimizer, field: str) -> None:
+    """Refuse what torch's own checks let through: an ``inf`` or ``nan`` learning rate (torch
+    only refuses a negative one), a zero one (nothing would ever move), or another non-finite
+    number among the group's settings (momentum, betas, eps, weight decay). Each would train
+    to non-finite values and stop with exit 3 far from its cause."""
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key == "params":
+                continue
+            values = value if isinstance(value, tuple | list) else [value]
+            for item in values:
+                number = (
+                    float(item) if isinstance(item, torch.Tensor) and item.numel() == 1 else item
+                )
+                if isinstance(number, float) and not math.isfinite(number):
+                    raise ConfigError(f"{field}.{key}", f"must be a finite number, got {item!r}")
+        lr = group.get("lr")
+        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+        if isinstance(lr, int | float) and not lr > 0:
+            raise ConfigError(f"{field}.lr", f"must be > 0 (nothing would move), got {lr!r}")
 
 
 def not_a_number(factory: OptimizerFactory) -> str | None:

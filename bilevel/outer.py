@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from bilevel.errors import is_finite_number
+
 __all__ = ["MirrorDescent"]
 
 
@@ -34,9 +36,9 @@ class MirrorDescent(torch.optim.Optimizer):
     uses_value_gradient = True
 
     def __init__(self, params: Iterable[Tensor], lr: float = 1.0, smoothing: float = 0.0) -> None:
-        if not lr > 0:
-            raise ValueError(f"MirrorDescent: lr must be > 0, got {lr}")
-        if not 0 <= smoothing < 1:
+        if not (is_finite_number(lr) and lr > 0):
+            raise ValueError(f"MirrorDescent: lr must be a finite number > 0, got {lr}")
+        if not (is_finite_number(smoothing) and 0 <= smoothing < 1):
             raise ValueError(f"MirrorDescent: smoothing must lie in [0, 1), got {smoothing}")
         super().__init__(params, {"lr": lr, "smoothing": smoothing})
         self.found_inf: Tensor | None = None

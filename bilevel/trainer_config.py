@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bilevel.data.samplers import SAMPLING
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_finite_number
 
 __all__ = ["TrainerConfig"]
 
@@ -85,14 +85,19 @@ class TrainerConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError("trainer.precision", f"must be fp32 or bf16, got {self.precision!r}")
         if self.inner_lr is not None and not (
-            isinstance(self.inner_lr, int | float) and self.inner_lr > 0
+            is_finite_number(self.inner_lr) and self.inner_lr > 0
         ):
-            raise ConfigError("trainer.inner_lr", f"must be > 0 or null, got {self.inner_lr!r}")
-        if not (isinstance(self.temperature, int | float) and self.temperature > 0):
-            raise ConfigError("trainer.temperature", f"must be > 0, got {self.temperature!r}")
-        if not (isinstance(self.checkpoint_seconds, int | float) and self.checkpoint_seconds >= 0):
             raise ConfigError(
-                "trainer.checkpoint_seconds", f"must be >= 0, got {self.checkpoint_seconds!r}"
+                "trainer.inner_lr", f"must be a finite number > 0 or null, got {self.inner_lr!r}"
+            )
+        if not (is_finite_number(self.temperature) and self.temperature > 0):
+            raise ConfigError(
+                "trainer.temperature", f"must be a finite number > 0, got {self.temperature!r}"
+            )
+        if not (is_finite_number(self.checkpoint_seconds) and self.checkpoint_seconds >= 0):
+            raise ConfigError(
+                "trainer.checkpoint_seconds",
+                f"must be a finite number >= 0, got {self.checkpoint_seconds!r}",
             )
         if self.hessian_batch not in ("same", "independent"):
             raise ConfigError(

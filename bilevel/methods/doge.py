@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_finite_number
 from bilevel.methods.base import OuterUpdate
 from bilevel.methods.hypergradient import HypergradientMethod
 from bilevel.solvers.first_order import FirstOrder
@@ -49,9 +49,9 @@ class DoGE:
     uses_meta = True
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"doge: lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.smoothing < 1:
+        if not (is_finite_number(self.lr) and self.lr > 0):
+            raise ValueError(f"doge: lr must be a finite number > 0, got {self.lr!r}")
+        if not (is_finite_number(self.smoothing) and 0 <= self.smoothing < 1):
             raise ValueError(f"doge: smoothing must lie in [0, 1), got {self.smoothing!r}")
         self._inner = HypergradientMethod(FirstOrder(products=self.products))
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_finite_number
 from bilevel.functional import segment_mean
 from bilevel.methods.base import OuterUpdate
 
@@ -48,7 +48,7 @@ class ODM:
     uses_meta = False
 
     def __post_init__(self) -> None:
-        if not 0 <= self.smoothing < 1:
+        if not (is_finite_number(self.smoothing) and 0 <= self.smoothing < 1):
             raise ValueError(f"odm: smoothing must lie in [0, 1), got {self.smoothing!r}")
 
     def setup(self, loop) -> list[str]:

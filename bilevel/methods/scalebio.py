@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_finite_number
 from bilevel.functional import forward_batch
 from bilevel.guard import guarded_step
 from bilevel.methods.base import OuterUpdate
@@ -58,10 +58,10 @@ class ScaleBiO:
     uses_meta = True
 
     def __post_init__(self) -> None:
-        if not self.alpha > 0:
-            raise ValueError(f"scalebio: alpha must be > 0, got {self.alpha!r}")
-        if not self.tau >= 1:
-            raise ValueError(f"scalebio: tau must be >= 1, got {self.tau!r}")
+        if not (is_finite_number(self.alpha) and self.alpha > 0):
+            raise ValueError(f"scalebio: alpha must be a finite number > 0, got {self.alpha!r}")
+        if not (is_finite_number(self.tau) and self.tau >= 1):
+            raise ValueError(f"scalebio: tau must be a finite number >= 1, got {self.tau!r}")
         if not isinstance(self.alpha_every, int) or self.alpha_every < 1:
             raise ValueError(
                 f"scalebio: alpha_every must be an integer >= 1, got {self.alpha_every!r}"

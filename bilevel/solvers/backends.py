@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from bilevel.errors import is_finite_number
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.finite_difference import FiniteDifferenceProducts, FunctionalPoint
 from bilevel.solvers.products import (
@@ -41,7 +42,7 @@ def check_products(solver_name: str, products: str, step: float | None) -> None:
         raise ValueError(
             f"{solver_name}: unknown products {products!r}; valid: {', '.join(PRODUCTS)}"
         )
-    if step is not None and not 0 < step < 1:
+    if step is not None and not (is_finite_number(step) and 0 < step < 1):
         raise ValueError(f"{solver_name}: fd_step must lie in (0, 1) or be null, got {step!r}")
 
 

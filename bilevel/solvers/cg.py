@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from bilevel.errors import is_finite_number
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.backends import check_products, solve_at_params
 from bilevel.solvers.products import Reduce
@@ -60,10 +61,10 @@ class ConjugateGradient:
     def __post_init__(self) -> None:
         if not isinstance(self.iters, int) or self.iters < 1:
             raise ValueError(f"cg: iters must be an integer >= 1, got {self.iters!r}")
-        if not self.damping >= 0:
-            raise ValueError(f"cg: damping must be >= 0, got {self.damping!r}")
-        if not self.tol >= 0:
-            raise ValueError(f"cg: tol must be >= 0, got {self.tol!r}")
+        if not (is_finite_number(self.damping) and self.damping >= 0):
+            raise ValueError(f"cg: damping must be a finite number >= 0, got {self.damping!r}")
+        if not (is_finite_number(self.tol) and self.tol >= 0):
+            raise ValueError(f"cg: tol must be a finite number >= 0, got {self.tol!r}")
         check_products(self.name, self.products, self.fd_step)
 
     def reset(self) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from bilevel.errors import is_finite_number
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.backends import check_products, solve_at_params
 from bilevel.solvers.products import Reduce
@@ -59,10 +60,10 @@ class Neumann:
             raise ValueError(f"neumann: iters must be an integer >= 0, got {self.iters!r}")
         if self.warm_start and self.iters < 1:
             raise ValueError("neumann: warm_start needs iters >= 1")
-        if not self.alpha > 0:
-            raise ValueError(f"neumann: alpha must be > 0, got {self.alpha!r}")
-        if not self.damping >= 0:
-            raise ValueError(f"neumann: damping must be >= 0, got {self.damping!r}")
+        if not (is_finite_number(self.alpha) and self.alpha > 0):
+            raise ValueError(f"neumann: alpha must be a finite number > 0, got {self.alpha!r}")
+        if not (is_finite_number(self.damping) and self.damping >= 0):
+            raise ValueError(f"neumann: damping must be a finite number >= 0, got {self.damping!r}")
         check_products(self.name, self.products, self.fd_step)
 
     def reset(self) -> None:
