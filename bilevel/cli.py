@@ -41,7 +41,7 @@ from bilevel import checkpoint as ckpt
 from bilevel import run_dir as run_dirs
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed, leave_process_group
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_finite_number
 from bilevel.stopping import StopRequested
 from bilevel.trainer import BilevelTrainer, NonFiniteError, TrainerConfig
 
@@ -140,6 +140,26 @@ def build(node: Any, field: str, **kwargs: Any) -> Any:
         raise ConfigError(field, str(err)) from None
 
 
+def check_loss_callable(field: str, fn: Any) -> None:
+    """A loss is called as ``fn(output, batch)``: say so before training when the built object
+    is not callable or its signature cannot take those two arguments (e.g. a ``_target_`` that
+    names another function), instead of a ``TypeError`` from inside the first step."""
+    expected = "a callable (output, batch) -> Tensor"
+    if not callable(fn):
+        raise ConfigError(field, f"must build {expected}, got {fn!r}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: let the call decide
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as err:
+        name = getattr(getattr(fn, "func", fn), "__qualname__", repr(fn))
+        raise ConfigError(
+            field, f"{name} cannot take the two arguments (output, batch) of a loss: {err}"
+        ) from None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -217,6 +237,10 @@ def make_trainer(
             "data", f"_target_ must return a bilevel.data.DomainData, got {type(data)}"
         )
     if cfg.get("domains") is not None:
+        if isinstance(cfg.domains, str):
+            raise ConfigError(
+                "domains", f"must be a list of domain names, e.g. domains=[{cfg.domains}]"
+            )
         data = data.subset(list(cfg.domains))
     data.validate()
     names = cfg.weights.get("names")
@@ -226,14 +250,20 @@ def make_trainer(
         )
     init = cfg.weights.get("init")
     if init is not None:
+        if isinstance(init, str):
+            raise ConfigError(
+                "weights.init", f"must be a list of {len(data.names)} numbers, got {init!r}"
+            )
         values = list(init) if not isinstance(init, (int, float)) else [init]
         if len(values) != len(data.names):
             raise ConfigError(
                 "weights.init",
                 f"has {len(values)} values but there are {len(data.names)} domains {data.names}",
             )
-        if any(not isinstance(v, (int, float)) or not v > 0 for v in values):
-            raise ConfigError("weights.init", f"initial weight values must be > 0, got {values}")
+        if any(not (is_finite_number(v) and v > 0) for v in values):
+            raise ConfigError(
+                "weights.init", f"initial weight values must be finite numbers > 0, got {values}"
+            )
     model = build_model(cfg.model, data)
     weights_cfg = OmegaConf.create({k: v for k, v in cfg.weights.items() if k != "names"})
     extra: dict[str, Any] = {"names": data.names, "device": device}
@@ -247,8 +277,7 @@ def make_trainer(
     inner_loss = build(cfg.inner_loss, "inner_loss")
     outer_loss = build(cfg.outer_loss, "outer_loss")
     for field, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
-        if not callable(fn):
-            raise ConfigError(field, f"must build a callable (output, batch) -> Tensor, got {fn!r}")
+        check_loss_callable(field, fn)
     loop = {
         k: v
         for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()

@@ -34,6 +34,10 @@ class MLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if isinstance(hidden, str):
+            raise ValueError(
+                f"MLP: hidden must be an integer or a list of integers, got {hidden!r}"
+            )
         widths = list(hidden) if hasattr(hidden, "__iter__") else [hidden]
         check_sizes("MLP", in_dim=in_dim, out_dim=out_dim)
         check_sizes(
