@@ -36,6 +36,7 @@ from bilevel.hypergradient import chain_through_parametrization
 from bilevel.inner_loop import InnerLoop, make_optimizer
 from bilevel.logging import RunLog
 from bilevel.methods import OuterMethod, OuterUpdate, method_for
+from bilevel.methods.fixed import FixedWeights
 from bilevel.methods.hypergradient import wants_values
 from bilevel.outer import MirrorDescent
 from bilevel.solvers.base import Solver
@@ -177,6 +178,21 @@ class BilevelTrainer:
         if self.config.learn_weights:
             self.notes += self.method.setup(self.loop)
             self.notes += self._sampling_notes() + self._schedule_notes()
+        elif getattr(self.method, "moves_weights", True) and callable(
+            getattr(solver, "window", None)
+        ):
+            self.notes.append(
+                f"trainer.learn_weights=false keeps the weights at weights.init: solver="
+                f"{self.method.name} does not run (plain inner steps)"
+            )
+            self.method = FixedWeights(self.method.name)
+        if self.config.hessian_batch == "independent" and not getattr(
+            self.method, "uses_hessian", False
+        ):
+            self.notes.append(
+                f"trainer.hessian_batch=independent has no effect on {self.method.name} (it "
+                "uses no Hessian-vector products)"
+            )
         self.test = data.test
         if self.test is not None:
             from bilevel.data.columns import to_device

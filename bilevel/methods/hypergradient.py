@@ -49,8 +49,13 @@ class HypergradientMethod:
         self.name = solver.name
         self.path = "api"
 
+    @property
+    def uses_hessian(self) -> bool:
+        """Whether the solver takes Hessian-vector products (``trainer.hessian_batch`` applies)."""
+        return getattr(self.solver, "uses_hessian", self.name in ("cg", "neumann"))
+
     def setup(self, loop) -> list[str]:
-        cfg, solver = loop.config, self.solver
+        solver = self.solver
         products = getattr(solver, "products", "autograd")
         has_solve = callable(getattr(solver, "solve", None))
         notes: list[str] = []
@@ -69,11 +74,6 @@ class HypergradientMethod:
             self.path = "graph"
         else:
             self.path = "api"
-        if cfg.hessian_batch == "independent" and self.name in ("first_order", "sama"):
-            notes.append(
-                f"trainer.hessian_batch=independent has no effect on {self.name} "
-                "(it uses no Hessian-vector products)"
-            )
         if products == "finite_difference" and self.name in ("cg", "neumann"):
             kinks = sorted({type(m).__name__ for m in loop.module.modules() if type(m) in _KINKED})
             if kinks:
@@ -83,6 +83,9 @@ class HypergradientMethod:
                     "jumps (autograd's do not); prefer a smooth activation (GELU, SiLU, tanh) or "
                     "solver.products=autograd"
                 )
+        check = getattr(solver, "check", None)
+        if callable(check):  # a solver's own validation (e.g. DoReMi's reference run)
+            check(loop)
         if getattr(solver, "uses_optimizer", False):
             loop.keep_last_grads = True
             if not preconditionable(loop.inner_opt):

@@ -58,6 +58,7 @@ class LossReweighting:
     name: str = "loss_reweighting"
 
     uses_meta = False
+    moves_weights = False  # its factors are per example; the domain weights stay fixed
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

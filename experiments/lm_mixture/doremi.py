@@ -39,14 +39,36 @@ class DoReMi:
     name: str = "doremi"
     _state: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def check(self, loop) -> None:
+        """Before training (the trainer calls this): the reference run must exist, be readable
+        and hold every trainable parameter of this model with the same shape."""
+        named = dict(loop.module.named_parameters())
+        self._load({n: named[n] for n in loop.param_names})
+
+    def _load(self, params: dict[str, Tensor]) -> None:
+        path = Path(self.reference)
+        file = path / "checkpoints" / "last.pt" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError("solver.reference", f"no reference checkpoint at {file}")
+        try:
+            model = checkpoint.load(file).get("model")
+        except ConfigError as err:
+            raise ConfigError("solver.reference", err.message) from None
+        if not isinstance(model, dict):
+            raise ConfigError("solver.reference", f"{file} holds no model state")
+        for name, tensor in params.items():
+            if name not in model or tuple(model[name].shape) != tuple(tensor.shape):
+                found = tuple(model[name].shape) if name in model else "nothing"
+                raise ConfigError(
+                    "solver.reference",
+                    f"{file} is a run of another model: parameter {name} "
+                    f"{tuple(tensor.shape)} has {found} there",
+                )
+        self._state["params"] = {n: model[n] for n in params}
+
     def _reference(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         if "params" not in self._state:
-            path = Path(self.reference)
-            file = path / "checkpoints" / "last.pt" if path.is_dir() else path
-            if not file.is_file():
-                raise ConfigError("solver.reference", f"no reference checkpoint at {file}")
-            model = checkpoint.load(file)["model"]
-            self._state["params"] = {n: model[n] for n in params}
+            self._load(params)
         ref = self._state["params"]
         return {n: ref[n].to(device=t.device, dtype=t.dtype) for n, t in params.items()}
 
