@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from bilevel.errors import is_finite_number
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.base import Solver
 from bilevel.solvers.products import Reduce
@@ -20,8 +21,35 @@ def chain_through_parametrization(weights: DomainWeights, grad_values: Tensor) -
     return parametrization_vjp(weights.parametrization, weights.logits, grad_values)
 
 
+def _check_arguments(solver, params, weights, inner_lr, wrt) -> Solver:
+    """Refuse, with the argument named, what would otherwise fail deep inside a solver or,
+    worse, return a wrong number (a negative ``inner_lr`` flips the sign of first_order's and
+    unrolled's result). A solver's name stands for ``build(name)``."""
+    if isinstance(solver, str):
+        from bilevel.solvers import build
+
+        solver = build(solver)
+    if not callable(getattr(solver, "domain_grad", None)):
+        raise TypeError(
+            f"solver must come from bilevel.solvers.build (or be a solver's name), got {solver!r}"
+        )
+    if not isinstance(weights, DomainWeights):
+        raise TypeError(f"weights must be a bilevel.DomainWeights, got {type(weights).__name__}")
+    if not isinstance(params, dict) or not params:
+        raise TypeError(
+            "params must be a non-empty dict[str, Tensor] (e.g. dict(model.named_parameters()))"
+            f", got {type(params).__name__} {'(empty)' if isinstance(params, dict) else ''}"
+        )
+    # >= 0: a schedule may end at 0. A tensor (a scheduler's device lr) is not read: no sync.
+    if not isinstance(inner_lr, Tensor) and not (is_finite_number(inner_lr) and inner_lr >= 0):
+        raise ValueError(f"inner_lr must be a finite number >= 0, got {inner_lr!r}")
+    if wrt not in ("logits", "values"):
+        raise ValueError(f"wrt must be 'logits' or 'values', got {wrt!r}")
+    return solver
+
+
 def hypergradient(
-    solver: Solver,
+    solver: Solver | str,
     per_domain_loss: PerDomainLoss,
     outer_loss: OuterLoss,
     params: Params,
@@ -36,7 +64,7 @@ def hypergradient(
     """The hypergradient of ``outer_loss`` with respect to the domain weights.
 
     Args:
-        solver: from :func:`bilevel.solvers.build`.
+        solver: from :func:`bilevel.solvers.build`, or a solver's name (its defaults).
         per_domain_loss: ``params -> Tensor[K]``, the mean inner loss of each domain.
         outer_loss: ``params -> scalar``, the meta loss M.
         params: ``dict[str, Tensor]``; the inner solution theta*(w) for implicit solvers, the
@@ -69,8 +97,7 @@ def hypergradient(
         >>> bilevel.hypergradient(build("first_order"), per_domain, meta, theta, w, 0.1)
         tensor([-0.2000,  0.2000])
     """
-    if wrt not in ("logits", "values"):
-        raise ValueError(f"wrt must be 'logits' or 'values', got {wrt!r}")
+    solver = _check_arguments(solver, params, weights, inner_lr, wrt)
     values = weights.value().detach()
     extra: dict = {}
     if hessian_loss is not None:

@@ -238,7 +238,10 @@ def test_unknown_solver_names_valid_ones():
         ("first_order", {"steps": 3}, r"valid options: products, fd_step"),
         ("unrolled", {"steps": 0}, "steps must be"),
         ("unrolled", {"backend": "jax"}, "torch, higher"),
-        ("neumann", {"alpha": -1.0}, "alpha must be > 0"),
+        ("neumann", {"alpha": -1.0}, "alpha must be a finite number > 0"),
+        ("neumann", {"alpha": float("inf")}, "alpha must be a finite number > 0"),
+        ("cg", {"damping": float("inf")}, "damping must be a finite number >= 0"),
+        ("cg", {"fd_step": "abc"}, "fd_step must lie in"),
         ("cg", {"iters": 0}, "iters must be"),
     ],
 )
@@ -282,6 +285,34 @@ def test_a_bad_outer_loss_or_integer_params_are_named_by_every_solver(name):
     # a meta loss that does not depend on the parameters: the hypergradient is exactly zero
     zero = call(lambda p: torch.tensor(0.5, dtype=torch.float64))
     assert torch.equal(zero.abs(), torch.zeros_like(zero))
+
+
+def test_bad_arguments_of_the_public_api_are_named():
+    """What used to fail deep inside a solver (AttributeError, KeyError) or return a wrong
+    number (a negative inner_lr flips first_order's sign) is refused with the argument named."""
+    problem = Ridge()
+    w = weights_for(problem, "softmax")
+    theta = {"theta": torch.zeros(problem.d, dtype=torch.float64)}
+
+    def call(solver="first_order", params=theta, weights=w, inner_lr=0.1):
+        return bilevel.hypergradient(
+            solver, problem.per_domain, problem.meta, params, weights, inner_lr
+        )
+
+    for lr in (-0.1, float("inf"), float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="inner_lr must be a finite number >= 0"):
+            call(inner_lr=lr)
+    with pytest.raises(TypeError, match="params must be a non-empty dict"):
+        call(params={})
+    with pytest.raises(TypeError, match="params must be a non-empty dict"):
+        call(params=[theta["theta"]])
+    with pytest.raises(TypeError, match="weights must be a bilevel.DomainWeights"):
+        call(weights=torch.ones(3))
+    with pytest.raises(TypeError, match="solver must come from bilevel.solvers.build"):
+        call(solver=object())
+    # a schedule may end at lr 0 (first_order is then 0); a solver's name is build(name)
+    assert torch.equal(call(inner_lr=0.0), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(call(solver="cg"), call(solver=build("cg")))
 
 
 @pytest.mark.parametrize("name", ["first_order", "unrolled", "neumann", "cg"])
