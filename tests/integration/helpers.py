@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,3 +25,52 @@ def cli(*args, env=None, cwd=None, timeout=300):
 
 def read_summary(path):
     return json.loads((Path(path) / "summary.json").read_text())
+
+
+_BATCH_DRIVER = """
+import contextlib, io, json, sys, traceback
+from bilevel import cli
+
+cases, results = json.load(sys.stdin), []
+for args in cases:
+    sys.argv = ["bilevel-run", *args, "trainer.progress=false"]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main()
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append([code, out.getvalue(), err.getvalue()])
+with open(OUTPUT, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def cli_batch(cases, env=None, timeout=600):
+    """Run each argument list through bilevel's entry point, one after another in ONE fresh
+    Python process: importing torch and Hydra is most of what a short run costs, so a table
+    of bad inputs (each stopping before training) runs in seconds instead of minutes. Each
+    case gets its own ``sys.argv``, captured stdout and stderr, and exit code; returns a list
+    of ``CompletedProcess`` in the order of ``cases``."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "results.json"
+        driver = _BATCH_DRIVER.replace("OUTPUT", repr(str(output)))
+        proc = subprocess.run(
+            [sys.executable, "-c", driver],
+            input=json.dumps([list(c) for c in cases]),
+            capture_output=True,
+            text=True,
+            env=full_env,
+            cwd=REPO,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0 and output.exists(), proc.stdout + proc.stderr
+        results = json.loads(output.read_text())
+    return [
+        subprocess.CompletedProcess(list(args), code, stdout, stderr)
+        for args, (code, stdout, stderr) in zip(cases, results)
+    ]

@@ -264,56 +264,6 @@ def test_too_many_consecutive_skips_stop_the_run_with_a_checkpoint(tmp_path):
 
 # -- input validation ---------------------------------------------------------------------------
 
-BUILDERS = """
-import torch
-from bilevel.data import DomainData, noisy_domains
-
-def empty_domain(**kwargs):
-    d = noisy_domains(**kwargs)
-    keep = d.train["domain"] != 2
-    d.train = {k: v[keep] for k, v in d.train.items()}
-    return d
-
-def no_meta(**kwargs):
-    d = noisy_domains(**kwargs)
-    d.meta = None
-    return d
-"""
-
-
-@pytest.mark.parametrize(
-    "args,field",
-    [
-        (["data._target_=builders.empty_domain"], "data"),
-        (["data._target_=builders.no_meta"], "data.meta"),
-        (["+weights.names=[a,b,c,d]"], "weights.names"),
-        (["weights.init=[0.2,0.3]"], "weights.init"),
-        (["weights.init=[0.5,0.0,0.25,0.25]"], "weights.init"),
-        (["trainer.outer_every=0"], "trainer.outer_every"),
-        (["solver.name=newton"], "solver"),
-        (["solver=newton"], "solver"),
-        (["solver=unrolled", "solver.steps=10"], "solver.steps"),
-        (["solver=unrolled", "trainer/inner_optimizer=adam"], "solver"),
-        (
-            ["weights.parametrization=sigmoid", "trainer/outer_optimizer=mirror_descent"],
-            "weights.parametrization",
-        ),
-        (["trainer.precision=fp16"], "trainer.precision"),
-    ],
-)
-def test_each_bad_input_is_one_line_and_exit_2(tmp_path, args, field):
-    (tmp_path / "builders.py").write_text(BUILDERS)
-    proc = cli(
-        "experiment=tiny",
-        *args,
-        f"hydra.run.dir={tmp_path / 'run'}",
-        env={"PYTHONPATH": str(tmp_path)},
-    )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"bilevel: error: {field}"), proc.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-
 
 def test_resume_without_checkpoint_and_with_other_names(tmp_path, run_cli):
     (tmp_path / "empty").mkdir()

@@ -1,0 +1,122 @@
+"""One clear line for every mistake: each bad input below exits with code 2, prints exactly one
+line ``bilevel: error: <field>: ...`` (no traceback) and leaves no run directory behind.
+
+All cases run through the real entry point in one subprocess (:func:`cli_batch`), so the table
+can grow without each case paying the start-up of torch and Hydra.
+"""
+
+import pytest
+import torch
+
+from tests.integration.helpers import cli_batch
+
+BUILDERS = """
+from bilevel.data import noisy_domains
+
+def empty_domain(**kwargs):
+    d = noisy_domains(**kwargs)
+    keep = d.train["domain"] != 2
+    d.train = {k: v[keep] for k, v in d.train.items()}
+    return d
+
+def no_meta(**kwargs):
+    d = noisy_domains(**kwargs)
+    d.meta = None
+    return d
+"""
+
+CASES = [
+    # data
+    (["data.label_noise=[0.1,0.2]"], "data.label_noise"),
+    (["data.label_noise=[0.0,0.0,1.2,0.0]"], "data.label_noise"),
+    (["data.per_domain=0"], "data.per_domain"),
+    (["data._target_=builders.empty_domain"], "data"),
+    (["data._target_=builders.no_meta"], "data.meta"),
+    (["domains=d0"], "domains"),  # a name where a list is meant
+    # weights
+    (["+weights.names=[a,b,c,d]"], "weights.names"),
+    (["weights.init=[0.5,0.5]"], "weights.init"),
+    (["weights.init=[0.5,-0.1,0.3,0.3]"], "weights.init"),
+    (["weights.init=[0.5,0.0,0.25,0.25]"], "weights.init"),
+    (["weights.init=[inf,1,1,1]"], "weights"),
+    (["weights.init=abc"], "weights.init"),
+    (
+        ["weights.parametrization=sigmoid", "trainer/outer_optimizer=mirror_descent"],
+        "weights.parametrization",
+    ),
+    # model
+    (["model.hidden=0"], "model"),  # a zero-width layer trained silently to chance
+    (["model.hidden=abc"], "model"),
+    # solver
+    (["solver.name=adam"], "solver"),
+    (["solver=newton"], "solver"),
+    (["solver.products=symbolic"], "solver"),
+    (["solver=unrolled", "solver.steps=10"], "solver.steps"),
+    (["solver=unrolled", "trainer/inner_optimizer=adam"], "solver"),
+    (["solver=unrolled", "solver.backend=higher"], "solver.backend"),
+    (["solver=doremi"], "solver.reference"),
+    (["solver=doremi", "solver.reference=/nonexistent/run"], "solver.reference"),
+    (["solver=neumann", "solver.alpha=inf"], "solver"),
+    (["solver=cg", "solver.damping=inf"], "solver"),
+    (["solver=scalebio", "solver.alpha=inf"], "solver"),
+    (["solver=doge", "solver.lr=inf"], "solver"),
+    # losses
+    (["outer_loss._target_=no_such_module.loss"], "outer_loss"),
+    (["outer_loss._target_=bilevel.losses.no_such_loss"], "outer_loss"),
+    (["inner_loss._target_=bilevel.nope.loss"], "inner_loss"),
+    (["outer_loss._target_=bilevel.losses.per_example_cross_entropy"], "outer_loss"),
+    (["inner_loss._target_=bilevel.losses.cross_entropy"], "inner_loss"),
+    (["outer_loss._target_=os.getcwd"], "outer_loss"),  # not a function of (output, batch)
+    (["inner_loss._target_=builtins.len"], "inner_loss"),
+    # optimizers: torch refuses a negative lr only; inf, nan and 0 train to nothing or to nan
+    (["trainer.inner_optimizer.lr=-0.1"], "trainer.inner_optimizer"),
+    (["trainer.inner_optimizer.lr=abc"], "trainer.inner_optimizer"),
+    (["trainer.inner_optimizer.lr=0"], "trainer.inner_optimizer.lr"),
+    (["trainer/inner_optimizer=adam", "trainer.inner_optimizer.lr=nan"], "trainer.inner_optimizer"),
+    (["trainer.outer_optimizer.lr=-1"], "trainer.outer_optimizer"),
+    (["trainer.outer_optimizer.lr=inf"], "trainer.outer_optimizer.lr"),
+    (
+        ["trainer/outer_optimizer=mirror_descent", "trainer.outer_optimizer.lr=inf"],
+        "trainer.outer_optimizer",
+    ),
+    # the loop
+    (["trainer.outer_every=0"], "trainer.outer_every"),
+    (["trainer.precision=fp16"], "trainer.precision"),
+    (["trainer.hessian_batch=both"], "trainer.hessian_batch"),
+    (["trainer.sampling=temperature"], "trainer.sampling"),
+    (["trainer.inner_lr=inf"], "trainer.inner_lr"),
+    (["trainer.strategy=fsdp", "solver.products=finite_difference"], "trainer.strategy"),
+    (["weights=meta_weight_net", "trainer.sampling=weights"], "trainer.sampling"),
+    # the run
+    (["seed=abc"], "seed"),
+    (["device=gpu"], "device"),
+    (["device=cuda:7"], "device"),
+    (["resume=/nonexistent/run"], "resume"),
+]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """Every case's CompletedProcess and the run directory it was pointed at."""
+    root = tmp_path_factory.mktemp("bad_input")
+    (root / "builders.py").write_text(BUILDERS)
+    dirs = [root / f"case{i}" / "run" for i in range(len(CASES))]
+    cases = [
+        ["experiment=tiny", *args, f"hydra.run.dir={out}"]
+        for (args, _), out in zip(CASES, dirs, strict=True)
+    ]
+    procs = cli_batch(cases, env={"PYTHONPATH": str(root)})
+    return dict(zip(range(len(CASES)), zip(procs, dirs, strict=True), strict=True))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[" ".join(args) for args, _ in CASES])
+def test_bad_input_is_one_line_exit_2_and_leaves_no_directory(outcomes, index):
+    args, field = CASES[index]
+    if "device=cuda:7" in args and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    proc, out = outcomes[index]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"bilevel: error: {field}"), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not out.exists()
