@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,25 +18,14 @@ import numpy as np
 import torch
 
 from bilevel.errors import ConfigError
+from bilevel.files import write_atomic
 
 __all__ = ["capture_rng", "fingerprint", "load", "restore_rng", "save_atomic"]
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda fh: torch.save(state, fh))
 
 
 def load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from bilevel.errors import ConfigError
+from bilevel.files import write_text_atomic
 
 __all__ = [
     "MARKER",
@@ -104,8 +105,9 @@ def claim(path: str | Path) -> Path:
     check_writable(path)
     path.mkdir(parents=True, exist_ok=True)
     if not is_run_dir(path):
-        (path / MARKER).write_text(
-            json.dumps({"bilevel_run": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_text_atomic(
+            path / MARKER,
+            json.dumps({"bilevel_run": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}),
         )
     return path
 

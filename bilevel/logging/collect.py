@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel.errors import ConfigError
+from bilevel.files import write_text_atomic
 from bilevel.run_dir import TABLE_HEADS, is_our_table
 
 __all__ = ["CollectResults", "collect", "main", "write_tables"]
@@ -130,13 +131,13 @@ def write_tables(folder: str | Path, rows: list[dict[str, Any]] | None = None) -
     writer.writeheader()
     for row in rows:
         writer.writerow({k: row.get(k, "") for k in columns})
-    (folder / "results.csv").write_text(buffer.getvalue())
+    write_text_atomic(folder / "results.csv", buffer.getvalue())
     lines = [
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
         *("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows),
     ]
-    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(folder / "results.md", "\n".join(lines) + "\n")
     return folder / "results.csv"
 
 

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bilevel.files import write_text_atomic
+
 __all__ = ["JsonlWriter", "read_jsonl", "to_jsonable"]
 
 
@@ -34,7 +36,8 @@ class JsonlWriter:
         kept = []
         if resume_after_step is not None and self.path.exists():
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_after_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # atomic: a crash here must not lose the records of the run being resumed
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = self.path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bilevel.files import write_atomic
+
 __all__ = ["plot_weights"]
 
 
@@ -54,6 +56,6 @@ def plot_weights(
     bx.set_xlabel("inner step")
     bx.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     plt.close(fig)
     return Path(path)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bilevel.files import write_text_atomic
 from bilevel.logging.jsonl import JsonlWriter, read_jsonl, to_jsonable
 from bilevel.logging.plots import plot_weights
 
@@ -77,7 +78,8 @@ class RunLog:
 
     def finish(self, summary: dict[str, Any]) -> None:
         if self.run_dir is not None:
-            (self.run_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
+            text = json.dumps(to_jsonable(summary), indent=2)
+            write_text_atomic(self.run_dir / "summary.json", text)
             plot_weights(
                 read_jsonl(self.run_dir / "metrics.jsonl"),
                 self.run_dir / "weights.png",
