@@ -592,7 +592,14 @@ def _check_explicit_dirs(args: list[str]) -> None:
     sweep = "-m" in args or "--multirun" in args
     key = "hydra.sweep.dir=" if sweep else "hydra.run.dir="
     explicit = [a.split("=", 1)[1] for a in args if a.startswith(key)]
-    if not explicit:
+    if not explicit:  # the default runs/ under the current folder, when a run will write there
+        flags = [a for a in args if a.startswith("-") and a not in ("-m", "--multirun")]
+        if flags or any(a.startswith("resume=") for a in args):
+            return
+        try:
+            run_dirs.check_creatable("runs", "run directory", key.rstrip("="))
+        except ConfigError as err:
+            _fail(f"bilevel: error: {err}", 2)
         return
     try:
         (run_dirs.check_sweep_writable if sweep else run_dirs.check_writable)(explicit[-1])

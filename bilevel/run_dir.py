@@ -10,6 +10,8 @@ checkpoint kept in some other folder never costs the user a file.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +46,26 @@ def _hydra_only(path: Path) -> bool:
     return all(p.name == ".hydra" or p.suffix == ".log" for p in path.iterdir())
 
 
+def check_creatable(path: str | Path, field: str, key: str = "hydra.run.dir") -> None:
+    """Raise :class:`ConfigError` unless files can be written at ``path`` (its nearest existing
+    folder must be a directory that accepts new entries), so that Hydra does not fail with a
+    traceback when it creates the folder. Tried for real, with a scratch folder that is
+    removed at once: permissions alone do not tell (e.g. ``/proc`` for root)."""
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(field, f"cannot create {path}: {existing} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".bilevel-check-", dir=existing))
+    except OSError as err:
+        raise ConfigError(
+            field,
+            f"cannot write into {existing} ({err.strerror}): choose another folder ({key}=...)",
+        ) from None
+
+
 def check_writable(path: str | Path) -> None:
     """Raise :class:`ConfigError` unless the library may write into ``path``: new, empty, only
     Hydra's own files, or a run directory of ours. The command line checks an explicit
@@ -51,6 +73,7 @@ def check_writable(path: str | Path) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError("run directory", f"{path} is a file, not a directory")
+    check_creatable(path, "run directory")
     if path.is_dir() and not is_run_dir(path) and not _hydra_only(path):
         raise ConfigError(
             "run directory",
@@ -83,6 +106,7 @@ def check_sweep_writable(path: str | Path) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError("sweep directory", f"{path} is a file, not a directory")
+    check_creatable(path, "sweep directory", "hydra.sweep.dir")
     if not path.is_dir():
         return
     hydra_files = {"multirun.yaml", "optimization_results.yaml", ".hydra"}

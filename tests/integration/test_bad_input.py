@@ -120,3 +120,19 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_directory(outcomes, index):
     assert len(lines) == 1 and lines[0].startswith(f"bilevel: error: {field}"), proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not out.exists()
+
+
+def test_a_folder_that_cannot_be_created_is_one_line(tmp_path):
+    """Hydra creates the run folder before the app starts; where it cannot (a file in the
+    path, a read-only or virtual file system) that was a FileNotFoundError traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cases = [
+        ["experiment=tiny", f"hydra.run.dir={blocker / 'run'}"],
+        ["-m", "experiment=tiny", "seed=0,1", f"hydra.sweep.dir={blocker / 'sweep'}"],
+    ]
+    for proc, field in zip(cli_batch(cases), ["run directory", "sweep directory"], strict=True):
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"bilevel: error: {field}: cannot create")
+    assert blocker.read_text() == "not a folder"
