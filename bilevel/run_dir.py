@@ -9,10 +9,13 @@ checkpoint kept in some other folder never costs the user a file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bilevel.errors import ConfigError
@@ -134,6 +137,42 @@ def claim(path: str | Path) -> Path:
             json.dumps({"bilevel_run": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}),
         )
     return path
+
+
+LOCK = ".bilevel-run.lock"
+
+
+@contextlib.contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory ``path`` while a run writes there: a second
+    process (the same ``resume=`` launched twice, a requeued job whose first copy still runs)
+    is refused with one line instead of interleaving its records and checkpoints with the
+    first's. The lock is the operating system's (``flock``), so a killed run never leaves a
+    stale one. Where ``fcntl`` does not exist (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    file = Path(path) / LOCK
+    handle = file.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise ConfigError(
+                "run directory",
+                f"{path} is in use by {owner}; wait for that run to end, or stop it first",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"bilevel process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 def resolve_resume(path: str | Path) -> tuple[Path, Path | None]:

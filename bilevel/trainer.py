@@ -14,6 +14,7 @@ optimizers themselves (``found_inf``, as AMP's grad scaler does), and counted in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -384,9 +385,14 @@ class BilevelTrainer:
 
     def fit(self) -> dict[str, Any]:
         """Train for ``config.steps`` inner steps (from the resumed step); returns the summary."""
+        with contextlib.ExitStack() as stack:
+            if self.run_dir is not None and self.strategy.is_main:
+                run_dirs.claim(self.run_dir)
+                stack.enter_context(run_dirs.locked(self.run_dir))
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config
-        if self.run_dir is not None and self.strategy.is_main:
-            run_dirs.claim(self.run_dir)
         self.log = RunLog(
             self.run_dir,
             self.wandb,

@@ -670,3 +670,38 @@ def test_a_doremi_reference_of_another_model_is_one_line_before_training(finishe
             data,
             TrainerConfig(steps=10, progress=False),
         )
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, finished):
+    """The same resume launched twice (or a requeued job while its first copy still runs)
+    would interleave two runs' records and checkpoints in one folder."""
+    import shutil
+    import subprocess
+    import sys
+
+    from bilevel import run_dir as run_dirs
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = (run / "metrics.jsonl").read_text()
+    holder = subprocess.Popen(  # another process holds the run directory
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from bilevel import run_dir as r\n"
+            f"with r.locked({str(run)!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = cli(f"resume={run}", "trainer.steps=60")
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and f"{run} is in use by bilevel process {holder.pid}" in lines[0]
+        assert (run / "metrics.jsonl").read_text() == before  # nothing of the run was touched
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_dirs.locked(run):  # the lock ends with its process: no stale lock is left
+        pass
