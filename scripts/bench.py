@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import nonnegative_int, positive_int  # noqa: E402
 from peers import Problem, Unavailable, copy_problem, make_data, registry  # noqa: E402
 
 from bilevel.data.evaluate import classification_metrics  # noqa: E402
@@ -348,20 +349,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=["tiny", "compute", "both"], default="both")
     parser.add_argument("--methods", default="", help="comma-separated subset of method keys")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--block", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rounds", type=positive_int, default=15)
+    parser.add_argument("--block", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=nonnegative_int, default=20)
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--scaling", action="store_true", help="also the scaling tables")
     parser.add_argument("--only-scaling", action="store_true", help="the scaling tables alone")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny size, few steps, no memory")
     parser.add_argument("--warm", action="store_true", help="also: warm-start accuracy along a run")
     parser.add_argument("--out", help="also write the report to this markdown file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--problem", help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=positive_int, default=10, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # TorchOpt's functorch imports

@@ -15,12 +15,17 @@ with a standard error from the spread of the estimates.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
 import bilevel
 from bilevel import DomainWeights
 from bilevel.solvers import build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive_int  # noqa: E402
 
 
 class Ridge:
@@ -109,8 +114,8 @@ def measure(problem: Ridge, size: int, draws: int, seed: int = 0) -> dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[24, 48, 96, 192, 384])
-    parser.add_argument("--draws", type=int, default=4000)
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[24, 48, 96, 192, 384])
+    parser.add_argument("--draws", type=positive_int, default=4000)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:

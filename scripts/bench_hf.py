@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,9 @@ from bilevel.data.columns import take, to_device
 from bilevel.functional import forward_batch, trainable_params
 from bilevel.models.hf import HFClassifier
 from bilevel.solvers import build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive_int  # noqa: E402
 
 
 def per_example(out, batch):
@@ -159,10 +164,10 @@ def measure(model, train, meta, weights, solvers, repeats, device) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=8, help="rows per domain")
+    parser.add_argument("--batch", type=positive_int, default=8, help="rows per domain")
     parser.add_argument("--random", action="store_true", help="random MiniLM-sized weights")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,9 @@ from torch import nn
 import bilevel
 from bilevel.functional import make_outer_loss, make_per_domain_loss, trainable_params
 from bilevel.solvers import build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive_int  # noqa: E402
 
 SOLVERS = {
     "first_order": {},
@@ -103,12 +108,12 @@ def plain_gradient(model: nn.Module, train: dict):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=1024)
+    parser.add_argument("--dim", type=positive_int, default=64)
+    parser.add_argument("--hidden", type=positive_int, default=256)
+    parser.add_argument("--classes", type=positive_int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=20)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats")
     args = parser.parse_args()
     if args.quick:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,9 @@ from bilevel import DomainWeights, make_outer_loss, make_per_domain_loss
 from bilevel.data import noisy_domains
 from bilevel.functional import trainable_params
 from bilevel.solvers import build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive_int  # noqa: E402
 
 ACT = {"tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -66,7 +71,7 @@ def hypergradient(model, data, dtype, solver):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=positive_int, default=5)
     args = parser.parse_args()
     print("| activation | solver | dtype | finite differences, rel. error | autograd, rel. error |")
     print("|---|---|---|---|---|")

@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from arguments import nonnegative_int, positive_int  # noqa: E402
+
 from bilevel import BilevelTrainer, DomainWeights, TrainerConfig  # noqa: E402
 from bilevel.data import noisy_domains  # noqa: E402
 from bilevel.losses import cross_entropy, per_example_cross_entropy  # noqa: E402
@@ -90,8 +92,8 @@ def trainer(name, solver, opts, extra, device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--windows", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--windows", type=positive_int, default=30)
+    parser.add_argument("--warmup", type=nonnegative_int, default=5)
     parser.add_argument("--only", default="", help="comma-separated method names to run")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -39,7 +39,12 @@ are pure vector counting, and the check shows whether that counting holds.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive_int  # noqa: E402
 
 GB = 1e9
 
@@ -152,12 +157,7 @@ def _fmt(value: float | None) -> str:
 
 def check() -> str:
     """MiniLM-L6 measured (profiler, CPU, fp32) against the formulas."""
-    import sys
-    from pathlib import Path
-
     import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_hf import batches, mean_ce, peak_mb, per_example  # noqa: E402
 
     import bilevel
@@ -220,8 +220,10 @@ def check() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--sequences", type=int, default=1, help="sequences per GPU micro-batch")
+    parser.add_argument("--seq", type=positive_int, default=2048)
+    parser.add_argument(
+        "--sequences", type=positive_int, default=1, help="sequences per GPU micro-batch"
+    )
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
     print(tables(args.seq * args.sequences, args.seq))
