@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,40 @@ OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 CHECKPOINT_VERSION = 2
 
 
+def _check_arguments(model, weights, solver, data, config) -> tuple[Any, TrainerConfig]:
+    """Name the argument that is not what the trainer needs (each failed deep inside before:
+    ``'dict' object has no attribute 'validate'``, a bare ``StopIteration``); a solver's name
+    stands for ``build(name)`` and a dict for ``TrainerConfig(**dict)``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(True for _ in model.parameters()):
+        raise ConfigError("model", "the model has no parameters to train")
+    if not isinstance(weights, nn.Module) or not callable(getattr(weights, "value", None)):
+        raise TypeError(
+            "weights must be a bilevel.DomainWeights (or a MetaWeightNet), got "
+            f"{type(weights).__name__}"
+        )
+    if not isinstance(data, DomainData):
+        raise TypeError(
+            f"data must be a bilevel.data.DomainData (train, meta, test columns and domain "
+            f"names), got {type(data).__name__}"
+        )
+    if isinstance(solver, str):
+        from bilevel.solvers import build
+
+        solver = build(solver)
+    if config is None:
+        config = TrainerConfig()
+    elif isinstance(config, Mapping):
+        try:
+            config = TrainerConfig(**config)
+        except TypeError as err:
+            raise ConfigError("trainer", str(err)) from None
+    elif not isinstance(config, TrainerConfig):
+        raise TypeError(f"config must be a bilevel.TrainerConfig, got {type(config).__name__}")
+    return solver, config
+
+
 class BilevelTrainer:
     """Learns domain weights for ``model`` on ``data`` with ``solver``.
 
@@ -64,11 +98,11 @@ class BilevelTrainer:
         model: any ``nn.Module``; called as ``model(batch["x"])`` (or ``model(**batch["x"])``).
         weights: the :class:`DomainWeights`, one per ``data.names`` entry in the same order.
         solver: from :func:`bilevel.solvers.build` (a hypergradient solver or another outer
-            method, see :mod:`bilevel.methods`).
+            method, see :mod:`bilevel.methods`), or a solver's name (its defaults).
         inner_loss: ``(output, batch) -> [B]`` per-example loss.
         outer_loss: ``(output, batch) -> scalar`` meta loss.
         data: the :class:`~bilevel.data.DomainData`.
-        config: loop settings.
+        config: loop settings (a :class:`TrainerConfig`, or a dict of its fields).
         inner_optimizer: ``params -> Optimizer`` (default SGD, lr 0.1, fused).
         outer_optimizer: ``params -> Optimizer`` for the logits (default Adam, lr 0.05, fused), or
             :class:`~bilevel.outer.MirrorDescent` (exponentiated gradient, as in DoReMi).
@@ -93,11 +127,11 @@ class BilevelTrainer:
         self,
         model: nn.Module,
         weights: DomainWeights,
-        solver: Solver | OuterMethod,
+        solver: Solver | OuterMethod | str,
         inner_loss: Loss,
         outer_loss: Loss,
         data: DomainData,
-        config: TrainerConfig | None = None,
+        config: TrainerConfig | Mapping[str, Any] | None = None,
         inner_optimizer: OptimizerFactory | None = None,
         outer_optimizer: OptimizerFactory | None = None,
         inner_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
@@ -110,7 +144,8 @@ class BilevelTrainer:
         strategy: Strategy | None = None,
         overrides: list[str] | None = None,
     ) -> None:
-        self.config = config or TrainerConfig()
+        solver, config = _check_arguments(model, weights, solver, data, config)
+        self.config = config
         self.config.validate()
         data.validate()
         if list(weights.names) != list(data.names):

@@ -705,3 +705,35 @@ def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, finished
         holder.wait()
     with run_dirs.locked(run):  # the lock ends with its process: no stale lock is left
         pass
+
+
+def test_trainer_arguments_of_the_wrong_kind_are_named():
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+
+    def make(**changes):
+        args = dict(
+            model=MLP(**data.model_kwargs, hidden=8),
+            weights=DomainWeights(data.names),
+            solver=build("first_order"),
+            inner_loss=per_example_cross_entropy,
+            outer_loss=cross_entropy,
+            data=data,
+            config=TrainerConfig(steps=10, progress=False),
+        )
+        return BilevelTrainer(**{**args, **changes})
+
+    with pytest.raises(TypeError, match="data must be a bilevel.data.DomainData"):
+        make(data={"train": data.train})
+    with pytest.raises(TypeError, match="weights must be a bilevel.DomainWeights"):
+        make(weights=torch.ones(4))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        make(model=lambda x: x)
+    with pytest.raises(ConfigError, match="model: the model has no parameters"):
+        make(model=nn.ReLU())
+    with pytest.raises(TypeError, match="config must be a bilevel.TrainerConfig"):
+        make(config=[10])
+    with pytest.raises(ConfigError, match="trainer: .*unexpected keyword argument 'stepz'"):
+        make(config={"stepz": 10})
+    # a solver's name and a dict of settings are what they stand for
+    trainer = make(solver="cg", config={"steps": 10, "progress": False})
+    assert trainer.method.name == "cg" and trainer.config.steps == 10
