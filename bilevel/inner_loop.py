@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bilevel import buffers
 from bilevel.data.columns import to_device
 from bilevel.data.domain_data import DomainData
 from bilevel.data.samplers import APPLIES_WEIGHTS, DomainSampler, MetaSampler
@@ -180,6 +181,7 @@ class InnerLoop:
         self.last_batch: dict[str, Any] | None = None
         self.last_per_example: Tensor | None = None
         self.last_lr = self.current_lr()
+        self._steps_left, self._after_last_step = 0, None
         self.refresh_weights()
 
     # -- small helpers -----------------------------------------------------------------------------
@@ -381,12 +383,36 @@ class InnerLoop:
         if self.scheduler is not None:
             self.scheduler.step()
         self.skips.add(found, inner=True)
+        self.stepped()
         self.last["inner_loss"] = objective.detach()
         self.last["domain_loss"] = losses.detach()
         self.last_per_example = (
             per_example.detach() if not keep_graph or coefficients is not None else None
         )
         return products
+
+    # -- buffers belong to the inner steps ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def window_buffers(self, n: int, update: bool):
+        """Around a method's window of ``n`` inner steps: when it ends with an outer update, the
+        buffers as they were after the last inner step are put back at the end, undoing what
+        the outer computation's forward passes did to them (see :mod:`bilevel.buffers`)."""
+        self._steps_left = n if update else 0
+        self._after_last_step = None
+        try:
+            yield
+        finally:
+            buffers.restore(self.module, self._after_last_step)
+            self._steps_left, self._after_last_step = 0, None
+
+    def stepped(self) -> None:
+        """Count one inner step of the window (methods that step the parameters themselves,
+        like unrolled, call it too); after the last one, keep the buffers."""
+        if self._steps_left > 0:
+            self._steps_left -= 1
+            if self._steps_left == 0:
+                self._after_last_step = buffers.snapshot(self.module)
 
     # -- what the hypergradient needs --------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bilevel import buffers
 from bilevel import checkpoint as ckpt
 from bilevel import run_dir as run_dirs
 from bilevel.data.domain_data import DomainData
@@ -293,7 +294,7 @@ class BilevelTrainer:
         inside the user's loss keeps its traceback)."""
         from bilevel.data.columns import num_rows, take, to_device
 
-        with torch.no_grad():
+        with torch.no_grad(), buffers.kept(self.module):  # a check, not a training step
             train = to_device(self.data.train, self.device)
             rows = torch.arange(min(4, num_rows(train)), device=self.device)
             batch = take(train, rows)
@@ -390,7 +391,9 @@ class BilevelTrainer:
 
     def _window(self, n: int) -> None:
         update = n == self.config.outer_every and self.config.learn_weights
-        self._apply(self.method.window(self.loop, n, update))
+        with self.loop.window_buffers(n, update):
+            result = self.method.window(self.loop, n, update)
+        self._apply(result)
 
     def _apply(self, update: OuterUpdate | None) -> None:
         """Apply a method's outer update on the device (skipped where non-finite)."""

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel import buffers
 from bilevel.errors import ConfigError, is_finite_number
 from bilevel.functional import forward_batch
 from bilevel.guard import guarded_step
@@ -105,11 +106,13 @@ class ScaleBiO:
             batch = loop.next_batch()
             step = self._state["step"]
             alpha_t = self.alpha_at(step)
-            # u descends F_w(u)
-            losses_u = loop.per_domain_loss(batch)(dict(zip(names, u)))
-            grads = torch.autograd.grad(
-                loop.weighted(losses_u), u, allow_unused=True, materialize_grads=True
-            )
+            # u descends F_w(u); its forward pass leaves the model's buffers to theta's steps
+            # (put back after the backward, which may read them)
+            with buffers.kept(loop.module):
+                losses_u = loop.per_domain_loss(batch)(dict(zip(names, u)))
+                grads = torch.autograd.grad(
+                    loop.weighted(losses_u), u, allow_unused=True, materialize_grads=True
+                )
             grads = loop.strategy.reduce(list(grads))
             found = loop.found_inf([*grads, losses_u.detach()])
             for t, g in zip(u, grads):

@@ -91,6 +91,7 @@ class UnrolledMethod:
             loop.inner_opt._opt_called = True  # the step is taken here, not by opt.step()
             if loop.scheduler is not None:
                 loop.scheduler.step()
+            loop.stepped()
             objectives.append(objective)
             loop.last["domain_loss"] = losses.detach()
         meta = loop.meta_batch()

@@ -737,3 +737,44 @@ def test_trainer_arguments_of_the_wrong_kind_are_named():
     # a solver's name and a dict of settings are what they stand for
     trainer = make(solver="cg", config={"steps": 10, "progress": False})
     assert trainer.method.name == "cg" and trainer.config.steps == 10
+
+
+@pytest.mark.parametrize(
+    "solver,options",
+    [
+        ("first_order", {}),
+        ("cg", {}),
+        ("neumann", {"iters": 1, "warm_start": True}),
+        ("unrolled", {"steps": 2}),
+        ("sama", {}),
+        ("doge", {}),
+        ("first_order", {"products": "finite_difference"}),
+        ("cg", {"products": "finite_difference"}),
+        ("odm", {}),
+        ("loss_reweighting", {}),
+    ],
+)
+def test_running_statistics_are_moved_by_the_inner_steps_only(solver, options):
+    """BatchNorm's running statistics: the meta-loss forward, finite-difference passes at
+    perturbed parameters and the setup's loss check updated them too (26 to 106 updates for 20
+    inner steps), pulling the statistics used at evaluation towards the meta set."""
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(data.model_kwargs["in_dim"], 8),
+        nn.BatchNorm1d(8),
+        nn.Tanh(),
+        nn.Linear(8, data.model_kwargs["out_dim"]),
+    )
+    trainer = BilevelTrainer(
+        model,
+        DomainWeights(data.names),
+        build(solver, **options),
+        per_example_cross_entropy,
+        cross_entropy,
+        data,
+        TrainerConfig(steps=20, outer_every=5, batch_size=16, progress=False),
+    )
+    summary = trainer.fit()
+    assert summary["outer_updates"] == (0 if solver == "loss_reweighting" else 4)
+    assert int(model[1].num_batches_tracked) == 20
