@@ -30,8 +30,9 @@ Two kinds of evaluation point share the arithmetic:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "FiniteDifferenceProducts",
     "FunctionalPoint",
     "ModulePoint",
+    "SameRandomness",
     "default_step",
 ]
 
@@ -68,6 +70,40 @@ class Point(Protocol):
     def grad_and_losses(
         self, direction: Sequence[Tensor], eps: Tensor
     ) -> tuple[TensorList, Tensor]: ...
+
+
+class SameRandomness:
+    """Every pass at one evaluation point draws the same random numbers.
+
+    A model with dropout (or any random layer) in training mode is a different function at each
+    forward pass; the difference of two passes with different dropout masks, divided by 2 eps,
+    is noise of order 1 / eps, not a derivative (measured: hypergradients of the wrong sign and
+    ten times too large). The random-number state is taken when the point is built and every
+    pass replays it, so the differences are those of one fixed sample of the random function,
+    which is what autograd differentiates; the global random stream is left untouched.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device_type = device.type
+        self.cpu = torch.get_rng_state()
+        self.index: int | None = None
+        self.accelerator: Tensor | None = None
+        if device.type != "cpu" and device.type != "meta":
+            module = torch.get_device_module(device.type)
+            self.index = device.index if device.index is not None else module.current_device()
+            self.accelerator = module.get_rng_state(self.index)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        devices = [self.index] if self.index is not None else []
+        device_type = self.device_type if self.index is not None else "cuda"
+        with torch.random.fork_rng(devices=devices, device_type=device_type):
+            torch.set_rng_state(self.cpu)
+            if self.accelerator is not None:
+                torch.get_device_module(self.device_type).set_rng_state(
+                    self.accelerator, self.index
+                )
+            yield
 
 
 def _identity(tensors: TensorList) -> TensorList:
@@ -166,6 +202,7 @@ class FunctionalPoint:
         self.fn, self.names = per_domain_loss, names
         self.theta = [t.detach() for t in theta]
         self.w = w.detach()
+        self.randomness = SameRandomness(self.theta[0].device)
 
     def _shifted(self, direction: Sequence[Tensor], eps: Tensor) -> TensorList:
         # one tensor at a time: only the shifted copy is allocated, no eps * direction temporary
@@ -173,13 +210,14 @@ class FunctionalPoint:
 
     @torch.no_grad()
     def losses(self, direction: Sequence[Tensor], eps: Tensor) -> Tensor:
-        values = self.fn(dict(zip(self.names, self._shifted(direction, eps))))
+        with self.randomness.replay():
+            values = self.fn(dict(zip(self.names, self._shifted(direction, eps))))
         return check_per_domain_shape(values, self.w.numel())
 
     def grad_and_losses(
         self, direction: Sequence[Tensor], eps: Tensor
     ) -> tuple[TensorList, Tensor]:
-        with torch.enable_grad():
+        with torch.enable_grad(), self.randomness.replay():
             leaves = [t.requires_grad_(True) for t in self._shifted(direction, eps)]
             values = check_per_domain_shape(self.fn(dict(zip(self.names, leaves))), self.w.numel())
             objective = torch.dot(self.w.to(values.dtype), values)
@@ -215,6 +253,7 @@ class ModulePoint:
         self.theta = [p.detach() for p in params]
         self.losses_fn, self.grad_fn = losses_fn, grad_fn
         self.after = after or (lambda: None)
+        self.randomness = SameRandomness(self.theta[0].device)
 
     def _evaluate(self, fn, direction: Sequence[Tensor], eps: Tensor):
         saved = [p.detach().clone() for p in self.params]
@@ -223,7 +262,8 @@ class ModulePoint:
                 for t, d in zip(self.theta, direction):
                     t.addcmul_(d, eps.to(t.dtype))
             self.after()
-            return fn()
+            with self.randomness.replay():
+                return fn()
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(self.theta, saved)
