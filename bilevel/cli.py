@@ -14,6 +14,7 @@ overrides (logging, progress, evaluation and checkpoint cadence, device) and a l
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import logging
@@ -106,11 +107,17 @@ def check_target(target: str, field: str) -> None:
         obj: Any = module
         for attr in parts[i:]:
             if not hasattr(obj, attr):
-                public = sorted(a for a in dir(obj) if not a.startswith("_"))[:12]
+                public = sorted(a for a in dir(obj) if not a.startswith("_"))
+                close = difflib.get_close_matches(attr, public, n=3, cutoff=0.6)
+                hint = (
+                    f"did you mean {' or '.join(repr(c) for c in close)}?"
+                    if close
+                    else f"it has: {', '.join(public[:12])}"
+                )
                 raise ConfigError(
                     field,
                     f"cannot find {target!r}: {'.'.join(parts[: parts.index(attr)])!r} has no "
-                    f"attribute {attr!r} (it has: {', '.join(public)})",
+                    f"attribute {attr!r} ({hint})",
                 )
             obj = getattr(obj, attr)
         return
@@ -555,10 +562,31 @@ def preflight(args: list[str]) -> str | None:
         first = str(err).splitlines()[0]
         key = re.match(r"Could not override '([^']+)'", first)
         if key:
-            return f"{key.group(1)}: no such config key; to add a new key write +{key.group(1)}=..."
+            name = key.group(1)
+            others = [a for a in args if not a.split("=", 1)[0].lstrip("+~") == name]
+            close = _close_keys(name, others)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            return f"{name}: no such config key; {hint}to add a new key write +{name}=..."
         cause = _root_cause(err)
         return first if cause is err else f"{first} ({str(cause).splitlines()[0]})"
     return None
+
+
+def _close_keys(name: str, args: list[str]) -> list[str]:
+    """Keys of the composed config (without the bad override) that look like ``name``."""
+    from hydra import compose, initialize_config_dir
+
+    parent, _, leaf = name.rpartition(".")
+    try:
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=args)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    except Exception:  # noqa: BLE001 - a hint only: without it the line is still right
+        return []
+    if not isinstance(node, DictConfig):
+        return []
+    close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=2, cutoff=0.6)
+    return [f"{parent}.{c}" if parent else c for c in close]
 
 
 def _resume_args(args: list[str]) -> list[str]:

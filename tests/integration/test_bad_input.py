@@ -136,3 +136,19 @@ def test_a_folder_that_cannot_be_created_is_one_line(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith(f"bilevel: error: {field}: cannot create")
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_misspelt_key_or_target_gets_a_suggestion(tmp_path):
+    cases = [
+        ["experiment=tiny", "trainer.step=10"],
+        ["experiment=tiny", "sed=3"],
+        ["experiment=tiny", "outer_loss._target_=bilevel.losses.cross_entropi"],
+    ]
+    hints = [
+        "trainer.step: no such config key; did you mean trainer.steps?",
+        "sed: no such config key; did you mean seed?",
+        "did you mean 'cross_entropy'",
+    ]
+    runs = [[*args, f"hydra.run.dir={tmp_path / str(i)}"] for i, args in enumerate(cases)]
+    for proc, hint in zip(cli_batch(runs), hints, strict=True):
+        assert proc.returncode == 2 and hint in proc.stderr, proc.stderr
