@@ -64,6 +64,9 @@ def test_ctrl_c_or_sigterm_stops_at_a_window_with_a_checkpoint_and_resumes_exact
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # a test run in the background inherits an ignored SIGINT, which the run (rightly)
+            # keeps ignored: give the child the terminal's default disposition
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         metrics = stopped / "metrics.jsonl"
         deadline = time.time() + 120

@@ -8,6 +8,15 @@ import pytest
 from bilevel.stopping import StopRequested, stop_requests
 
 
+@pytest.fixture(autouse=True)
+def interactive_sigint():
+    """Ctrl-C as in a terminal, even when the suite runs as a background job (whose SIGINT is
+    ignored, and stays ignored by design)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_first_signal_is_a_request_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with stop_requests() as request:
