@@ -32,6 +32,7 @@ from bilevel import run_dir as run_dirs
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext
 from bilevel.errors import ConfigError, NonFiniteError
+from bilevel.files import write_text_atomic
 from bilevel.functional import forward_batch
 from bilevel.guard import guarded_step
 from bilevel.hypergradient import chain_through_parametrization
@@ -243,6 +244,8 @@ class BilevelTrainer:
         self._wandb_id: str | None = None
         self._last_checkpoint = time.monotonic()
         self._resume_file: Path | None = None
+        #: a branch of another run (resumed into a new folder) starts from that run's metrics
+        self.history_from: Path | None = None
 
     # -- views kept for users and scripts ---------------------------------------------------------
 
@@ -431,6 +434,10 @@ class BilevelTrainer:
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.config
+        history = self.history_from
+        if history is not None and history.is_file() and self.run_dir is not None:
+            if self.strategy.is_main:  # kept up to the checkpoint's step by the log below
+                write_text_atomic(self.run_dir / "metrics.jsonl", history.read_text())
         self.log = RunLog(
             self.run_dir,
             self.wandb,

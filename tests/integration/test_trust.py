@@ -778,3 +778,21 @@ def test_running_statistics_are_moved_by_the_inner_steps_only(solver, options):
     summary = trainer.fit()
     assert summary["outer_updates"] == (0 if solver == "loss_reweighting" else 4)
     assert int(model[1].num_batches_tracked) == 20
+
+
+def test_resume_into_an_explicit_folder_branches_and_leaves_the_run_alone(tmp_path, finished):
+    """resume=<run> with hydra.run.dir=<other>: Hydra made the other folder (its .hydra and a
+    cli.log telling the run's story) while the run went on writing into the resumed one. Now the
+    run branches into the folder asked for, from the checkpoint, and the original is untouched."""
+    import shutil
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    branch = tmp_path / "branch"
+    proc = cli(f"resume={run}", "trainer.steps=60", f"hydra.run.dir={branch}")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert read_summary(branch)["steps"] == 60
+    steps = [r["step"] for r in read_jsonl(branch / "metrics.jsonl") if "weights" in r]
+    assert steps[0] == 0 and steps[-1] == 60  # the history up to the checkpoint, then the branch
+    assert (branch / "checkpoints" / "last.pt").is_file()
