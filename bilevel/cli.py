@@ -350,6 +350,15 @@ def _harmless(key: str) -> bool:
     return any(key == h or key.startswith(h + ".") for h in RESUME_HARMLESS)
 
 
+def refused_on_resume(keys: list[str]) -> str:
+    shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+    return (
+        f"these overrides would change what the run trains: {shown}; a resumed run accepts "
+        "only trainer.steps (to extend it), logging, progress, evaluation and checkpoint "
+        "cadence and device (start a new run to change anything else)"
+    )
+
+
 def resumed_config(
     state: dict[str, Any], new_overrides: list[str], current: DictConfig
 ) -> DictConfig:
@@ -377,13 +386,7 @@ def resumed_config(
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         refused = [k for k in changed if not _harmless(k)]
     if refused:
-        shown = ", ".join(refused[:8]) + (" ..." if len(refused) > 8 else "")
-        raise ConfigError(
-            "resume",
-            f"these overrides would change what the run trains: {shown}; a resumed run accepts "
-            "only trainer.steps (to extend it), logging, progress, evaluation and checkpoint "
-            "cadence and device (start a new run to change anything else)",
-        )
+        raise ConfigError("resume", refused_on_resume(refused))
     merged = OmegaConf.create(saved)
     for key in changed:
         if key in after:
@@ -569,6 +572,9 @@ def preflight(args: list[str]) -> str | None:
         key = re.match(r"Could not override '([^']+)'", first)
         if key:
             name = key.group(1)
+            if any(a.startswith("resume=") for a in args) and not _harmless(name):
+                # the key may exist in the resumed run's config; either way it is refused there
+                return f"resume: {refused_on_resume([name])}"
             others = [a for a in args if not a.split("=", 1)[0].lstrip("+~") == name]
             close = _close_keys(name, others)
             hint = f"did you mean {' or '.join(close)}? " if close else ""

@@ -796,3 +796,14 @@ def test_resume_into_an_explicit_folder_branches_and_leaves_the_run_alone(tmp_pa
     steps = [r["step"] for r in read_jsonl(branch / "metrics.jsonl") if "weights" in r]
     assert steps[0] == 0 and steps[-1] == 60  # the history up to the checkpoint, then the branch
     assert (branch / "checkpoints" / "last.pt").is_file()
+
+
+def test_resume_with_a_key_of_another_solver_is_refused_as_a_change(finished):
+    """The key exists only in a config the run does not have (cg's iters on a first_order
+    run): it was reported as 'no such config key', as if it were a typo."""
+    proc = cli(f"resume={finished}", "solver.iters=3")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("bilevel: error: resume: these overrides would change what the ")
+    assert "solver.iters" in lines[0]
