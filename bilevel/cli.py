@@ -550,6 +550,11 @@ def preflight(args: list[str]) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, MissingConfigException
 
+    for arg in args:  # counts of an Optuna sweep: 0 ends in Optuna's traceback
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("hydra.sweeper.n_trials", "hydra.sweeper.n_jobs"):
+            if not (value.isdigit() and int(value) >= 1):
+                return f"{key.lstrip('+')}: must be an integer >= 1, got {value!r}"
     if any(a.startswith("-") for a in args):
         return None
     try:

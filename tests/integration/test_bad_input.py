@@ -92,6 +92,7 @@ CASES = [
     (["device=gpu"], "device"),
     (["device=cuda:7"], "device"),
     (["resume=/nonexistent/run"], "resume"),
+    (["hparams_search=optuna", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials"),
 ]
 
 
