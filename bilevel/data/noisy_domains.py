@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from bilevel.data.checks import check_counts
 from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
@@ -61,15 +62,13 @@ def noisy_domains(
     bad = [r for r in noise if not 0.0 <= r < 1.0]
     if bad:
         raise ConfigError("data.label_noise", f"rates must lie in [0, 1), got {bad}")
-    for field, value, low in [
-        ("data.per_domain", per_domain, 1),
-        ("data.meta_size", meta_size, 1),
-        ("data.test_size", test_size, 1),
-        ("data.dim", dim, 1),
-        ("data.num_classes", num_classes, 2),
-    ]:
-        if int(value) < low:
-            raise ConfigError(field, f"must be an integer >= {low}, got {value}")
+    check_counts(
+        per_domain=(per_domain, 1),
+        meta_size=(meta_size, 1),
+        test_size=(test_size, 1),
+        dim=(dim, 1),
+        num_classes=(num_classes, 2),
+    )
     gen = torch.Generator().manual_seed(int(seed))
     label = _teacher(dim, num_classes, gen)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bilevel.data.checks import check_counts
 from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
@@ -43,6 +44,7 @@ def digits(
     """Build the digits domains (see the module doc)."""
     from sklearn.datasets import load_digits
 
+    check_counts(per_domain=(per_domain, 1), meta_size=(meta_size, 1), test_size=(test_size, 1))
     if not 0 <= label_noise < 1:
         raise ConfigError("data.label_noise", f"must lie in [0, 1), got {label_noise}")
     if not 0 <= imbalance <= 1:

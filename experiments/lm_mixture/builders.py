@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bilevel.data.checks import check_counts
 from bilevel.data.columns import Columns, chunks, domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
@@ -134,14 +135,12 @@ def lm_mixture(
         raise ConfigError("data.target", f"unknown domain(s) {unknown}; choose from {LM_DOMAINS}")
     if any(v < 0 for v in target.values()) or sum(target.values()) <= 0:
         raise ConfigError("data.target", "mixture proportions must be >= 0 with a positive sum")
-    for field, value in [
-        ("data.per_domain", per_domain),
-        ("data.seq_len", seq_len),
-        ("data.meta_size", meta_size),
-        ("data.test_size", test_size),
-    ]:
-        if int(value) < 2:
-            raise ConfigError(field, f"must be >= 2, got {value}")
+    check_counts(
+        per_domain=(per_domain, 2),
+        seq_len=(seq_len, 2),
+        meta_size=(meta_size, 2),
+        test_size=(test_size, 2),
+    )
     gen = torch.Generator().manual_seed(int(seed))
     # The two chains are fixed by seed 0 so that "markov_a" means the same process in every run;
     # the text sampled from them follows the run's seed.

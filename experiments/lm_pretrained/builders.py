@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bilevel.data.checks import check_counts
 from bilevel.data.columns import Columns, chunks, domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
@@ -139,6 +140,12 @@ def lm_pretrained(
     seed: int = 0,
 ) -> DomainData:
     """Build the six domains (see the module doc) and the target's meta and test sets."""
+    check_counts(
+        seq_len=(seq_len, 2),
+        per_domain=(per_domain, 1),
+        meta_size=(meta_size, 1),
+        test_size=(test_size, 1),
+    )
     if target not in DOMAINS or target == "noise":
         raise ConfigError("data.target", f"must be one of {', '.join(DOMAINS[:-1])}")
     from bilevel_experiments.lm_pretrained.model import load_tokenizer

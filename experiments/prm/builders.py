@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bilevel.data.checks import check_counts
 from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
@@ -165,12 +166,16 @@ def prm_trajectories(
     seed: int = 0,
 ) -> DomainData:
     """Build the four annotation domains, the outcome-only meta set and the best-of-N test set."""
-    if steps < 1:
-        raise ConfigError("data.steps", f"must be >= 1, got {steps}")
+    check_counts(
+        per_domain=(per_domain, 1),
+        steps=(steps, 1),
+        meta_problems=(meta_problems, 1),
+        meta_candidates=(meta_candidates, 1),
+        test_problems=(test_problems, 1),
+        candidates=(candidates, 1),
+    )
     if not 0 < error_rate < 1:
         raise ConfigError("data.error_rate", f"must lie in (0, 1), got {error_rate}")
-    if candidates < 1 or test_problems < 1:
-        raise ConfigError("data.candidates", "candidates and test_problems must be >= 1")
     gen = torch.Generator().manual_seed(int(seed))
     parts = []
     for name in PRM_DOMAINS:

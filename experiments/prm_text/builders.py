@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bilevel.data.checks import check_counts
 from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
@@ -279,8 +280,14 @@ def prm_text(
         raise ConfigError("data.error_rate", f"must lie in (0, 1), got {error_rate}")
     if not 0 <= trap_rate < 1:
         raise ConfigError("data.trap_rate", f"must lie in [0, 1), got {trap_rate}")
-    if min(per_domain, meta_problems, meta_candidates, test_problems, candidates) < 1:
-        raise ConfigError("data", "sizes must be >= 1")
+    check_counts(
+        per_domain=(per_domain, 1),
+        meta_problems=(meta_problems, 1),
+        meta_candidates=(meta_candidates, 1),
+        test_problems=(test_problems, 1),
+        candidates=(candidates, 1),
+        max_len=(max_len, 8),
+    )
     from bilevel.models.hf import load_tokenizer
 
     tokens = _Tokens(load_tokenizer(tokenizer), max_len, max_steps=6)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bilevel.data.checks import check_counts
 from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
@@ -72,6 +73,7 @@ def text_domains(
     """Build the three domains (see the module doc)."""
     from bilevel.models.hf import load_tokenizer
 
+    check_counts(meta_per_topic=(meta_per_topic, 1), max_len=(max_len, 8))
     texts = corpus_texts()
     topics = [str(t) for t in topics]
     unknown = [t for t in topics if t not in texts]

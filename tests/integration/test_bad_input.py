@@ -33,6 +33,8 @@ CASES = [
     (["data._target_=builders.empty_domain"], "data"),
     (["data._target_=builders.no_meta"], "data.meta"),
     (["domains=d0"], "domains"),  # a name where a list is meant
+    (["data.meta_size=-3"], "data.meta_size"),
+    (["data.per_domain=1.5"], "data.per_domain"),
     # weights
     (["+weights.names=[a,b,c,d]"], "weights.names"),
     (["weights.init=[0.5,0.5]"], "weights.init"),
