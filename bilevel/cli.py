@@ -42,7 +42,7 @@ from bilevel import checkpoint as ckpt
 from bilevel import run_dir as run_dirs
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed, leave_process_group
-from bilevel.errors import ConfigError, is_finite_number
+from bilevel.errors import ConfigError, is_finite_number, is_integer
 from bilevel.stopping import StopRequested
 from bilevel.trainer import BilevelTrainer, NonFiniteError, TrainerConfig
 
@@ -197,7 +197,7 @@ def build_model(node: DictConfig, data: DomainData) -> torch.nn.Module:
 
 
 def check_seed(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_integer(value):
         try:
             if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
                 return int(value)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 
-__all__ = ["ConfigError", "NonFiniteError", "is_finite_number"]
+__all__ = ["ConfigError", "NonFiniteError", "is_finite_number", "is_integer"]
 
 
 class ConfigError(ValueError):
@@ -26,7 +27,16 @@ class NonFiniteError(RuntimeError):
 
 
 def is_finite_number(value: object) -> bool:
-    """True for an int or float (not a bool) that is neither inf nor nan: a hyperparameter
+    """True for a real number (not a bool) that is neither inf nor nan: a hyperparameter
     check written ``is_finite_number(x) and x > 0`` refuses ``inf`` as well as ``nan`` and
     strings, where ``x > 0`` alone lets ``inf`` through to a run of non-finite updates."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return (
+        isinstance(value, numbers.Real)  # numpy scalars too
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def is_integer(value: object) -> bool:
+    """True for an integer (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bilevel.errors import is_integer
+
 __all__ = ["MetaWeightNet"]
 
 
@@ -53,7 +55,7 @@ class MetaWeightNet(nn.Module):
         names = [str(n) for n in names]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"MetaWeightNet needs distinct domain names, got {names}")
-        if not isinstance(hidden, int) or hidden < 1:
+        if not is_integer(hidden) or hidden < 1:
             raise ValueError(f"MetaWeightNet: hidden must be an integer >= 1, got {hidden!r}")
         self.names = names
         self.k = len(names)

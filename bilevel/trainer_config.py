@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bilevel.data.samplers import SAMPLING
-from bilevel.errors import ConfigError, is_finite_number
+from bilevel.errors import ConfigError, is_finite_number, is_integer
 
 __all__ = ["TrainerConfig"]
 
@@ -72,11 +72,11 @@ class TrainerConfig:
         positive = ["steps", "outer_every", "batch_size", "log_every", "max_skipped"]
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ConfigError(f"trainer.{name}", f"must be an integer >= 1, got {value!r}")
         for name in ["checkpoint_every", "eval_every"]:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not is_integer(value) or value < 0:
                 raise ConfigError(f"trainer.{name}", f"must be an integer >= 0, got {value!r}")
         if self.meta_batch_size is not None and self.meta_batch_size < 1:
             raise ConfigError("trainer.meta_batch_size", "must be >= 1 or null (whole meta set)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_integer
 
 __all__ = ["check_counts"]
 
@@ -14,6 +14,5 @@ def check_counts(**fields: tuple[object, int]) -> None:
     later as a misleading message (an empty meta set) or a traceback inside the builder.
     """
     for name, (value, minimum) in fields.items():
-        integral = isinstance(value, int) and not isinstance(value, bool)
-        if not integral or value < minimum:
+        if not is_integer(value) or value < minimum:
             raise ConfigError(f"data.{name}", f"must be an integer >= {minimum}, got {value!r}")

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from bilevel import buffers
-from bilevel.errors import ConfigError, is_finite_number
+from bilevel.errors import ConfigError, is_finite_number, is_integer
 from bilevel.functional import forward_batch
 from bilevel.guard import guarded_step
 from bilevel.methods.base import OuterUpdate
@@ -63,7 +63,7 @@ class ScaleBiO:
             raise ValueError(f"scalebio: alpha must be a finite number > 0, got {self.alpha!r}")
         if not (is_finite_number(self.tau) and self.tau >= 1):
             raise ValueError(f"scalebio: tau must be a finite number >= 1, got {self.tau!r}")
-        if not isinstance(self.alpha_every, int) or self.alpha_every < 1:
+        if not is_integer(self.alpha_every) or self.alpha_every < 1:
             raise ValueError(
                 f"scalebio: alpha_every must be an integer >= 1, got {self.alpha_every!r}"
             )

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from bilevel.errors import is_integer
+
 __all__ = ["MLP", "check_sizes"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -15,7 +17,7 @@ def check_sizes(model: str, minimum: int = 1, **sizes: int) -> None:
     """Each size must be an integer >= ``minimum``: a zero-width layer builds and trains without
     error, and silently learns nothing (its output is the last bias)."""
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if not is_integer(value) or value < minimum:
             raise ValueError(f"{model}: {name} must be an integer >= {minimum}, got {value!r}")
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bilevel.errors import is_finite_number
+from bilevel.errors import is_finite_number, is_integer
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.backends import check_products, solve_at_params
 from bilevel.solvers.products import Reduce
@@ -59,7 +59,7 @@ class ConjugateGradient:
     _warm: WarmState = field(default_factory=WarmState, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.iters, int) or self.iters < 1:
+        if not is_integer(self.iters) or self.iters < 1:
             raise ValueError(f"cg: iters must be an integer >= 1, got {self.iters!r}")
         if not (is_finite_number(self.damping) and self.damping >= 0):
             raise ValueError(f"cg: damping must be a finite number >= 0, got {self.damping!r}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bilevel.errors import is_finite_number
+from bilevel.errors import is_finite_number, is_integer
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.backends import check_products, solve_at_params
 from bilevel.solvers.products import Reduce
@@ -56,7 +56,7 @@ class Neumann:
     _warm: WarmState = field(default_factory=WarmState, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.iters, int) or self.iters < 0:
+        if not is_integer(self.iters) or self.iters < 0:
             raise ValueError(f"neumann: iters must be an integer >= 0, got {self.iters!r}")
         if self.warm_start and self.iters < 1:
             raise ValueError("neumann: warm_start needs iters >= 1")

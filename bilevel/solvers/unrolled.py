@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bilevel.errors import is_integer
 from bilevel.functional import OuterLoss, Params, PerDomainLoss, check_per_domain_shape
 from bilevel.solvers.products import (
     Reduce,
@@ -39,7 +40,7 @@ class Unrolled:
     name: str = "unrolled"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if not is_integer(self.steps) or self.steps < 1:
             raise ValueError(f"unrolled: steps must be an integer >= 1, got {self.steps!r}")
         if self.backend not in BACKENDS:
             raise ValueError(

@@ -328,3 +328,29 @@ def test_non_finite_is_returned_not_zeroed(name):
         w,
     )
     assert not torch.isfinite(got).all()
+
+
+def test_numpy_numbers_are_numbers():
+    """Settings computed with numpy (np.float32 learning rates, np.int64 counts) are accepted
+    wherever a Python int or float is; bools and strings are not."""
+    import numpy as np
+
+    from bilevel import TrainerConfig
+    from bilevel.errors import ConfigError
+
+    build("cg", iters=np.int64(3), damping=np.float32(0.1))
+    build("neumann", alpha=np.float64(0.5))
+    TrainerConfig(steps=np.int64(10), inner_lr=np.float32(0.1)).validate()
+    with pytest.raises(ValueError, match="iters must be an integer"):
+        build("cg", iters=True)
+    with pytest.raises(ConfigError, match="trainer.steps"):
+        TrainerConfig(steps="10").validate()
+    problem = Ridge()
+    w = weights_for(problem, "softmax")
+    theta = {"theta": torch.zeros(problem.d, dtype=torch.float64)}
+    got = bilevel.hypergradient(
+        "first_order", problem.per_domain, problem.meta, theta, w, np.float32(0.1)
+    )
+    torch.testing.assert_close(
+        got, bilevel.hypergradient("first_order", problem.per_domain, problem.meta, theta, w, 0.1)
+    )
