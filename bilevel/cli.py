@@ -407,10 +407,11 @@ def run(
 ) -> dict[str, Any]:
     """Build and train from a composed config; returns the summary.
 
-    ``output_dir`` defaults to Hydra's run directory; a ``resume`` run continues in the resumed
-    run's directory when it is a bilevel run directory (a checkpoint file kept elsewhere
-    continues in ``output_dir``). ``overrides`` are the command-line overrides (default: Hydra's
-    record of them).
+    ``output_dir`` defaults to Hydra's run directory. A ``resume`` run continues in the resumed
+    run's directory when ``output_dir`` is that directory (the command line points Hydra there
+    unless ``hydra.run.dir`` is given); another ``output_dir`` gets a branch of the run, and a
+    checkpoint file kept outside any run directory continues in ``output_dir``. ``overrides``
+    are the command-line overrides (default: Hydra's record of them).
     """
     overrides = _task_overrides() if overrides is None else list(overrides)
     own = [o for o in overrides if not o.lstrip("+~").startswith("resume=")]

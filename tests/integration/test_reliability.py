@@ -153,11 +153,11 @@ def test_extending_a_finished_run_equals_one_long_run(run_cli, tmp_path, solver)
         "trainer.steps=40",
         *solver,
         f"resume={tmp_path / 'short'}",
-        out=tmp_path / "other",
+        out=tmp_path / "short",  # continue in its own directory (another one would branch)
     )
     assert resumed["weights"] == long["weights"]
     assert resumed["resumed_from"] == str(tmp_path / "short")
-    assert not (tmp_path / "other").exists()  # the run continued in its own directory
+    assert read_summary(tmp_path / "short")["steps"] == 40
 
 
 # -- non-finite guard ---------------------------------------------------------------------------
