@@ -59,6 +59,20 @@ OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 CHECKPOINT_VERSION = 2
 
 
+def _class_losses() -> set:
+    from bilevel.losses import classification, lm
+
+    return {
+        classification.per_example_cross_entropy,
+        classification.cross_entropy,
+        lm.per_sequence_token_cross_entropy,
+        lm.token_cross_entropy,
+    }
+
+
+_CLASS_LOSSES = _class_losses()
+
+
 def _check_arguments(model, weights, solver, data, config) -> tuple[Any, TrainerConfig]:
     """Name the argument that is not what the trainer needs (each failed deep inside before:
     ``'dict' object has no attribute 'validate'``, a bare ``StopIteration``); a solver's name
@@ -302,7 +316,9 @@ class BilevelTrainer:
             rows = torch.arange(min(4, num_rows(train)), device=self.device)
             batch = take(train, rows)
             was = self.module.training
-            out = self.inner_loss(forward_batch(self.module, batch), batch)
+            output = forward_batch(self.module, batch)
+            self._check_labels(output)
+            out = self.inner_loss(output, batch)
             if not isinstance(out, Tensor) or out.shape != (len(rows),):
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ConfigError(
@@ -321,6 +337,32 @@ class BilevelTrainer:
                     "reduce it, e.g. with .mean()",
                 )
             self.module.train(was)
+
+    def _check_labels(self, output: Any) -> None:
+        """With the library's cross-entropy losses, every integer label ``y`` of the train, meta
+        and test sets must index one of the model's outputs (or be -100, ignored): a label out of
+        range fails only when a batch draws it, as an IndexError on the CPU and as a device-side
+        assert that ends the process on a GPU. One host read per column, before training."""
+        losses = {getattr(f, "func", f) for f in (self._inner_loss, self._outer_loss)}
+        if not losses & _CLASS_LOSSES or not isinstance(output, Tensor) or output.dim() < 2:
+            return
+        classes = output.shape[-1]
+        for field, columns in (
+            ("data.train", self.data.train),
+            ("data.meta", self.data.meta),
+            ("data.test", self.data.test),
+        ):
+            y = columns.get("y") if isinstance(columns, Mapping) else None
+            if not isinstance(y, Tensor) or y.is_floating_point() or y.numel() == 0:
+                continue
+            bad = ((y < 0) | (y >= classes)) & (y != -100)
+            if bool(bad.any()):
+                raise ConfigError(
+                    field,
+                    f"column 'y' holds labels outside [0, {classes}) (e.g. "
+                    f"{int(y[bad][0])}) but the model has {classes} outputs: fix the labels or "
+                    "the model's output size",
+                )
 
     def _check_outer_optimizer(self) -> None:
         if getattr(self.weights, "per_example", False):

@@ -581,9 +581,9 @@ def test_meta_weight_net_with_a_sampler_that_applies_weights_is_one_line(tmp_pat
     assert len(lines) == 1 and lines[0].startswith("bilevel: error: trainer.sampling")
 
 
-def small_trainer(config, solver=None, outer_loss=cross_entropy, activation="relu"):
+def small_trainer(config, solver=None, outer_loss=cross_entropy, activation="relu", data=None):
     """A first_order trainer of a small MLP on a small noisy_domains problem."""
-    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    data = data or noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
     return BilevelTrainer(
         MLP(**data.model_kwargs, hidden=8, activation=activation),
         DomainWeights(data.names),
@@ -807,3 +807,15 @@ def test_resume_with_a_key_of_another_solver_is_refused_as_a_change(finished):
     assert len(lines) == 1
     assert lines[0].startswith("bilevel: error: resume: these overrides would change what the ")
     assert "solver.iters" in lines[0]
+
+
+def test_labels_outside_the_models_outputs_are_one_line_before_training():
+    """A label the model has no output for failed only when a batch drew it: an IndexError on
+    the CPU, a device-side assert that ends the process on a GPU."""
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    data.meta["y"] = data.meta["y"].clone()
+    data.meta["y"][3] = data.model_kwargs["out_dim"]  # one past the last class
+    with pytest.raises(ConfigError, match=r"data.meta: column 'y' holds labels outside \[0, 4\)"):
+        small_trainer(TrainerConfig(steps=10, progress=False), data=data)
+    data.meta["y"][3] = -100  # cross-entropy's ignored label is allowed
+    small_trainer(TrainerConfig(steps=10, progress=False), data=data)
