@@ -207,7 +207,12 @@ def goals(res: dict) -> str:
             f"{ratio('api_first_order', 'ours_first_order'):.2f}× the trainer's first_order, "
             f"{ratio('api_first_order', 'betty_darts'):.2f}× Betty darts"
         )
-    for warm in ("ours_neumann_warm", "ours_cg_warm", "api_neumann_warm"):
+    for warm in (
+        "ours_neumann_warm",
+        "ours_neumann_simultaneous",
+        "ours_cg_warm",
+        "api_neumann_warm",
+    ):
         if warm in ms:
             out.append(
                 f"- {warm}: {ratio(warm, 'fixed_plain'):.2f}× the plain fixed-weight loop "
@@ -273,6 +278,11 @@ def warm_accuracy(p: Problem, steps: int, warmup: int) -> str:
     for label, name, opts in [
         ("cg warm(1)", "cg", {"iters": 1, "warm_start": True}),
         ("neumann warm(1)", "neumann", {"iters": 1, "alpha": p.inner_lr, "warm_start": True}),
+        (
+            "neumann warm(1), simultaneous",
+            "neumann",
+            {"iters": 1, "alpha": p.inner_lr, "warm_start": True, "simultaneous": True},
+        ),
         ("cg(5) cold", "cg", {"iters": p.iters}),
         ("first_order", "first_order", {}),
     ]:

@@ -147,6 +147,7 @@ class Ours(Method):
     def __init__(self, p, data, solver: str, learn: bool = True, **opts):
         super().__init__(p, data)
         label = solver + (" warm(1)" if opts.get("warm_start") else "")
+        label += ", simultaneous" if opts.get("simultaneous") else ""
         self.name = f"bilevel {label}" if learn else "fixed weights, bilevel trainer"
         self.trainer = BilevelTrainer(
             self.model,
@@ -418,6 +419,9 @@ def registry(p: Problem) -> dict[str, Any]:
         "ours_cg_warm": lambda p, d: Ours(p, d, "cg", iters=1, warm_start=True),
         "ours_neumann_warm": lambda p, d: Ours(
             p, d, "neumann", iters=1, alpha=p.inner_lr, warm_start=True
+        ),
+        "ours_neumann_simultaneous": lambda p, d: Ours(
+            p, d, "neumann", iters=1, alpha=p.inner_lr, warm_start=True, simultaneous=True
         ),
         "ours_sama": lambda p, d: Ours(p, d, "sama"),
         "api_first_order": lambda p, d: OursAPI(p, d, "first_order"),

@@ -13,6 +13,15 @@ instead; warm starts accumulate the solve over outer steps, so along near-zero o
 curvature (a non-convex inner loss) v can grow where a short cold series never reaches; the
 iteration restarts from zero whenever the kept v makes the residual larger than starting from
 zero would (|g - (H + damping I) v| > |g|).
+
+``simultaneous=True`` (with ``warm_start`` and ``iters=1``) makes each call ONE product: the
+gradient of <grad F, v> over the kept graph gives H v and J_L v together, the call returns
+-J_L v with the kept v, then moves v one Richardson step, v <- v + alpha (g - H v). The
+hypergradient lags one update of v behind the default order (which moves v first and then needs
+a second product for J_L of the new v); it is the simultaneous update of SOBA (Dagreou et al.,
+2022, "A framework for bilevel optimization that enables stochastic and global variance
+reduction algorithms"), which converges to the same fixed point: call t returns what the
+default's call t - 1 returns (a cold first call, -J_L (alpha g)).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ class Neumann:
         alpha: step size of the series (< 2 / lambda_max(H)).
         damping: solve (H + damping I) v = grad M.
         warm_start: continue from the last call's v (see the module doc); :meth:`reset`.
+        simultaneous: one product per call, SOBA's order (needs warm_start and iters=1).
         products: ``"autograd"`` or ``"finite_difference"``.
         fd_step: relative finite-difference step (``None``: from the dtype).
 
@@ -50,6 +60,7 @@ class Neumann:
     alpha: float = 0.1
     damping: float = 0.0
     warm_start: bool = False
+    simultaneous: bool = False
     products: str = "autograd"
     fd_step: float | None = None
     name: str = "neumann"
@@ -60,6 +71,8 @@ class Neumann:
             raise ValueError(f"neumann: iters must be an integer >= 0, got {self.iters!r}")
         if self.warm_start and self.iters < 1:
             raise ValueError("neumann: warm_start needs iters >= 1")
+        if self.simultaneous and not (self.warm_start and self.iters == 1):
+            raise ValueError("neumann: simultaneous needs warm_start=true and iters=1")
         if not (is_finite_number(self.alpha) and self.alpha > 0):
             raise ValueError(f"neumann: alpha must be a finite number > 0, got {self.alpha!r}")
         if not (is_finite_number(self.damping) and self.damping >= 0):
@@ -105,6 +118,8 @@ class Neumann:
         Memory: g, v and one product, three vectors shaped like the parameters, updated in
         place."""
         g = [t.detach() for t in g_outer]
+        if self.simultaneous:
+            return self._simultaneous(products, g)
         start = self._warm.start(g) if self.warm_start else None
         steps = self.iters
         if start is None:  # the first Richardson step from zero needs no product
@@ -128,3 +143,24 @@ class Neumann:
         if self.warm_start:
             self._warm.keep(v)
         return -products.domain_jvp(v)
+
+    def _simultaneous(self, products, g: list[Tensor]) -> Tensor:
+        """-J_L v with the kept v, and v moved one Richardson step: one product (module doc)."""
+        start = self._warm.start(g)
+        # cold: v = alpha g, the first Richardson step (no product)
+        v = torch._foreach_mul(g, self.alpha) if start is None else [t.clone() for t in start]
+        residual, jl = products.hvp_jvp(v)
+        if self.damping:
+            torch._foreach_add_(residual, v, alpha=self.damping)
+        torch._foreach_neg_(residual)
+        torch._foreach_add_(residual, g)  # g - (H + damping I) v, in the product's storage
+        # the same restart as the default: a kept v worse than zero is dropped (and the
+        # hypergradient of this call is that of v = 0)
+        worse = products.dot(residual, residual) > products.dot(g, g)
+        kept = (~worse).to(v[0].dtype)
+        for vi, ri, gi in zip(v, residual, g):
+            vi.mul_(kept)
+            ri.copy_(torch.where(worse, gi, ri))
+        torch._foreach_add_(v, residual, alpha=self.alpha)
+        self._warm.keep(v)
+        return -(jl * kept.to(jl.dtype))

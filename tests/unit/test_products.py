@@ -163,15 +163,51 @@ def ridge_call(solver, problem=None):
 
 
 @pytest.mark.parametrize(
-    "name,opts", [("cg", {}), ("neumann", {"alpha": 0.05}), ("cg", {"damping": 0.2})]
+    "name,opts",
+    [
+        ("cg", {}),
+        ("neumann", {"alpha": 0.05}),
+        ("neumann", {"alpha": 0.05, "simultaneous": True}),
+        ("cg", {"damping": 0.2}),
+    ],
 )
 def test_repeated_warm_calls_converge_to_the_cold_answer(name, opts):
     problem = Ridge()
-    cold = ridge_call(build(name, iters=400, **opts), problem)
+    cold_opts = {k: v for k, v in opts.items() if k != "simultaneous"}
+    cold = ridge_call(build(name, iters=400, **cold_opts), problem)
     warm = build(name, iters=1, warm_start=True, **opts)
     for _ in range(200):
         got = ridge_call(warm, problem)
     assert ((got - cold).norm() / cold.norm()).item() <= 1e-4
+
+
+def test_simultaneous_neumann_takes_one_product_per_call_and_lags_one_update(monkeypatch):
+    """SOBA's order: J_L of the kept v and H v from one backward pass, then v moves. Its
+    hypergradient is the default's of the previous call (same problem, same v sequence)."""
+    calls = []
+    original = InnerProducts._backward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InnerProducts, "_backward", counted)
+    problem = Ridge()
+    simultaneous = build("neumann", iters=1, alpha=0.05, warm_start=True, simultaneous=True)
+    default = build("neumann", iters=1, alpha=0.05, warm_start=True)
+    cold_first = build("neumann", iters=0, alpha=0.05)  # v = alpha g: -J_L (alpha g)
+    previous = ridge_call(cold_first, problem)
+    for _ in range(5):
+        calls.clear()
+        got = ridge_call(simultaneous, problem)
+        assert len(calls) == 1  # one backward pass: H v and J_L v together
+        # call t returns what the default's call t - 1 returned (call 1: the cold alpha g)
+        torch.testing.assert_close(got, previous, rtol=1e-12, atol=1e-15)
+        calls.clear()
+        previous = ridge_call(default, problem)
+        assert len(calls) == 2
+    with pytest.raises(ValueError, match="simultaneous needs warm_start=true and iters=1"):
+        build("neumann", iters=2, warm_start=True, simultaneous=True)
 
 
 @pytest.mark.parametrize("name", ["cg", "neumann"])
