@@ -154,8 +154,11 @@ class Neumann:
             torch._foreach_add_(residual, v, alpha=self.damping)
         torch._foreach_neg_(residual)
         torch._foreach_add_(residual, g)  # g - (H + damping I) v, in the product's storage
-        # the same restart as the default: a kept v worse than zero is dropped (and the
-        # hypergradient of this call is that of v = 0)
+        # the default's guard, for the v kept for the next call: where the kept v leaves a
+        # larger residual than zero would, the next v restarts from alpha g. This call still
+        # returns -J_L of the kept v, which passed the previous call's guard (or is that
+        # restart's alpha g, the default's fallback): zeroing it would stall the weights on a
+        # problem where the guard fires at every step (alpha above 2 / lambda_max)
         worse = products.dot(residual, residual) > products.dot(g, g)
         kept = (~worse).to(v[0].dtype)
         for vi, ri, gi in zip(v, residual, g):
@@ -163,4 +166,4 @@ class Neumann:
             ri.copy_(torch.where(worse, gi, ri))
         torch._foreach_add_(v, residual, alpha=self.alpha)
         self._warm.keep(v)
-        return -(jl * kept.to(jl.dtype))
+        return -jl
