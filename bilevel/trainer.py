@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bilevel import buffers
 from bilevel import checkpoint as ckpt
 from bilevel import run_dir as run_dirs
 from bilevel.data.domain_data import DomainData
@@ -45,6 +44,7 @@ from bilevel.outer import MirrorDescent
 from bilevel.solvers.base import Solver
 from bilevel.stopping import StopRequested, stop_requests
 from bilevel.strategies import DDPStrategy, Strategy, build_strategy
+from bilevel.trainer_checks import check_arguments, check_losses
 from bilevel.trainer_config import TrainerConfig
 from bilevel.weights import DomainWeights
 
@@ -57,54 +57,6 @@ Loss = Callable[[Any, Any], Tensor]
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 
 CHECKPOINT_VERSION = 2
-
-
-def _class_losses() -> set:
-    from bilevel.losses import classification, lm
-
-    return {
-        classification.per_example_cross_entropy,
-        classification.cross_entropy,
-        lm.per_sequence_token_cross_entropy,
-        lm.token_cross_entropy,
-    }
-
-
-_CLASS_LOSSES = _class_losses()
-
-
-def _check_arguments(model, weights, solver, data, config) -> tuple[Any, TrainerConfig]:
-    """Name the argument that is not what the trainer needs (each failed deep inside before:
-    ``'dict' object has no attribute 'validate'``, a bare ``StopIteration``); a solver's name
-    stands for ``build(name)`` and a dict for ``TrainerConfig(**dict)``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(True for _ in model.parameters()):
-        raise ConfigError("model", "the model has no parameters to train")
-    if not isinstance(weights, nn.Module) or not callable(getattr(weights, "value", None)):
-        raise TypeError(
-            "weights must be a bilevel.DomainWeights (or a MetaWeightNet), got "
-            f"{type(weights).__name__}"
-        )
-    if not isinstance(data, DomainData):
-        raise TypeError(
-            f"data must be a bilevel.data.DomainData (train, meta, test columns and domain "
-            f"names), got {type(data).__name__}"
-        )
-    if isinstance(solver, str):
-        from bilevel.solvers import build
-
-        solver = build(solver)
-    if config is None:
-        config = TrainerConfig()
-    elif isinstance(config, Mapping):
-        try:
-            config = TrainerConfig(**config)
-        except TypeError as err:
-            raise ConfigError("trainer", str(err)) from None
-    elif not isinstance(config, TrainerConfig):
-        raise TypeError(f"config must be a bilevel.TrainerConfig, got {type(config).__name__}")
-    return solver, config
 
 
 class BilevelTrainer:
@@ -160,7 +112,7 @@ class BilevelTrainer:
         strategy: Strategy | None = None,
         overrides: list[str] | None = None,
     ) -> None:
-        solver, config = _check_arguments(model, weights, solver, data, config)
+        solver, config = check_arguments(model, weights, solver, data, config)
         self.config = config
         self.config.validate()
         data.validate()
@@ -200,8 +152,7 @@ class BilevelTrainer:
         self.wandb = wandb if strategy.is_main else None
         self.run_config = run_config or {}
         self.overrides = list(overrides or [])
-        self._check_losses()
-
+        check_losses(self.module, inner_loss, outer_loss, data, self.device)
         for p in self.weights.parameters():
             strategy.broadcast_(p.data)
         self._trainable_keys, self._frozen = _checkpoint_keys(self.module)
@@ -304,65 +255,6 @@ class BilevelTrainer:
         return self.loop.scheduler
 
     # -- validation ----------------------------------------------------------------------------
-
-    def _check_losses(self) -> None:
-        """One forward pass of each loss on a few rows: an inner loss must return one value per
-        example and an outer loss a scalar (bad shapes become one line naming the field; a bug
-        inside the user's loss keeps its traceback)."""
-        from bilevel.data.columns import num_rows, take, to_device
-
-        with torch.no_grad(), buffers.kept(self.module):  # a check, not a training step
-            train = to_device(self.data.train, self.device)
-            rows = torch.arange(min(4, num_rows(train)), device=self.device)
-            batch = take(train, rows)
-            was = self.module.training
-            output = forward_batch(self.module, batch)
-            self._check_labels(output)
-            out = self.inner_loss(output, batch)
-            if not isinstance(out, Tensor) or out.shape != (len(rows),):
-                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ConfigError(
-                    "inner_loss",
-                    f"must return one loss per example (shape ({len(rows)},) for {len(rows)} "
-                    f"rows), got {shape}",
-                )
-            meta = to_device(self.data.meta, self.device)
-            meta = take(meta, torch.arange(min(16, num_rows(meta)), device=self.device))
-            value = self.outer_loss(forward_batch(self.module, meta), meta)
-            if not isinstance(value, Tensor) or value.dim() != 0:
-                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ConfigError(
-                    "outer_loss",
-                    f"must return a scalar (one meta loss for the batch), got shape {shape}; "
-                    "reduce it, e.g. with .mean()",
-                )
-            self.module.train(was)
-
-    def _check_labels(self, output: Any) -> None:
-        """With the library's cross-entropy losses, every integer label ``y`` of the train, meta
-        and test sets must index one of the model's outputs (or be -100, ignored): a label out of
-        range fails only when a batch draws it, as an IndexError on the CPU and as a device-side
-        assert that ends the process on a GPU. One host read per column, before training."""
-        losses = {getattr(f, "func", f) for f in (self._inner_loss, self._outer_loss)}
-        if not losses & _CLASS_LOSSES or not isinstance(output, Tensor) or output.dim() < 2:
-            return
-        classes = output.shape[-1]
-        for field, columns in (
-            ("data.train", self.data.train),
-            ("data.meta", self.data.meta),
-            ("data.test", self.data.test),
-        ):
-            y = columns.get("y") if isinstance(columns, Mapping) else None
-            if not isinstance(y, Tensor) or y.is_floating_point() or y.numel() == 0:
-                continue
-            bad = ((y < 0) | (y >= classes)) & (y != -100)
-            if bool(bad.any()):
-                raise ConfigError(
-                    field,
-                    f"column 'y' holds labels outside [0, {classes}) (e.g. "
-                    f"{int(y[bad][0])}) but the model has {classes} outputs: fix the labels or "
-                    "the model's output size",
-                )
 
     def _check_outer_optimizer(self) -> None:
         if getattr(self.weights, "per_example", False):

@@ -1,0 +1,126 @@
+"""What the trainer checks before it trains: its arguments, the losses' shapes and the labels.
+
+Each mistake becomes one line naming the argument or field (:class:`ConfigError` or
+``TypeError``) instead of a failure deep inside the first step; a bug inside the user's own
+loss keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bilevel import buffers
+from bilevel.data.columns import num_rows, take, to_device
+from bilevel.data.domain_data import DomainData
+from bilevel.errors import ConfigError
+from bilevel.functional import forward_batch
+from bilevel.losses import classification, lm
+from bilevel.trainer_config import TrainerConfig
+
+__all__ = ["CLASS_LOSSES", "check_arguments", "check_labels", "check_losses"]
+
+Loss = Callable[[Any, Any], Tensor]
+
+#: losses whose integer labels ``y`` index the model's last output dimension
+CLASS_LOSSES = {
+    classification.per_example_cross_entropy,
+    classification.cross_entropy,
+    lm.per_sequence_token_cross_entropy,
+    lm.token_cross_entropy,
+}
+
+
+def check_arguments(model, weights, solver, data, config) -> tuple[Any, TrainerConfig]:
+    """Name the argument that is not what the trainer needs (each failed deep inside before:
+    ``'dict' object has no attribute 'validate'``, a bare ``StopIteration``); a solver's name
+    stands for ``build(name)`` and a dict for ``TrainerConfig(**dict)``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(True for _ in model.parameters()):
+        raise ConfigError("model", "the model has no parameters to train")
+    if not isinstance(weights, nn.Module) or not callable(getattr(weights, "value", None)):
+        raise TypeError(
+            "weights must be a bilevel.DomainWeights (or a MetaWeightNet), got "
+            f"{type(weights).__name__}"
+        )
+    if not isinstance(data, DomainData):
+        raise TypeError(
+            f"data must be a bilevel.data.DomainData (train, meta, test columns and domain "
+            f"names), got {type(data).__name__}"
+        )
+    if isinstance(solver, str):
+        from bilevel.solvers import build
+
+        solver = build(solver)
+    if config is None:
+        config = TrainerConfig()
+    elif isinstance(config, Mapping):
+        try:
+            config = TrainerConfig(**config)
+        except TypeError as err:
+            raise ConfigError("trainer", str(err)) from None
+    elif not isinstance(config, TrainerConfig):
+        raise TypeError(f"config must be a bilevel.TrainerConfig, got {type(config).__name__}")
+    return solver, config
+
+
+def check_losses(
+    module: nn.Module, inner_loss: Loss, outer_loss: Loss, data: DomainData, device
+) -> None:
+    """One forward pass of each loss on a few rows: an inner loss must return one value per
+    example and an outer loss a scalar; the labels are checked against the model's outputs
+    (:func:`check_labels`). The passes leave the model's buffers as they were."""
+    with torch.no_grad(), buffers.kept(module):  # a check, not a training step
+        train = to_device(data.train, device)
+        rows = torch.arange(min(4, num_rows(train)), device=device)
+        batch = take(train, rows)
+        output = forward_batch(module, batch)
+        check_labels(output, (inner_loss, outer_loss), data)
+        out = inner_loss(output, batch)
+        if not isinstance(out, Tensor) or out.shape != (len(rows),):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ConfigError(
+                "inner_loss",
+                f"must return one loss per example (shape ({len(rows)},) for {len(rows)} "
+                f"rows), got {shape}",
+            )
+        meta = to_device(data.meta, device)
+        meta = take(meta, torch.arange(min(16, num_rows(meta)), device=device))
+        value = outer_loss(forward_batch(module, meta), meta)
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ConfigError(
+                "outer_loss",
+                f"must return a scalar (one meta loss for the batch), got shape {shape}; "
+                "reduce it, e.g. with .mean()",
+            )
+
+
+def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> None:
+    """With the library's cross-entropy losses, every integer label ``y`` of the train, meta
+    and test sets must index one of the model's outputs (or be -100, ignored): a label out of
+    range fails only when a batch draws it, as an IndexError on the CPU and as a device-side
+    assert that ends the process on a GPU. One host read per column, before training."""
+    used = {getattr(f, "func", f) for f in losses}
+    if not used & CLASS_LOSSES or not isinstance(output, Tensor) or output.dim() < 2:
+        return
+    classes = output.shape[-1]
+    for field, columns in (
+        ("data.train", data.train),
+        ("data.meta", data.meta),
+        ("data.test", data.test),
+    ):
+        y = columns.get("y") if isinstance(columns, Mapping) else None
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.numel() == 0:
+            continue
+        bad = ((y < 0) | (y >= classes)) & (y != -100)
+        if bool(bad.any()):
+            raise ConfigError(
+                field,
+                f"column 'y' holds labels outside [0, {classes}) (e.g. {int(y[bad][0])}) but "
+                f"the model has {classes} outputs: fix the labels or the model's output size",
+            )
