@@ -105,12 +105,15 @@ class Neumann:
 
     def _residual(self, products, g: list[Tensor], v: list[Tensor]) -> list[Tensor]:
         """g - (H + damping I) v, in a fresh vector (the product's own output, reused)."""
-        out = products.hvp(v)
+        return self._residual_from(products.hvp(v), g, v)
+
+    def _residual_from(self, hv: list[Tensor], g: list[Tensor], v: list[Tensor]) -> list[Tensor]:
+        """g - (H + damping I) v given H v, in H v's storage."""
         if self.damping:
-            torch._foreach_add_(out, v, alpha=self.damping)
-        torch._foreach_neg_(out)
-        torch._foreach_add_(out, g)
-        return out
+            torch._foreach_add_(hv, v, alpha=self.damping)
+        torch._foreach_neg_(hv)
+        torch._foreach_add_(hv, g)
+        return hv
 
     def solve(self, products, g_outer: list[Tensor], inner_lr: float) -> Tensor:
         """dM/dw given the products and grad M (``inner_lr`` is not used).
@@ -127,12 +130,7 @@ class Neumann:
         else:
             v = [t.clone() for t in start]
             residual = self._residual(products, g, v)
-            # Restart from zero where the kept v is worse than nothing (|r| > |g|): the
-            # curvature turned, or v grew along a direction the problem no longer supports.
-            worse = products.dot(residual, residual) > products.dot(g, g)
-            for vi, ri, gi in zip(v, residual, g):
-                vi.mul_((~worse).to(vi.dtype))
-                ri.copy_(torch.where(worse, gi, ri))
+            _restart_if_worse(products, g, v, residual)
             torch._foreach_add_(v, residual, alpha=self.alpha)
             del residual
             steps -= 1
@@ -149,21 +147,24 @@ class Neumann:
         start = self._warm.start(g)
         # cold: v = alpha g, the first Richardson step (no product)
         v = torch._foreach_mul(g, self.alpha) if start is None else [t.clone() for t in start]
-        residual, jl = products.hvp_jvp(v)
-        if self.damping:
-            torch._foreach_add_(residual, v, alpha=self.damping)
-        torch._foreach_neg_(residual)
-        torch._foreach_add_(residual, g)  # g - (H + damping I) v, in the product's storage
+        hv, jl = products.hvp_jvp(v)
+        residual = self._residual_from(hv, g, v)
         # the default's guard, for the v kept for the next call: where the kept v leaves a
         # larger residual than zero would, the next v restarts from alpha g. This call still
         # returns -J_L of the kept v, which passed the previous call's guard (or is that
         # restart's alpha g, the default's fallback): zeroing it would stall the weights on a
         # problem where the guard fires at every step (alpha above 2 / lambda_max)
-        worse = products.dot(residual, residual) > products.dot(g, g)
-        kept = (~worse).to(v[0].dtype)
-        for vi, ri, gi in zip(v, residual, g):
-            vi.mul_(kept)
-            ri.copy_(torch.where(worse, gi, ri))
+        _restart_if_worse(products, g, v, residual)
         torch._foreach_add_(v, residual, alpha=self.alpha)
         self._warm.keep(v)
         return -jl
+
+
+def _restart_if_worse(products, g: list[Tensor], v: list[Tensor], residual: list[Tensor]) -> None:
+    """Restart from zero where the kept v is worse than nothing (|r| > |g|): the curvature
+    turned, or v grew along a direction the problem no longer supports. In place and on the
+    device: v becomes 0 and the residual g."""
+    worse = products.dot(residual, residual) > products.dot(g, g)
+    for vi, ri, gi in zip(v, residual, g):
+        vi.mul_((~worse).to(vi.dtype))
+        ri.copy_(torch.where(worse, gi, ri))
