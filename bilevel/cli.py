@@ -429,18 +429,17 @@ def run(
         own = list(state.get("overrides") or own)
         seed = check_seed(cfg.seed)
         device_name = check_device(cfg.device)
-        run_dir = resumed_dir or output_dir
-        if resumed_dir is not None and output_dir.resolve() != resumed_dir.resolve():
-            # an output folder of its own (an explicit hydra.run.dir, a sweep's job folder):
-            # the run branches there from the checkpoint; the resumed run is left untouched
-            run_dir = output_dir
+        # an output folder of its own (an explicit hydra.run.dir, a sweep's job folder): the
+        # run branches there from the checkpoint; the resumed run is left untouched
+        branch = resumed_dir is not None and output_dir.resolve() != resumed_dir.resolve()
+        run_dir = output_dir if branch or resumed_dir is None else resumed_dir
     dist, device = init_distributed(device_name)
     seed_everything(seed)
     trainer = make_trainer(cfg, dist, device, run_dir, own)
     if resume:
         trainer.resume(file)
         trainer._resumed_from = str(resume)
-        if run_dir != resumed_dir and resumed_dir is not None:
+        if branch:
             trainer.history_from = resumed_dir / "metrics.jsonl"
     if dist.is_main and cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,7 +31,7 @@ from bilevel import buffers
 from bilevel.data.columns import to_device
 from bilevel.data.domain_data import DomainData
 from bilevel.data.samplers import APPLIES_WEIGHTS, DomainSampler, MetaSampler
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_finite_number
 from bilevel.functional import (
     forward_batch,
     make_outer_loss,
@@ -80,7 +79,7 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer, field: str) -> None:
                 number = (
                     float(item) if isinstance(item, torch.Tensor) and item.numel() == 1 else item
                 )
-                if isinstance(number, float) and not math.isfinite(number):
+                if isinstance(number, float) and not is_finite_number(number):
                     raise ConfigError(f"{field}.{key}", f"must be a finite number, got {item!r}")
         lr = group.get("lr")
         lr = float(lr) if isinstance(lr, torch.Tensor) else lr
