@@ -422,7 +422,8 @@ class BilevelTrainer:
             ):
                 self._checkpoint()
                 raise NonFiniteError(self._outer_message(self.outer_updates))
-            return self._finish()
+            # a finished run resumed with nothing to train has its test record already
+            return self._finish(record_test=self.step > first)
         finally:
             self.log.close()
 
@@ -524,8 +525,8 @@ class BilevelTrainer:
             self.log.write({"step": self.step, "test": metrics})
         return metrics
 
-    def _finish(self) -> dict[str, Any]:
-        test = self._evaluate()
+    def _finish(self, record_test: bool = True) -> dict[str, Any]:
+        test = self._evaluate() if record_test else self.evaluate()
         agree = self.strategy.all_equal(self.weights.logits.detach())
         summary = {
             "weights": self.weights.as_dict(),

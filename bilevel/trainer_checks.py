@@ -78,7 +78,7 @@ def check_losses(
         train = to_device(data.train, device)
         rows = torch.arange(min(4, num_rows(train)), device=device)
         batch = take(train, rows)
-        output = forward_batch(module, batch)
+        output = _forward(module, batch, "data.train")
         check_labels(output, (inner_loss, outer_loss), data)
         out = inner_loss(output, batch)
         if not isinstance(out, Tensor) or out.shape != (len(rows),):
@@ -90,7 +90,7 @@ def check_losses(
             )
         meta = to_device(data.meta, device)
         meta = take(meta, torch.arange(min(16, num_rows(meta)), device=device))
-        value = outer_loss(forward_batch(module, meta), meta)
+        value = outer_loss(_forward(module, meta, "data.meta"), meta)
         if not isinstance(value, Tensor) or value.dim() != 0:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ConfigError(
@@ -98,6 +98,33 @@ def check_losses(
                 f"must return a scalar (one meta loss for the batch), got shape {shape}; "
                 "reduce it, e.g. with .mean()",
             )
+
+
+def _forward(module: nn.Module, batch: Any, field: str) -> Any:
+    """The model's output on ``batch``; a failure that comes from floating inputs of another
+    dtype than the model's parameters (float64 data, float32 model: ``mat1 and mat2 must have
+    the same dtype``) becomes one line naming the column; any other failure keeps its traceback."""
+    try:
+        return forward_batch(module, batch)
+    except RuntimeError:
+        params = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        x = batch["x"]
+        columns = x.items() if isinstance(x, Mapping) else [("x", x)]
+        for name, column in columns:
+            if (
+                isinstance(column, Tensor)
+                and column.is_floating_point()
+                and len(params) == 1
+                and column.dtype not in params
+            ):
+                (want,) = params
+                raise ConfigError(
+                    field,
+                    f"column {name!r} is {str(column.dtype).removeprefix('torch.')} but the "
+                    f"model's parameters are {str(want).removeprefix('torch.')}: convert the "
+                    f"data (e.g. x.to({want})) or the model (e.g. model.to({column.dtype}))",
+                ) from None
+        raise
 
 
 def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> None:

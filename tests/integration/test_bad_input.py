@@ -23,6 +23,11 @@ def no_meta(**kwargs):
     d = noisy_domains(**kwargs)
     d.meta = None
     return d
+
+def float64_inputs(**kwargs):  # the library's model is float32
+    d = noisy_domains(**kwargs)
+    d.train["x"] = d.train["x"].double()
+    return d
 """
 
 CASES = [
@@ -32,6 +37,7 @@ CASES = [
     (["data.per_domain=0"], "data.per_domain"),
     (["data._target_=builders.empty_domain"], "data"),
     (["data._target_=builders.no_meta"], "data.meta"),
+    (["data._target_=builders.float64_inputs"], "data.train"),
     (["domains=d0"], "domains"),  # a name where a list is meant
     (["data.meta_size=-3"], "data.meta_size"),
     (["data.per_domain=1.5"], "data.per_domain"),

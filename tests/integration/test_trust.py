@@ -369,9 +369,11 @@ def test_resuming_a_finished_run_says_how_to_continue(tmp_path, finished):
     import shutil
 
     run = shutil.copytree(finished, tmp_path / "run")  # the fixture stays as it is
+    before = (run / "metrics.jsonl").read_text()
     proc = cli(f"resume={run}")
     assert proc.returncode == 0, proc.stderr
     assert "nothing left to train; raise trainer.steps" in proc.stdout + proc.stderr
+    assert (run / "metrics.jsonl").read_text() == before  # no second test record
     proc = cli(f"resume={run}", "trainer.steps=60")
     assert proc.returncode == 0 and "nothing left" not in proc.stdout + proc.stderr
     assert read_summary(run)["steps"] == 60
