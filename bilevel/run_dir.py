@@ -22,6 +22,7 @@ from bilevel.errors import ConfigError
 from bilevel.files import write_text_atomic
 
 __all__ = [
+    "FAILED",
     "MARKER",
     "check_sweep_writable",
     "check_writable",
@@ -32,6 +33,10 @@ __all__ = [
 ]
 
 MARKER = ".bilevel-run.json"
+
+FAILED = "failed.json"
+"""What a sweep job that ended with a one-line error leaves in its folder (the line and the exit
+code), so that the sweep's table can say why; the folder stays reusable."""
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -46,7 +51,8 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def _hydra_only(path: Path) -> bool:
-    return all(p.name == ".hydra" or p.suffix == ".log" for p in path.iterdir())
+    """Only Hydra's own files (and the note of a failed sweep job)."""
+    return all(p.name in (".hydra", FAILED) or p.suffix == ".log" for p in path.iterdir())
 
 
 def check_creatable(path: str | Path, field: str, key: str = "hydra.run.dir") -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from bilevel.errors import ConfigError
 from bilevel.files import write_text_atomic
-from bilevel.run_dir import TABLE_HEADS, is_our_table
+from bilevel.run_dir import FAILED, TABLE_HEADS, is_our_table
 
 __all__ = ["CollectResults", "collect", "main", "write_tables"]
 
@@ -38,6 +38,17 @@ def _overrides(job: Path) -> list[str]:
     except Exception:  # noqa: BLE001 - a damaged file only costs the column
         return []
     return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _failure(job: Path, ended: str) -> tuple[str, str]:
+    """How a job without a summary ended: the status and the one-line error it left (its
+    :data:`FAILED` note), if any. Exit code 2 is bad input, 3 a stop on non-finite values."""
+    try:
+        note = json.loads((job / FAILED).read_text())
+    except (OSError, ValueError):
+        return ended, ""
+    status = {2: "bad input", 3: "not finite"}.get(note.get("exit_code"), ended)
+    return status, str(note.get("error", "")).removeprefix("bilevel: ").removeprefix("error: ")
 
 
 def _job_key(path: Path) -> tuple[int, str]:
@@ -58,7 +69,7 @@ def collect(folder: str | Path) -> list[dict[str, Any]]:
         summary_file = job / "summary.json"
         if not summary_file.is_file():
             ended = "stopped" if (job / "checkpoints" / "last.pt").exists() else "failed"
-            row["status"] = ended
+            row["status"], row["error"] = _failure(job, ended)
             rows.append(row)
             continue
         summary = json.loads(summary_file.read_text())
@@ -95,6 +106,9 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
         for key in row:
             if key not in columns:
                 columns.append(key)
+    if "error" in columns:  # last, whichever row came first: the other columns line up
+        columns.remove("error")
+        columns.append("error")
     return columns
 
 

@@ -169,6 +169,39 @@ def test_a_sweep_folder_with_foreign_files_is_refused_and_foreign_tables_are_kep
     assert stop.value.code == 2 and (ours / "results.md").read_text() == "my notes\n"
 
 
+def test_a_bad_job_does_not_stop_the_sweep_and_its_row_says_why(tmp_path):
+    import csv
+
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", "experiment=tiny", "trainer.inner_lr=-1,0.1", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "bilevel: error: trainer.inner_lr: must be" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("bilevel: 1 sweep job failed")
+    assert "Traceback" not in proc.stderr
+    with (sweep / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["bad input", "ok"]  # the job after it still ran
+    assert rows[0]["error"].startswith("trainer.inner_lr: must be") and not rows[1]["error"]
+    assert rows[1]["meta_loss"] and (sweep / "1" / "summary.json").is_file()
+    # the failed job's folder holds Hydra's files and the note only: the sweep can be rerun
+    assert cli("-m", "experiment=tiny", "seed=0", f"hydra.sweep.dir={sweep}").returncode == 0
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_whose_trials_all_fail_ends_in_one_line(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the [optuna] extra")
+    proc = cli(
+        "hparams_search=optuna",
+        "experiment=tiny",
+        "hydra.sweeper.n_trials=2",
+        "trainer.inner_lr=choice(-1,-2)",
+        f"hydra.sweep.dir={tmp_path / 'opt'}",
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("bilevel: every trial of the sweep failed (2;")
+
+
 def test_wandb_offline_logs_weights(run_cli, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     summary, out = run_cli("experiment=tiny", "logger=wandb")
