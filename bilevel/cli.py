@@ -43,7 +43,7 @@ from bilevel import checkpoint as ckpt
 from bilevel import run_dir as run_dirs
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed, leave_process_group
-from bilevel.errors import ConfigError, is_finite_number, is_integer
+from bilevel.errors import ConfigError, is_bool, is_finite_number, is_integer
 from bilevel.files import write_text_atomic
 from bilevel.stopping import StopRequested
 from bilevel.trainer import BilevelTrainer, NonFiniteError, TrainerConfig
@@ -419,6 +419,8 @@ def run(
     own = [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
     seed = check_seed(cfg.seed)
     device_name = check_device(cfg.device)
+    if not is_bool(cfg.get("print_config", False)):
+        raise ConfigError("print_config", f"must be true or false, got {cfg.print_config!r}")
     if output_dir is None:
         output_dir = HydraConfig.get().runtime.output_dir
     output_dir = Path(output_dir)
@@ -741,6 +743,7 @@ def main() -> None:
     """Console entry point. Under torchrun, ranks other than 0 keep Hydra's files out of the run
     directory."""
     quiet_third_parties()
+    _SWEEP_FAILURES.clear()
     args = sys.argv[1:]
     problem = preflight(args)
     if problem is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["ConfigError", "NonFiniteError", "is_finite_number", "is_integer"]
+__all__ = ["ConfigError", "NonFiniteError", "is_bool", "is_finite_number", "is_integer"]
 
 
 class ConfigError(ValueError):
@@ -40,3 +40,9 @@ def is_finite_number(value: object) -> bool:
 def is_integer(value: object) -> bool:
     """True for an integer (Python's or numpy's), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_bool(value: object) -> bool:
+    """True for ``True``/``False`` (numpy's too): a switch given as a string (``maybe``, a
+    misspelt ``ture``) is truthy in Python and would silently turn the option on."""
+    return isinstance(value, bool) or type(value).__name__ == "bool_"

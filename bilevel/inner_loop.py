@@ -31,7 +31,7 @@ from bilevel import buffers
 from bilevel.data.columns import to_device
 from bilevel.data.domain_data import DomainData
 from bilevel.data.samplers import APPLIES_WEIGHTS, DomainSampler, MetaSampler
-from bilevel.errors import ConfigError, is_finite_number
+from bilevel.errors import ConfigError, is_bool, is_finite_number
 from bilevel.functional import (
     forward_batch,
     make_outer_loss,
@@ -69,11 +69,15 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer, field: str) -> None:
     """Refuse what torch's own checks let through: an ``inf`` or ``nan`` learning rate (torch
     only refuses a negative one), a zero one (nothing would ever move), or another non-finite
     number among the group's settings (momentum, betas, eps, weight decay). Each would train
-    to non-finite values and stop with exit 3 far from its cause."""
+    to non-finite values and stop with exit 3 far from its cause. A switch (``fused``,
+    ``nesterov``, ...) given as anything but true, false or null is refused: torch takes
+    ``fused=maybe`` as on."""
     for group in optimizer.param_groups:
         for key, value in group.items():
             if key == "params":
                 continue
+            if key in _SWITCHES and value is not None and not is_bool(value):
+                raise ConfigError(f"{field}.{key}", f"must be true or false, got {value!r}")
             values = value if isinstance(value, tuple | list) else [value]
             for item in values:
                 number = (
@@ -87,10 +91,25 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer, field: str) -> None:
             raise ConfigError(f"{field}.lr", f"must be > 0 (nothing would move), got {lr!r}")
 
 
+#: torch optimizers' switches: anything but true, false or null is truthy to torch
+_SWITCHES = (
+    "amsgrad",
+    "capturable",
+    "centered",
+    "decoupled_weight_decay",
+    "differentiable",
+    "foreach",
+    "fused",
+    "maximize",
+    "nesterov",
+)
+
+
 def not_a_number(factory: OptimizerFactory) -> str | None:
     """For a partial optimizer (what Hydra's ``_partial_`` builds) given a string where the
     optimizer's own default is a number (``lr=abc``): say so, instead of the comparison error
-    torch raises from inside its checks."""
+    torch raises from inside its checks. A switch given as anything but true/false/null
+    (``fused=maybe``, ``nesterov=1``) is refused too: torch reads it as truthy."""
     keywords = getattr(factory, "keywords", None) or {}
     try:
         defaults = inspect.signature(factory.func).parameters  # type: ignore[attr-defined]
@@ -104,6 +123,9 @@ def not_a_number(factory: OptimizerFactory) -> str | None:
             and not isinstance(default, bool)
         ):
             return f"{key} must be a number, got {value!r}"
+        switch = isinstance(default, bool) or key in _SWITCHES
+        if switch and value is not None and not is_bool(value):
+            return f"{key} must be true or false, got {value!r}"
     return None
 
 

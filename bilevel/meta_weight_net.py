@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bilevel.errors import is_integer
+from bilevel.errors import is_bool, is_integer
 
 __all__ = ["MetaWeightNet"]
 
@@ -60,6 +60,8 @@ class MetaWeightNet(nn.Module):
         self.names = names
         self.k = len(names)
         self.hidden = hidden
+        if not is_bool(use_domain):
+            raise ValueError(f"MetaWeightNet: use_domain must be true or false, got {use_domain!r}")
         self.use_domain = bool(use_domain)
         inputs = 1 + (self.k if self.use_domain else 0)
         self.shapes = [(hidden, inputs), (hidden,), (1, hidden), (1,)]

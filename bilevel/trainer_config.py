@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bilevel.data.samplers import SAMPLING
-from bilevel.errors import ConfigError, is_finite_number, is_integer
+from bilevel.errors import ConfigError, is_bool, is_finite_number, is_integer
 
 __all__ = ["TrainerConfig"]
 
@@ -78,8 +78,18 @@ class TrainerConfig:
             value = getattr(self, name)
             if not is_integer(value) or value < 0:
                 raise ConfigError(f"trainer.{name}", f"must be an integer >= 0, got {value!r}")
-        if self.meta_batch_size is not None and self.meta_batch_size < 1:
-            raise ConfigError("trainer.meta_batch_size", "must be >= 1 or null (whole meta set)")
+        if self.meta_batch_size is not None and not (
+            is_integer(self.meta_batch_size) and self.meta_batch_size >= 1
+        ):
+            raise ConfigError(
+                "trainer.meta_batch_size",
+                f"must be an integer >= 1 or null (whole meta set), got {self.meta_batch_size!r}",
+            )
+        for name in ("learn_weights", "progress"):
+            if not is_bool(getattr(self, name)):
+                raise ConfigError(
+                    f"trainer.{name}", f"must be true or false, got {getattr(self, name)!r}"
+                )
         if self.sampling not in SAMPLING:
             raise ConfigError("trainer.sampling", f"must be one of {', '.join(SAMPLING)}")
         if self.precision not in ("fp32", "bf16"):

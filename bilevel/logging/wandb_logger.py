@@ -13,6 +13,9 @@ from typing import Any
 
 __all__ = ["WandbLogger"]
 
+#: ``auto`` (online when logged in, else offline) and wandb's own modes
+MODES = ("auto", "online", "offline", "disabled", "shared")
+
 
 def _logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -35,6 +38,12 @@ class WandbLogger:
         tags: list[str] | None = None,
         group: str | None = None,
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if tags is not None and (
+            isinstance(tags, str) or not all(isinstance(t, str) for t in tags)
+        ):
+            raise ValueError(f"tags must be a list of strings, e.g. [baseline,cg], got {tags!r}")
         self.kwargs = {
             "project": project,
             "entity": entity,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bilevel.errors import is_finite_number, is_integer
+from bilevel.errors import is_bool, is_finite_number, is_integer
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.backends import check_products, solve_at_params
 from bilevel.solvers.products import Reduce
@@ -65,6 +65,8 @@ class ConjugateGradient:
             raise ValueError(f"cg: damping must be a finite number >= 0, got {self.damping!r}")
         if not (is_finite_number(self.tol) and self.tol >= 0):
             raise ValueError(f"cg: tol must be a finite number >= 0, got {self.tol!r}")
+        if not is_bool(self.warm_start):
+            raise ValueError(f"cg: warm_start must be true or false, got {self.warm_start!r}")
         check_products(self.name, self.products, self.fd_step)
 
     def reset(self) -> None:

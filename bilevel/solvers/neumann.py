@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bilevel.errors import is_finite_number, is_integer
+from bilevel.errors import is_bool, is_finite_number, is_integer
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.backends import check_products, solve_at_params
 from bilevel.solvers.products import Reduce
@@ -69,6 +69,11 @@ class Neumann:
     def __post_init__(self) -> None:
         if not is_integer(self.iters) or self.iters < 0:
             raise ValueError(f"neumann: iters must be an integer >= 0, got {self.iters!r}")
+        for name in ("warm_start", "simultaneous"):
+            if not is_bool(getattr(self, name)):
+                raise ValueError(
+                    f"neumann: {name} must be true or false, got {getattr(self, name)!r}"
+                )
         if self.warm_start and self.iters < 1:
             raise ValueError("neumann: warm_start needs iters >= 1")
         if self.simultaneous and not (self.warm_start and self.iters == 1):
