@@ -308,6 +308,12 @@ class BilevelTrainer:
                 f"meta set ({meta.n} rows): each meta batch draws rows with replacement, "
                 "noisier and slower than the whole set (trainer.meta_batch_size=null)"
             )
+        if len(self.weights.names) == 1 and self.weights.parametrization == "softmax":
+            notes.append(
+                f"one domain ({self.weights.names[0]}) on the simplex: its weight is 1 whatever "
+                "the hypergradient, so nothing is learned (train on several domains, or "
+                "trainer.learn_weights=false)"
+            )
         if self.config.steps < self.config.outer_every:
             notes.append(
                 f"trainer.steps={self.config.steps} is shorter than one window "

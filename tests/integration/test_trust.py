@@ -608,6 +608,13 @@ def test_a_run_shorter_than_one_window_says_that_no_outer_step_runs():
     assert trainer.fit()["outer_updates"] == 2
 
 
+def test_one_domain_on_the_simplex_says_that_nothing_is_learned():
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0).subset(["d0"])
+    config = TrainerConfig(steps=5, batch_size=16, progress=False)
+    assert any("nothing is learned" in n for n in small_trainer(config, data=data).notes)
+    assert not any("nothing is learned" in n for n in small_trainer(config).notes)
+
+
 def test_a_meta_batch_larger_than_the_meta_set_is_named_in_the_notes():
     def notes(meta_batch_size):
         config = TrainerConfig(steps=5, batch_size=16, meta_batch_size=meta_batch_size)
