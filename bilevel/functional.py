@@ -122,6 +122,11 @@ def _call(model: nn.Module, params: Params, batch: Batch) -> Any:
 
 def check_per_domain_shape(losses: Tensor, num_domains: int) -> Tensor:
     """Raise unless ``losses`` is shaped ``[K]``; returns it unchanged."""
+    if not isinstance(losses, Tensor):
+        raise TypeError(
+            f"per_domain_loss must return a Tensor [K] (one mean loss per domain), got "
+            f"{type(losses).__name__}"
+        )
     if losses.shape != (num_domains,):
         raise ValueError(
             f"per_domain_loss returned shape {tuple(losses.shape)}, expected ({num_domains},): "

@@ -29,6 +29,15 @@ def _check_arguments(solver, params, weights, inner_lr, wrt) -> Solver:
         from bilevel.solvers import build
 
         solver = build(solver)
+    if not callable(getattr(solver, "domain_grad", None)) and callable(
+        getattr(solver, "window", None)
+    ):
+        raise TypeError(
+            f"{getattr(solver, 'name', type(solver).__name__)} is a method of the trainer (it "
+            "needs a window of inner steps, not one point) and has no hypergradient to return: "
+            "run it with bilevel.BilevelTrainer; bilevel.hypergradient takes first_order, "
+            "unrolled, neumann, cg or sama"
+        )
     if not callable(getattr(solver, "domain_grad", None)):
         raise TypeError(
             f"solver must come from bilevel.solvers.build (or be a solver's name), got {solver!r}"

@@ -310,6 +310,13 @@ def test_bad_arguments_of_the_public_api_are_named():
         call(weights=torch.ones(3))
     with pytest.raises(TypeError, match="solver must come from bilevel.solvers.build"):
         call(solver=object())
+    for method in ("scalebio", "odm", "doge", "loss_reweighting"):  # no hypergradient at a point
+        with pytest.raises(TypeError, match=f"{method} is a method of the trainer"):
+            call(solver=method)
+    with pytest.raises(TypeError, match="per_domain_loss must return a Tensor"):
+        bilevel.hypergradient(
+            "cg", lambda p: list(problem.per_domain(p)), problem.meta, theta, w, 0.1
+        )
     # a schedule may end at lr 0 (first_order is then 0); a solver's name is build(name)
     assert torch.equal(call(inner_lr=0.0), torch.zeros(3, dtype=torch.float64))
     torch.testing.assert_close(call(solver="cg"), call(solver=build("cg")))
