@@ -17,7 +17,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import json
 import logging
 import os
 import random
@@ -41,10 +40,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bilevel import checkpoint as ckpt
 from bilevel import run_dir as run_dirs
+from bilevel import sweep_failures as sweeps
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed, leave_process_group
 from bilevel.errors import ConfigError, is_bool, is_finite_number, is_integer
-from bilevel.files import write_text_atomic
 from bilevel.stopping import StopRequested
 from bilevel.trainer import BilevelTrainer, NonFiniteError, TrainerConfig
 
@@ -522,53 +521,17 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-#: exit codes of the sweep jobs that ended with a one-line error (see :func:`_job_failed`)
-_SWEEP_FAILURES: list[int] = []
-
-
-def _in_sweep() -> bool:
-    from hydra.types import RunMode
-
-    try:
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except ValueError:
-        return False
-
-
-class FailedJob:
-    """What a sweep job that failed returns instead of its meta loss: it has no float value, so
-    an Optuna sweep marks the trial failed and goes on (a NaN makes the Optuna plugin raise)."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def __float__(self) -> float:
-        raise ValueError(self.message)
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def _job_failed(message: str, code: int) -> FailedJob:
-    """End a job with one line. A single run exits with ``code``; a sweep job leaves the line
-    and the code in its folder (:data:`run_dir.FAILED`, read by ``results.csv``) and returns a
-    :class:`FailedJob`, so one bad point of a grid does not cost the rest of the sweep;
-    :func:`main` exits with the worst code once the sweep is over."""
-    if not _in_sweep():
+def _job_failed(message: str, code: int) -> sweeps.FailedJob:
+    """End a job with one line: a single run exits with ``code``; a sweep job records its
+    failure and the sweep goes on (:mod:`bilevel.sweep_failures`)."""
+    if not sweeps.in_sweep():
         _fail(message, code)
-    print(message, file=sys.stderr, flush=True)
-    _SWEEP_FAILURES.append(code)
-    out = Path(HydraConfig.get().runtime.output_dir)
-    if out.is_dir() and (run_dirs.is_run_dir(out) or run_dirs._hydra_only(out)):
-        write_text_atomic(
-            out / run_dirs.FAILED, json.dumps({"exit_code": code, "error": message}) + "\n"
-        )
-    return FailedJob(message)
+    return sweeps.record(message, code)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def app(cfg: DictConfig) -> float | FailedJob:
-    sweep = _in_sweep()
+def app(cfg: DictConfig) -> float | sweeps.FailedJob:
+    sweep = sweeps.in_sweep()
     try:
         summary = run(cfg)
     except ConfigError as err:
@@ -703,47 +666,11 @@ def _check_explicit_dirs(args: list[str]) -> None:
         _fail(f"bilevel: error: {err}", 2)
 
 
-def _run_app(args: list[str]) -> None:
-    """Run the Hydra app. In a sweep, an Optuna sweeper whose trials all failed cannot name a
-    best trial and ends in a traceback of its own; that case becomes one line (each trial
-    already said why it failed), any other error is reported as Hydra reports it."""
-    sweep = any(
-        a in ("-m", "--multirun") or a.startswith(("hparams_search=", "hydra/sweeper="))
-        for a in args
-    )
-    if not sweep or "HYDRA_FULL_ERROR" in os.environ:
-        app()
-        return
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # the error reaches the handler below
-    try:
-        app()
-    except Exception as err:  # noqa: BLE001 - handed back to Hydra's report below
-        del os.environ["HYDRA_FULL_ERROR"]
-        if _SWEEP_FAILURES and "No trials are completed" in str(err):
-            print(
-                f"bilevel: every trial of the sweep failed ({len(_SWEEP_FAILURES)}; each said "
-                "why above; results.csv has the lines in its error column)",
-                file=sys.stderr,
-                flush=True,
-            )
-            sys.exit(max(_SWEEP_FAILURES))
-        from hydra._internal.utils import run_and_report
-
-        error = err
-
-        def again() -> None:
-            raise error
-
-        run_and_report(again)  # prints as Hydra would have, exits 1
-    else:
-        del os.environ["HYDRA_FULL_ERROR"]
-
-
 def main() -> None:
     """Console entry point. Under torchrun, ranks other than 0 keep Hydra's files out of the run
     directory."""
     quiet_third_parties()
-    _SWEEP_FAILURES.clear()
+    sweeps.codes.clear()
     args = sys.argv[1:]
     problem = preflight(args)
     if problem is not None:
@@ -753,17 +680,9 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:
         scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{os.environ['RANK']}-")
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
-    _run_app(args)
+    sweeps.run_app(app, args)
     leave_process_group()
-    if _SWEEP_FAILURES:
-        count = len(_SWEEP_FAILURES)
-        print(
-            f"bilevel: {count} sweep job{'s' if count > 1 else ''} failed (each said why above; "
-            "results.csv has the line in its error column)",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(max(_SWEEP_FAILURES))
+    sweeps.exit_if_failed()
 
 
 if __name__ == "__main__":

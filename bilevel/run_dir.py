@@ -27,6 +27,7 @@ __all__ = [
     "check_sweep_writable",
     "check_writable",
     "claim",
+    "hydra_only",
     "is_our_table",
     "is_run_dir",
     "resolve_resume",
@@ -50,7 +51,7 @@ def is_run_dir(path: str | Path) -> bool:
         return False
 
 
-def _hydra_only(path: Path) -> bool:
+def hydra_only(path: Path) -> bool:
     """Only Hydra's own files (and the note of a failed sweep job)."""
     return all(p.name in (".hydra", FAILED) or p.suffix == ".log" for p in path.iterdir())
 
@@ -83,7 +84,7 @@ def check_writable(path: str | Path) -> None:
     if path.exists() and not path.is_dir():
         raise ConfigError("run directory", f"{path} is a file, not a directory")
     check_creatable(path, "run directory")
-    if path.is_dir() and not is_run_dir(path) and not _hydra_only(path):
+    if path.is_dir() and not is_run_dir(path) and not hydra_only(path):
         raise ConfigError(
             "run directory",
             f"{path} holds files that bilevel did not write; it writes only into new or empty "
@@ -120,7 +121,7 @@ def check_sweep_writable(path: str | Path) -> None:
         return
     hydra_files = {"multirun.yaml", "optimization_results.yaml", ".hydra"}
     for entry in sorted(path.iterdir()):
-        if entry.is_dir() and (is_run_dir(entry) or _hydra_only(entry)):
+        if entry.is_dir() and (is_run_dir(entry) or hydra_only(entry)):
             continue
         if entry.name in hydra_files or entry.suffix == ".log" or is_our_table(entry):
             continue
