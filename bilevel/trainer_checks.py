@@ -73,7 +73,8 @@ def check_losses(
 ) -> None:
     """One forward pass of each loss on a few rows: an inner loss must return one value per
     example and an outer loss a scalar; the labels are checked against the model's outputs
-    (:func:`check_labels`). The passes leave the model's buffers as they were."""
+    (:func:`check_labels`), and a few test rows go through the model too. The passes leave
+    the model's buffers as they were."""
     with torch.no_grad(), buffers.kept(module):  # a check, not a training step
         train = to_device(data.train, device)
         rows = torch.arange(min(4, num_rows(train)), device=device)
@@ -91,6 +92,12 @@ def check_losses(
         meta = to_device(data.meta, device)
         meta = take(meta, torch.arange(min(16, num_rows(meta)), device=device))
         value = outer_loss(_forward(module, meta, "data.meta"), meta)
+        if isinstance(data.test, Mapping) and "x" in data.test and num_rows(data.test):
+            # the test set is used only at the end: a mistake there would cost the whole run
+            test = to_device(data.test, device)
+            _forward(
+                module, take(test, torch.arange(min(4, num_rows(test)), device=device)), "data.test"
+            )
         if not isinstance(value, Tensor) or value.dim() != 0:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ConfigError(

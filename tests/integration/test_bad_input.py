@@ -28,6 +28,11 @@ def float64_inputs(**kwargs):  # the library's model is float32
     d = noisy_domains(**kwargs)
     d.train["x"] = d.train["x"].double()
     return d
+
+def float64_test(**kwargs):  # found before training, not after it
+    d = noisy_domains(**kwargs)
+    d.test["x"] = d.test["x"].double()
+    return d
 """
 
 CASES = [
@@ -38,6 +43,7 @@ CASES = [
     (["data._target_=builders.empty_domain"], "data"),
     (["data._target_=builders.no_meta"], "data.meta"),
     (["data._target_=builders.float64_inputs"], "data.train"),
+    (["data._target_=builders.float64_test"], "data.test"),
     (["domains=d0"], "domains"),  # a name where a list is meant
     (["data.meta_size=-3"], "data.meta_size"),
     (["data.per_domain=1.5"], "data.per_domain"),
