@@ -82,7 +82,11 @@ class DomainData:
         domain = self.train["domain"]
         if domain.dtype != torch.int64 or domain.dim() != 1:
             raise ConfigError("data.train", "'domain' must be an int64 tensor of shape [N]")
-        for where, columns in (("data.train", self.train), ("data.meta", self.meta)):
+        for where, columns in (
+            ("data.train", self.train),
+            ("data.meta", self.meta),
+            ("data.test", self.test),  # used only at the end: checked now all the same
+        ):
             try:
                 num_rows(columns or {})
             except ValueError as err:

@@ -34,3 +34,7 @@ def test_columns_of_different_lengths_are_named_with_their_lengths():
         DomainData(
             ["a", "b", "c"], {"x": x, "y": y, "domain": domain}, {"x": x[:8], "y": y[:7]}
         ).validate()
+    with pytest.raises(ConfigError, match=r"data.test: .*\(x 8, y 6\)"):  # before training
+        DomainData(
+            ["a", "b", "c"], {"x": x, "y": y, "domain": domain}, meta, {"x": x[:8], "y": y[:6]}
+        ).validate()
