@@ -429,7 +429,7 @@ class BilevelTrainer:
                 self._checkpoint()
                 raise NonFiniteError(self._outer_message(self.outer_updates))
             # a finished run resumed with nothing to train has its test record already
-            return self._finish(record_test=self.step > first)
+            return self._finish(record_test=self.step > first or not self.log.tested_at(first))
         finally:
             self.log.close()
 
@@ -532,6 +532,9 @@ class BilevelTrainer:
         return metrics
 
     def _finish(self, record_test: bool = True) -> dict[str, Any]:
+        # the checkpoint first: a final evaluation that fails (a bug in data.evaluate, memory
+        # on a large test set) costs no training, and `resume=` evaluates again
+        self._checkpoint()
         test = self._evaluate() if record_test else self.evaluate()
         agree = self.strategy.all_equal(self.weights.logits.detach())
         summary = {
@@ -558,7 +561,6 @@ class BilevelTrainer:
         }
         if self._resumed_from:
             summary["resumed_from"] = self._resumed_from
-        self._checkpoint()
         self.log.finish(summary)
         return summary
 

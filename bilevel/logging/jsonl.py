@@ -38,6 +38,8 @@ class JsonlWriter:
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_after_step]
         # atomic: a crash here must not lose the records of the run being resumed
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        #: the last record kept from before a resume (``None``: none)
+        self.last_kept: dict[str, Any] | None = kept[-1] if kept else None
         self._fh = self.path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -68,6 +68,13 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(record)
 
+    def tested_at(self, step: int) -> bool:
+        """Whether the records kept from before a resume end with a test record at ``step``
+        (a finished run resumed with nothing left to train has one, unless its final
+        evaluation failed)."""
+        last = self.writer.last_kept if self.writer is not None else None
+        return last is not None and last.get("step") == step and "test" in last
+
     def advance(self, steps: int) -> None:
         if self.bar is not None:
             self.bar.update(steps)

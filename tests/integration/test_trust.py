@@ -455,6 +455,47 @@ def test_checkpoint_is_written_in_the_first_window(tmp_path):
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 5
 
 
+def test_a_final_evaluation_that_fails_costs_no_training(tmp_path):
+    """The last checkpoint is written before the test set is evaluated: a bug in the user's
+    evaluate (or memory on a large test set) is fixed and `resume` evaluates again."""
+    from bilevel import checkpoint
+    from bilevel.logging import read_jsonl
+
+    data = noisy_domains(per_domain=64, meta_size=32, test_size=64)
+    evaluate, broken = data.evaluate, {"on": True}
+
+    def flaky(model, columns, device):
+        if broken["on"]:
+            raise RuntimeError("a bug in my evaluate")
+        return evaluate(model, columns, device)
+
+    data.evaluate = flaky
+
+    def trainer():
+        torch.manual_seed(0)
+        return BilevelTrainer(
+            MLP(**data.model_kwargs, hidden=8),
+            DomainWeights(data.names),
+            build("first_order"),
+            per_example_cross_entropy,
+            cross_entropy,
+            data,
+            TrainerConfig(steps=20, outer_every=5, checkpoint_every=1000, progress=False),
+            run_dir=tmp_path / "run",
+        )
+
+    with pytest.raises(RuntimeError, match="a bug in my evaluate"):
+        trainer().fit()
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 20
+    broken["on"] = False
+    again = trainer()
+    again.resume(tmp_path / "run")
+    summary = again.fit()
+    assert summary["steps"] == 20 and summary["test"]
+    tests = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "test" in r]
+    assert [r["step"] for r in tests] == [20]  # one test record, written by the resumed run
+
+
 def _stop_after(fn, n):
     calls = {"n": 0}
 
