@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from bilevel.logging.jsonl import JsonlWriter, read_jsonl, to_jsonable
 from bilevel.logging.plots import plot_weights
 
 __all__ = ["RunLog"]
+
+log = logging.getLogger("bilevel")
 
 
 class RunLog:
@@ -87,12 +90,15 @@ class RunLog:
         if self.run_dir is not None:
             text = json.dumps(to_jsonable(summary), indent=2)
             write_text_atomic(self.run_dir / "summary.json", text)
-            plot_weights(
-                read_jsonl(self.run_dir / "metrics.jsonl"),
-                self.run_dir / "weights.png",
-                title=f"domain weights ({summary.get('solver', '')})",
-                info=summary.get("info"),
-            )
+            try:  # a picture of what the files hold: its failure must not fail the run
+                plot_weights(
+                    read_jsonl(self.run_dir / "metrics.jsonl"),
+                    self.run_dir / "weights.png",
+                    title=f"domain weights ({summary.get('solver', '')})",
+                    info=summary.get("info"),
+                )
+            except Exception as err:  # noqa: BLE001 - reported, the run's results are saved
+                log.warning(f"note: weights.png not drawn ({type(err).__name__}: {err})")
         if self.wandb is not None:
             self.wandb.finish(summary)
 

@@ -31,3 +31,23 @@ def test_resuming_the_metrics_keeps_the_records_up_to_the_checkpoint(tmp_path):
     JsonlWriter(path, resume_after_step=20).close()
     assert [r["step"] for r in read_jsonl(path)] == [10, 20]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_plot_that_fails_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
+    """weights.png is a picture of what the files hold: summary.json is written first, and a
+    plotting error becomes a note instead of a failed run at its very end."""
+    import json
+
+    from bilevel.logging import run_log
+
+    def broken(*args, **kwargs):
+        raise ValueError("no backend")
+
+    monkeypatch.setattr(run_log, "plot_weights", broken)
+    out = run_log.RunLog(tmp_path, progress=False)
+    out.write({"step": 0, "weights": {"a": 0.5, "b": 0.5}, "meta_loss": 1.0})
+    with caplog.at_level("WARNING", logger="bilevel"):
+        out.finish({"weights": {"a": 0.5, "b": 0.5}})
+    out.close()
+    assert json.loads((tmp_path / "summary.json").read_text())["weights"] == {"a": 0.5, "b": 0.5}
+    assert "weights.png not drawn (ValueError: no backend)" in caplog.text
