@@ -72,7 +72,14 @@ def collect(folder: str | Path) -> list[dict[str, Any]]:
             row["status"], row["error"] = _failure(job, ended)
             rows.append(row)
             continue
-        summary = json.loads(summary_file.read_text())
+        try:
+            summary = json.loads(summary_file.read_text())
+            if not isinstance(summary, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:  # one bad file costs its row, not the table
+            row["status"], row["error"] = "unreadable", f"summary.json: {err}"
+            rows.append(row)
+            continue
         row["status"] = "ok"
         row["solver"] = summary.get("solver")
         row["meta_loss"] = summary.get("meta_loss")

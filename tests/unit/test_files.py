@@ -51,3 +51,16 @@ def test_a_plot_that_fails_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
     out.close()
     assert json.loads((tmp_path / "summary.json").read_text())["weights"] == {"a": 0.5, "b": 0.5}
     assert "weights.png not drawn (ValueError: no backend)" in caplog.text
+
+
+def test_an_unreadable_summary_costs_its_row_not_the_sweep_table(tmp_path):
+    import json
+
+    from bilevel.logging.collect import collect
+
+    for job, text in (("0", json.dumps({"meta_loss": 0.5, "weights": {"a": 1.0}})), ("1", "{")):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "summary.json").write_text(text)
+    rows = collect(tmp_path)
+    assert [r["status"] for r in rows] == ["ok", "unreadable"]
+    assert rows[0]["meta_loss"] == 0.5 and rows[1]["error"].startswith("summary.json: ")
