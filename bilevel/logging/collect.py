@@ -169,10 +169,10 @@ def _write_or_say(folder: Path) -> Path | None:
     """:func:`write_tables`, or one line (once per folder) when a table there is not ours."""
     try:
         return write_tables(folder)
-    except ConfigError as err:
+    except (ConfigError, OSError) as err:  # the table is a summary: the sweep goes on
         if str(folder) not in _said:
             _said.add(str(folder))
-            print(f"bilevel: {err}", file=sys.stderr, flush=True)
+            print(f"bilevel: sweep results not written: {err}", file=sys.stderr, flush=True)
         return None
 
 
