@@ -387,7 +387,29 @@ def resumed_config(
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         refused = [k for k in changed if not _harmless(k)]
     if refused:
-        raise ConfigError("resume", refused_on_resume(refused))
+        named = {o.lstrip("+~").split("=")[0] for o in new_overrides}
+        derived = [k for k in refused if not any(k == n or k.startswith(n + ".") for n in named)]
+        why = ""
+        if derived:  # e.g. a cosine schedule's T_max: ${trainer.steps}
+
+            def moves(override: str) -> bool:
+                try:
+                    alone = _flatten(_compose([*old_overrides, override]))
+                except HydraException:  # it composes only with the others: not named
+                    return False
+                return any(alone.get(k) != before.get(k) for k in derived)
+
+            causes = [
+                o.lstrip("+~").split("=")[0]
+                for o in new_overrides
+                if not o.lstrip("+~").startswith("resume=") and moves(o)
+            ]
+            why = (
+                f" ({', '.join(derived)} follow{'s' if len(derived) == 1 else ''} from "
+                f"{', '.join(causes) or 'the overrides'} through an interpolation in the "
+                "config: a setting tied to the run's length cannot be extended)"
+            )
+        raise ConfigError("resume", refused_on_resume(refused) + why)
     merged = OmegaConf.create(saved)
     for key in changed:
         if key in after:

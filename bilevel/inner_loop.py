@@ -65,6 +65,40 @@ def make_optimizer(factory: OptimizerFactory, params: list, field: str) -> torch
     return optimizer
 
 
+def make_scheduler(factory: Callable[[torch.optim.Optimizer], Any] | None, optimizer) -> Any:
+    """``factory(optimizer)``, checked: the trainer steps it once per inner step with no
+    argument, so a scheduler that steps on a metric (``ReduceLROnPlateau``) is refused at start
+    (it failed at the first step with ``step() missing 1 required positional argument``)."""
+    if factory is None:
+        return None
+    field = "trainer.inner_scheduler"
+    try:
+        scheduler = factory(optimizer)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(field, str(err)) from None
+    step = getattr(scheduler, "step", None)
+    if not callable(step):
+        raise ConfigError(
+            field, f"must build a learning-rate scheduler (with .step()), got {scheduler!r}"
+        )
+    try:
+        required = [
+            p.name
+            for p in inspect.signature(step).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        required = []
+    if required:
+        raise ConfigError(
+            field,
+            f"{type(scheduler).__name__}.step needs {', '.join(required)}; the trainer steps "
+            "the scheduler once per inner step without arguments: use a schedule of steps "
+            "(e.g. trainer/inner_scheduler=cosine, or LinearLR, OneCycleLR)",
+        )
+    return scheduler
+
+
 def check_hyperparameters(optimizer: torch.optim.Optimizer, field: str) -> None:
     """Refuse what torch's own checks let through: an ``inf`` or ``nan`` learning rate (torch
     only refuses a negative one), a zero one (nothing would ever move), or another non-finite
@@ -176,7 +210,7 @@ class InnerLoop:
             # run fused on the local shards (below), other SGD steps use the foreach kernel
             for group in self.inner_opt.param_groups:
                 group["fused"] = False
-        self.scheduler = inner_scheduler(self.inner_opt) if inner_scheduler else None
+        self.scheduler = make_scheduler(inner_scheduler, self.inner_opt)
         self.train_sampler = DomainSampler(
             to_device(data.train, device),
             self.k,

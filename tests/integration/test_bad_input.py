@@ -100,6 +100,14 @@ CASES = [
     (["trainer.sampling=temperature"], "trainer.sampling"),
     (["trainer.inner_lr=inf"], "trainer.inner_lr"),
     (["trainer.meta_batch_size=abc"], "trainer.meta_batch_size"),
+    (["trainer/inner_scheduler=cosin"], "trainer/inner_scheduler"),
+    (  # steps on a metric: the trainer steps it once per inner step without one
+        [
+            "+trainer.inner_scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+            "+trainer.inner_scheduler._partial_=true",
+        ],
+        "trainer.inner_scheduler",
+    ),
     # switches: a string is truthy in Python and would turn the option on
     (["trainer.learn_weights=maybe"], "trainer.learn_weights"),
     (["solver=cg", "solver.warm_start=yes"], "solver"),

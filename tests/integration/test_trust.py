@@ -113,6 +113,18 @@ def test_the_scheduler_steps_once_per_inner_step_in_every_path(solver):
     assert trainer.inner_opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.9**10)
 
 
+def test_the_cosine_preset_decays_over_the_run_and_is_not_extended_on_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = cli("experiment=tiny", "trainer/inner_scheduler=cosine", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    lrs = [r["inner_lr"] for r in read_jsonl(out / "metrics.jsonl") if "inner_lr" in r]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.01 * lrs[0]  # to ~0 at step 40
+    # T_max is ${trainer.steps}: past it the cosine would climb again, so no extension
+    proc = cli(f"resume={out}", "trainer.steps=80")
+    assert proc.returncode == 2
+    assert "trainer.inner_scheduler.T_max follows from trainer.steps" in proc.stderr
+
+
 def test_inner_lr_never_changes_how_unrolled_trains():
     a, b = scheduled("unrolled"), scheduled("unrolled", inner_lr=0.05)
     assert b.notes and "not used by unrolled" in b.notes[0]
