@@ -139,13 +139,30 @@ def build(node: Any, field: str, **kwargs: Any) -> Any:
         if cause is not err and not isinstance(cause, ImportError | TypeError | ValueError):
             raise  # a bug inside the user's component: show where
         message = str(cause) if cause is not err else str(err).splitlines()[0]
+        message = message.strip().splitlines()[0]
         target = node.get("_target_") if isinstance(node, DictConfig) else None
         where = f"{field} ({target})" if target else field
-        raise ConfigError(where, message.strip().splitlines()[0]) from None
+        raise ConfigError(where, message + _preset_hint(field, target, message)) from None
     except (ValueError, TypeError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(field, str(err)) from None
+
+
+def _preset_hint(field: str, target: Any, message: str) -> str:
+    """For your own data or model function refused a key of the group's preset (``names``,
+    ``hidden``): how to start from the empty preset instead."""
+    if (
+        field in ("data", "model")
+        and "unexpected keyword argument" in message
+        and isinstance(target, str)
+        and not target.startswith("bilevel")
+    ):
+        return (
+            f"; the keys of the {field} preset reach your function too: start from the empty "
+            f"one, {field}=custom {field}._target_={target}"
+        )
+    return ""
 
 
 def check_loss_callable(field: str, fn: Any) -> None:
@@ -191,7 +208,8 @@ def build_model(node: DictConfig, data: DomainData) -> torch.nn.Module:
     try:
         model = factory(**extra)
     except (TypeError, ValueError) as err:
-        raise ConfigError("model", str(err)) from None
+        hint = _preset_hint("model", node.get("_target_"), str(err))
+        raise ConfigError(f"model ({node.get('_target_')})", str(err) + hint) from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError("model", f"_target_ must build a torch.nn.Module, got {type(model)}")
     return model

@@ -134,6 +134,61 @@ def test_custom_outer_loss_by_subprocess(tmp_path):
     assert read_summary(out)["steps"] == 40
 
 
+USER_DATA = """
+import torch
+from bilevel.data import DomainData
+
+def make(rows=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 2, generator=g)
+    y = (x[:, 0] > 0).long()
+    domain = torch.arange(rows) % 3
+    y[domain == 2] = torch.randint(0, 2, (int((domain == 2).sum()),), generator=g)
+    meta = {"x": x[:60], "y": (x[:60, 0] > 0).long()}
+    names = ["a", "b", "noisy"]
+    columns = {"x": x, "y": y, "domain": domain}
+    return DomainData(names, columns, meta, model_kwargs={"in_dim": 2, "out_dim": 2})
+"""
+
+USER_MODEL = """
+import torch
+
+class Net(torch.nn.Sequential):
+    def __init__(self, in_dim, out_dim, width=32):
+        layers = [torch.nn.Linear(in_dim, width), torch.nn.ReLU()]
+        super().__init__(*layers, torch.nn.Linear(width, out_dim))
+"""
+
+
+def test_your_own_data_and_model_from_the_command_line(tmp_path):
+    """data=custom and model=custom start from empty presets: only the user's arguments (and
+    the sizes the data announces) reach the user's functions; without them, the preset's keys
+    do, and the error line says how to start from the empty preset."""
+    pkg = tmp_path / "src" / "my_pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data.py").write_text(USER_DATA)
+    (pkg / "models.py").write_text(USER_MODEL)
+    env = {"PYTHONPATH": str(pkg.parent)}
+    out = tmp_path / "run"
+    proc = cli(
+        "data=custom",
+        "data._target_=my_pkg.data.make",
+        "+data.rows=240",
+        "model=custom",
+        "model._target_=my_pkg.models.Net",
+        "+model.width=8",
+        "trainer.steps=20",
+        f"hydra.run.dir={out}",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert list(read_summary(out)["weights"]) == ["a", "b", "noisy"]
+    proc = cli("data._target_=my_pkg.data.make", f"hydra.run.dir={tmp_path / 'r2'}", env=env)
+    assert proc.returncode == 2
+    assert "start from the empty one, data=custom data._target_=my_pkg.data.make" in proc.stderr
+
+
 @pytest.mark.slow
 def test_sweep_writes_one_summary_per_job(tmp_path):
     proc = cli(
