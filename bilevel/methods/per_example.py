@@ -52,6 +52,12 @@ class PerExampleMethod(HypergradientMethod):
             )
         notes = super().setup(loop)
         self.path = "graph"
+        if loop.train_sampler.batch_size == 1:
+            notes.append(
+                "weights=meta_weight_net with a batch of one row per process: each example's "
+                "weight is normalized by the batch mean (c_i = V_i / mean V), so it is always 1 "
+                "and nothing is learned; use trainer.batch_size >= 2"
+            )
         return notes
 
     def _factors(self, loop):

@@ -166,6 +166,24 @@ def test_meta_weight_net_hypergradient_through_one_explicit_step():
     torch.testing.assert_close(update.grad, expected, rtol=1e-9, atol=1e-12)
 
 
+def test_meta_weight_net_with_a_batch_of_one_says_nothing_is_learned():
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16)
+
+    def notes(batch_size):
+        return BilevelTrainer(
+            MLP(**data.model_kwargs, hidden=8),
+            MetaWeightNet(data.names, hidden=5),
+            build("first_order"),
+            per_example_cross_entropy,
+            cross_entropy,
+            data,
+            TrainerConfig(steps=5, batch_size=batch_size, progress=False),
+        ).notes
+
+    assert any("always 1 and nothing is learned" in n for n in notes(1))
+    assert not any("nothing is learned" in n for n in notes(8))
+
+
 def test_odm_policy_follows_exp3():
     data = noisy_domains(per_domain=32, meta_size=16, test_size=16)
     model = MLP(**data.model_kwargs, hidden=8)
