@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bilevel import buffers
-from bilevel.data.columns import num_rows, take, to_device
+from bilevel.data.columns import Columns, num_rows, take, tensors, to_device
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
@@ -76,28 +76,19 @@ def check_losses(
     (:func:`check_labels`), and a few test rows go through the model too. The passes leave
     the model's buffers as they were."""
     with torch.no_grad(), buffers.kept(module):  # a check, not a training step
-        train = to_device(data.train, device)
-        rows = torch.arange(min(4, num_rows(train)), device=device)
-        batch = take(train, rows)
+        batch = _first_rows(data.train, 4, device)
+        rows = num_rows(batch)
         output = _forward(module, batch, "data.train")
         check_labels(output, (inner_loss, outer_loss), data)
         out = inner_loss(output, batch)
-        if not isinstance(out, Tensor) or out.shape != (len(rows),):
+        if not isinstance(out, Tensor) or out.shape != (rows,):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ConfigError(
                 "inner_loss",
-                f"must return one loss per example (shape ({len(rows)},) for {len(rows)} "
-                f"rows), got {shape}",
+                f"must return one loss per example (shape ({rows},) for {rows} rows), got {shape}",
             )
-        meta = to_device(data.meta, device)
-        meta = take(meta, torch.arange(min(16, num_rows(meta)), device=device))
+        meta = _first_rows(data.meta, 16, device)
         value = outer_loss(_forward(module, meta, "data.meta"), meta)
-        if isinstance(data.test, Mapping) and "x" in data.test and num_rows(data.test):
-            # the test set is used only at the end: a mistake there would cost the whole run
-            test = to_device(data.test, device)
-            _forward(
-                module, take(test, torch.arange(min(4, num_rows(test)), device=device)), "data.test"
-            )
         if not isinstance(value, Tensor) or value.dim() != 0:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ConfigError(
@@ -105,6 +96,16 @@ def check_losses(
                 f"must return a scalar (one meta loss for the batch), got shape {shape}; "
                 "reduce it, e.g. with .mean()",
             )
+        if isinstance(data.test, Mapping) and "x" in data.test and num_rows(data.test):
+            # the test set is used only at the end: a mistake there would cost the whole run
+            _forward(module, _first_rows(data.test, 4, device), "data.test")
+
+
+def _first_rows(columns: Columns, n: int, device) -> Columns:
+    """The first ``n`` rows of ``columns`` on ``device`` (taken where the columns are, so only
+    those rows are copied)."""
+    here = next(tensors(columns)).device
+    return to_device(take(columns, torch.arange(min(n, num_rows(columns)), device=here)), device)
 
 
 def _forward(module: nn.Module, batch: Any, field: str) -> Any:
