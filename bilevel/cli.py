@@ -365,6 +365,11 @@ def _compose(overrides: list[str]) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def _override_key(override: str) -> str:
+    """The key an override sets: ``trainer.steps`` for ``+trainer.steps=80``."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def _harmless(key: str) -> bool:
     return any(key == h or key.startswith(h + ".") for h in RESUME_HARMLESS)
 
@@ -399,13 +404,13 @@ def resumed_config(
         # whose keys differ): every one that is not harmless changes what is trained
         after = None
     if after is None:
-        refused = [o for o in new_overrides if not _harmless(o.lstrip("+~").split("=")[0])]
+        refused = [o for o in new_overrides if not _harmless(_override_key(o))]
         changed = []
     else:
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         refused = [k for k in changed if not _harmless(k)]
     if refused:
-        named = {o.lstrip("+~").split("=")[0] for o in new_overrides}
+        named = {_override_key(o) for o in new_overrides}
         derived = [k for k in refused if not any(k == n or k.startswith(n + ".") for n in named)]
         why = ""
         if derived:  # e.g. a cosine schedule's T_max: ${trainer.steps}
@@ -418,9 +423,7 @@ def resumed_config(
                 return any(alone.get(k) != before.get(k) for k in derived)
 
             causes = [
-                o.lstrip("+~").split("=")[0]
-                for o in new_overrides
-                if not o.lstrip("+~").startswith("resume=") and moves(o)
+                _override_key(o) for o in new_overrides if _override_key(o) != "resume" and moves(o)
             ]
             why = (
                 f" ({', '.join(derived)} follow{'s' if len(derived) == 1 else ''} from "
@@ -455,7 +458,7 @@ def run(
     are the command-line overrides (default: Hydra's record of them).
     """
     overrides = _task_overrides() if overrides is None else list(overrides)
-    own = [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
+    own = [o for o in overrides if _override_key(o) != "resume"]
     seed = check_seed(cfg.seed)
     device_name = check_device(cfg.device)
     if not is_bool(cfg.get("print_config", False)):
@@ -562,25 +565,22 @@ def _fail(message: str, code: int) -> None:
 
 
 def _job_failed(message: str, code: int) -> sweeps.FailedJob:
-    """End a job with one line: a single run exits with ``code``; a sweep job records its
-    failure and the sweep goes on (:mod:`bilevel.sweep_failures`)."""
+    """End a job with one line: a single run leaves no fresh run directory behind (one that
+    holds a run, e.g. stopped on non-finite values, is kept) and exits with ``code``; a sweep
+    job records its failure and the sweep goes on (:mod:`bilevel.sweep_failures`)."""
     if not sweeps.in_sweep():
+        _drop_fresh_run_dir(_STARTED)
         _fail(message, code)
     return sweeps.record(message, code)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def app(cfg: DictConfig) -> float | sweeps.FailedJob:
-    sweep = sweeps.in_sweep()
     try:
         summary = run(cfg)
     except ConfigError as err:
-        if not sweep:
-            _drop_fresh_run_dir(_STARTED)
         return _job_failed(f"bilevel: error: {err}", 2)
     except OmegaConfBaseException as err:
-        if not sweep:
-            _drop_fresh_run_dir(_STARTED)
         key = getattr(err, "full_key", None) or "config"
         reason = str(err).splitlines()[0]
         if "Missing mandatory value" in reason:
@@ -634,7 +634,7 @@ def preflight(args: list[str]) -> str | None:
             if any(a.startswith("resume=") for a in args) and not _harmless(name):
                 # the key may exist in the resumed run's config; either way it is refused there
                 return f"resume: {refused_on_resume([name])}"
-            others = [a for a in args if not a.split("=", 1)[0].lstrip("+~") == name]
+            others = [a for a in args if _override_key(a) != name]
             close = _close_keys(name, others)
             hint = f"did you mean {' or '.join(close)}? " if close else ""
             return f"{name}: no such config key; {hint}to add a new key write +{name}=..."
