@@ -81,13 +81,7 @@ def run_app(app: Callable[[], object], args: list[str]) -> None:
     except Exception as err:  # noqa: BLE001 - handed back to Hydra's report below
         del os.environ["HYDRA_FULL_ERROR"]
         if codes and "No trials are completed" in str(err):
-            print(
-                f"bilevel: every trial of the sweep failed ({len(codes)}; each said why "
-                "above; results.csv has the lines in its error column)",
-                file=sys.stderr,
-                flush=True,
-            )
-            sys.exit(max(codes))
+            _exit_worst(f"every trial of the sweep failed ({len(codes)}; each said why above")
         from hydra._internal.utils import run_and_report
 
         error = err
@@ -102,12 +96,15 @@ def run_app(app: Callable[[], object], args: list[str]) -> None:
 
 def exit_if_failed() -> None:
     """After a sweep: one line and the worst exit code if any job failed."""
-    if not codes:
-        return
-    count = len(codes)
+    if codes:
+        count = len(codes)
+        _exit_worst(f"{count} sweep job{'s' if count > 1 else ''} failed (each said why above")
+
+
+def _exit_worst(what: str) -> None:
+    """``bilevel: <what>; results.csv ...)`` on stderr, then exit with the worst code."""
     print(
-        f"bilevel: {count} sweep job{'s' if count > 1 else ''} failed (each said why above; "
-        "results.csv has the line in its error column)",
+        f"bilevel: {what}; results.csv has each line in its error column)",
         file=sys.stderr,
         flush=True,
     )
