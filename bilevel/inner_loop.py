@@ -110,7 +110,7 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer, field: str) -> None:
         for key, value in group.items():
             if key == "params":
                 continue
-            if key in _SWITCHES and value is not None and not is_bool(value):
+            if _not_a_switch(key, value):
                 raise ConfigError(f"{field}.{key}", f"must be true or false, got {value!r}")
             values = value if isinstance(value, tuple | list) else [value]
             for item in values:
@@ -139,6 +139,13 @@ _SWITCHES = (
 )
 
 
+def _not_a_switch(key: str, value: Any, default: Any = None) -> bool:
+    """Whether ``value`` is given for an on/off setting (a known switch, or one whose default
+    is a bool) as anything but true, false or null."""
+    switch = key in _SWITCHES or isinstance(default, bool)
+    return switch and value is not None and not is_bool(value)
+
+
 def not_a_number(factory: OptimizerFactory) -> str | None:
     """For a partial optimizer (what Hydra's ``_partial_`` builds) given a string where the
     optimizer's own default is a number (``lr=abc``): say so, instead of the comparison error
@@ -157,8 +164,7 @@ def not_a_number(factory: OptimizerFactory) -> str | None:
             and not isinstance(default, bool)
         ):
             return f"{key} must be a number, got {value!r}"
-        switch = isinstance(default, bool) or key in _SWITCHES
-        if switch and value is not None and not is_bool(value):
+        if _not_a_switch(key, value, default):
             return f"{key} must be true or false, got {value!r}"
     return None
 
