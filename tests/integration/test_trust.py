@@ -451,14 +451,9 @@ def test_checkpoint_is_written_in_the_first_window(tmp_path):
     from bilevel import checkpoint
 
     data = noisy_domains(per_domain=64, meta_size=32, test_size=64)
-    trainer = BilevelTrainer(
-        MLP(**data.model_kwargs, hidden=8),
-        DomainWeights(data.names),
-        build("first_order"),
-        per_example_cross_entropy,
-        cross_entropy,
-        data,
+    trainer = small_trainer(
         TrainerConfig(steps=10_000, outer_every=5, checkpoint_every=1000, progress=False),
+        data=data,
         run_dir=tmp_path / "run",
     )
     trainer.step_window = _stop_after(trainer.step_window, 2)
@@ -484,17 +479,8 @@ def test_a_final_evaluation_that_fails_costs_no_training(tmp_path):
     data.evaluate = flaky
 
     def trainer():
-        torch.manual_seed(0)
-        return BilevelTrainer(
-            MLP(**data.model_kwargs, hidden=8),
-            DomainWeights(data.names),
-            build("first_order"),
-            per_example_cross_entropy,
-            cross_entropy,
-            data,
-            TrainerConfig(steps=20, outer_every=5, checkpoint_every=1000, progress=False),
-            run_dir=tmp_path / "run",
-        )
+        config = TrainerConfig(steps=20, outer_every=5, checkpoint_every=1000, progress=False)
+        return small_trainer(config, data=data, run_dir=tmp_path / "run")
 
     with pytest.raises(RuntimeError, match="a bug in my evaluate"):
         trainer().fit()
@@ -636,7 +622,9 @@ def test_meta_weight_net_with_a_sampler_that_applies_weights_is_one_line(tmp_pat
     assert len(lines) == 1 and lines[0].startswith("bilevel: error: trainer.sampling")
 
 
-def small_trainer(config, solver=None, outer_loss=cross_entropy, activation="relu", data=None):
+def small_trainer(
+    config, solver=None, outer_loss=cross_entropy, activation="relu", data=None, run_dir=None
+):
     """A first_order trainer of a small MLP on a small noisy_domains problem."""
     data = data or noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
     return BilevelTrainer(
@@ -647,6 +635,7 @@ def small_trainer(config, solver=None, outer_loss=cross_entropy, activation="rel
         outer_loss,
         data,
         config,
+        run_dir=run_dir,
     )
 
 
