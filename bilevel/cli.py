@@ -24,7 +24,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -527,10 +526,50 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
 # -- the app ------------------------------------------------------------------------------------
 
 
-def _drop_fresh_run_dir(started: float) -> None:
-    """After a failed validation: remove the run directory Hydra just created, if it holds
-    nothing but Hydra's own files (and its parent, if that is now empty and was created by
-    this process)."""
+class _FoldersBefore:
+    """Which folders on the way to the run directory existed before Hydra created it, so that a
+    failed validation removes only what this process created: never a folder of the user's (an
+    empty one they named in ``hydra.run.dir``, the current folder). Hydra makes the whole path
+    (``parents=True``) before the app starts, and a folder's times change when an entry is
+    added inside it, so the check is made from the command line before Hydra runs.
+
+    ``anchor`` is the nearest folder that existed on the literal part of the run-directory
+    path (before any ``${...}``, e.g. ``runs`` of the default ``runs/${now:...}/${now:...}``);
+    ``children`` the folders that existed directly inside it. A folder strictly below the
+    anchor was created by this run unless it is one of those children."""
+
+    def __init__(self) -> None:
+        self.anchor: Path | None = None
+        self.children: frozenset[Path] = frozenset()
+
+    def note(self, args: list[str]) -> None:
+        explicit = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+        value = explicit[-1] if explicit else "runs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+        parts = Path(value).parts
+        literal = Path(*parts[: next((i for i, p in enumerate(parts) if "${" in p), len(parts))])
+        anchor = literal.absolute() if literal.parts else Path.cwd()
+        while not anchor.is_dir() and anchor != anchor.parent:
+            anchor = anchor.parent
+        self.anchor = anchor.resolve()
+        try:
+            self.children = frozenset(c.resolve() for c in anchor.iterdir() if c.is_dir())
+        except OSError:
+            self.children = frozenset()
+
+    def created(self, folder: Path) -> bool:
+        folder = folder.resolve()
+        if self.anchor is None or self.anchor not in folder.parents:
+            return False
+        return folder not in self.children
+
+
+_BEFORE = _FoldersBefore()
+
+
+def _drop_fresh_run_dir() -> None:
+    """After a failed validation: remove what Hydra just wrote for this run (``.hydra/``, the
+    log), the run directory if this process created it, and the folders above it that it
+    created and that are now empty. A run directory that holds anything else is kept."""
     try:
         out = Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
@@ -545,16 +584,20 @@ def _drop_fresh_run_dir(started: float) -> None:
             handler.close()
             logging.root.removeHandler(handler)
             log.removeHandler(handler)
+    if not _BEFORE.created(out):
+        for entry in out.iterdir():
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(
+                missing_ok=True
+            )
+        return
     shutil.rmtree(out, ignore_errors=True)
-    parent = out.parent
+    folder = out.parent
     try:
-        if parent.stat().st_ctime >= started - 1 and not any(parent.iterdir()):
-            parent.rmdir()
+        while _BEFORE.created(folder) and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
     except OSError:
         pass
-
-
-_STARTED = time.time()
 
 
 def _fail(message: str, code: int) -> None:
@@ -569,7 +612,7 @@ def _job_failed(message: str, code: int) -> sweeps.FailedJob:
     holds a run, e.g. stopped on non-finite values, is kept) and exits with ``code``; a sweep
     job records its failure and the sweep goes on (:mod:`bilevel.sweep_failures`)."""
     if not sweeps.in_sweep():
-        _drop_fresh_run_dir(_STARTED)
+        _drop_fresh_run_dir()
         _fail(message, code)
     return sweeps.record(message, code)
 
@@ -717,6 +760,7 @@ def main() -> None:
         _fail(f"bilevel: error: {problem}", 2)
     _check_explicit_dirs(args)
     sys.argv += _resume_args(args)
+    _BEFORE.note(sys.argv[1:])
     if int(os.environ.get("RANK", "0")) > 0:
         scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{os.environ['RANK']}-")
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]

@@ -171,6 +171,27 @@ def test_a_folder_that_cannot_be_created_is_one_line(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+def test_a_failed_run_removes_only_the_folders_it_created(tmp_path):
+    """Hydra creates every folder on the way to the run directory; a failed validation removes
+    those again, but never a folder that existed before: an empty one of the user's named as
+    the run directory, or the folder that holds the new run directory (it used to go too when
+    it had become empty, as it was 'recent' by its change time: the user's current folder)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    cases = [
+        ["experiment=tiny", "trainer.steps=0", f"hydra.run.dir={mine}"],
+        ["experiment=tiny", "trainer.steps=0", f"hydra.run.dir={holder / 'run'}"],
+        ["experiment=tiny", "trainer.steps=0", f"hydra.run.dir={tmp_path / 'a' / 'b' / 'c'}"],
+    ]
+    for proc in cli_batch(cases):
+        assert proc.returncode == 2 and "trainer.steps" in proc.stderr, proc.stderr
+    assert mine.is_dir() and not any(mine.iterdir())  # kept, and Hydra's files taken out
+    assert holder.is_dir() and not any(holder.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["holder", "mine"]
+
+
 def test_a_misspelt_key_or_target_gets_a_suggestion(tmp_path):
     cases = [
         ["experiment=tiny", "trainer.step=10"],
