@@ -80,7 +80,7 @@ def check_losses(
         rows = num_rows(batch)
         output = _forward(module, batch, "data.train")
         check_labels(output, (inner_loss, outer_loss), data)
-        out = inner_loss(output, batch)
+        out = _loss(inner_loss, "inner_loss", output, batch, "data.train")
         if not isinstance(out, Tensor) or out.shape != (rows,):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ConfigError(
@@ -88,7 +88,9 @@ def check_losses(
                 f"must return one loss per example (shape ({rows},) for {rows} rows), got {shape}",
             )
         meta = _first_rows(data.meta, 16, device)
-        value = outer_loss(_forward(module, meta, "data.meta"), meta)
+        value = _loss(
+            outer_loss, "outer_loss", _forward(module, meta, "data.meta"), meta, "data.meta"
+        )
         if not isinstance(value, Tensor) or value.dim() != 0:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ConfigError(
@@ -108,38 +110,72 @@ def _first_rows(columns: Columns, n: int, device) -> Columns:
     return to_device(take(columns, torch.arange(min(n, num_rows(columns)), device=here)), device)
 
 
+_SCALAR_NAMES = {
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+}
+"""How torch's dtype errors name an integer dtype (``mat1 and mat2 must have the same dtype,
+but got Long and Float``)."""
+
+
 def _forward(module: nn.Module, batch: Any, field: str) -> Any:
-    """The model's output on ``batch``; a failure that comes from floating inputs of another
-    dtype than the model's parameters (float64 data, float32 model: ``mat1 and mat2 must have
-    the same dtype``) becomes one line naming the column; any other failure keeps its traceback."""
+    """The model's output on ``batch``; a failure that comes from inputs of another dtype than
+    the model's parameters (float64 or integer data into a float32 model: ``mat1 and mat2 must
+    have the same dtype``) becomes one line naming the column; any other failure keeps its
+    traceback. An integer column is named only where torch's message names its type, since
+    token ids are integers by design."""
     try:
         return forward_batch(module, batch)
-    except RuntimeError:
+    except RuntimeError as err:
         params = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        if len(params) != 1:
+            raise
+        (want,) = params
         x = batch["x"]
-        columns = x.items() if isinstance(x, Mapping) else [("x", x)]
+        columns = list(x.items()) if isinstance(x, Mapping) else [("x", x)]
         for name, column in columns:
-            if (
-                isinstance(column, Tensor)
-                and column.is_floating_point()
-                and len(params) == 1
-                and column.dtype not in params
-            ):
-                (want,) = params
+            if not isinstance(column, Tensor) or column.dtype == want:
+                continue
+            scalar = _SCALAR_NAMES.get(column.dtype)
+            if column.is_floating_point() or (scalar is not None and scalar in str(err)):
+                dtype = str(column.dtype).removeprefix("torch.")
                 raise ConfigError(
                     field,
-                    f"column {name!r} is {str(column.dtype).removeprefix('torch.')} but the "
-                    f"model's parameters are {str(want).removeprefix('torch.')}: convert the "
-                    f"data (e.g. x.to({want})) or the model (e.g. model.to({column.dtype}))",
+                    f"column {name!r} is {dtype} but the model's parameters are "
+                    f"{str(want).removeprefix('torch.')}: convert the data (e.g. "
+                    f"x.to({want}))"
+                    + (f" or the model (e.g. model.to({column.dtype}))" if scalar is None else ""),
                 ) from None
         raise
+
+
+def _loss(loss: Loss, name: str, output: Any, batch: Columns, field: str) -> Any:
+    """``loss(output, batch)``; a ``KeyError`` for a column the batch does not have (a meta set
+    without the labels the outer loss reads) becomes one line naming the set and its columns."""
+    try:
+        return loss(output, batch)
+    except KeyError as err:
+        key = err.args[0] if err.args else None
+        if not isinstance(key, str) or key in batch:
+            raise
+        raise ConfigError(
+            field,
+            f"{name} reads column {key!r}, which this set does not have (its columns: "
+            f"{', '.join(map(str, batch))}): add it, or use a loss that needs only those",
+        ) from None
 
 
 def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> None:
     """With the library's cross-entropy losses, every integer label ``y`` of the train, meta
     and test sets must index one of the model's outputs (or be -100, ignored): a label out of
     range fails only when a batch draws it, as an IndexError on the CPU and as a device-side
-    assert that ends the process on a GPU. One host read per column, before training."""
+    assert that ends the process on a GPU. A float ``y`` with one value per example is a class
+    index stored as float (torch: ``expected target dtype to be Long``). One host read per
+    column, before training."""
     used = {getattr(f, "func", f) for f in losses}
     if not used & CLASS_LOSSES or not isinstance(output, Tensor) or output.dim() < 2:
         return
@@ -150,7 +186,16 @@ def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> Non
         ("data.test", data.test),
     ):
         y = columns.get("y") if isinstance(columns, Mapping) else None
-        if not isinstance(y, Tensor) or y.is_floating_point() or y.numel() == 0:
+        if not isinstance(y, Tensor) or y.numel() == 0:
+            continue
+        if y.is_floating_point():
+            if y.dim() == output.dim() - 1:  # one value per example: meant as class indices
+                raise ConfigError(
+                    field,
+                    f"column 'y' is {str(y.dtype).removeprefix('torch.')} but the cross-entropy "
+                    "losses read it as class indices: convert it with y.long() (soft targets "
+                    f"are a {output.dim()}-d column of probabilities, one per output)",
+                )
             continue
         bad = ((y < 0) | (y >= classes)) & (y != -100)
         if bool(bad.any()):

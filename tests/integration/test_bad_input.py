@@ -33,6 +33,21 @@ def float64_test(**kwargs):  # found before training, not after it
     d = noisy_domains(**kwargs)
     d.test["x"] = d.test["x"].double()
     return d
+
+def integer_inputs(**kwargs):  # e.g. pixels as uint8 / int64: "mat1 and mat2 must have ..."
+    d = noisy_domains(**kwargs)
+    d.train["x"] = d.train["x"].round().long()
+    return d
+
+def float_labels(**kwargs):  # "expected target dtype to be Long", from inside torch
+    d = noisy_domains(**kwargs)
+    d.meta["y"] = d.meta["y"].float()
+    return d
+
+def meta_without_labels(**kwargs):  # a bare KeyError: 'y'
+    d = noisy_domains(**kwargs)
+    del d.meta["y"]
+    return d
 """
 
 CASES = [
@@ -44,6 +59,9 @@ CASES = [
     (["data._target_=builders.no_meta"], "data.meta"),
     (["data._target_=builders.float64_inputs"], "data.train"),
     (["data._target_=builders.float64_test"], "data.test"),
+    (["data._target_=builders.integer_inputs"], "data.train"),
+    (["data._target_=builders.float_labels"], "data.meta"),
+    (["data._target_=builders.meta_without_labels"], "data.meta"),
     (["domains=d0"], "domains"),  # a name where a list is meant
     (["data.meta_size=-3"], "data.meta_size"),
     (["data.per_domain=1.5"], "data.per_domain"),
