@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bilevel import buffers, modes
 from bilevel import checkpoint as ckpt
 from bilevel import run_dir as run_dirs
 from bilevel.data.domain_data import DomainData
@@ -44,7 +45,7 @@ from bilevel.outer import MirrorDescent
 from bilevel.solvers.base import Solver
 from bilevel.stopping import StopRequested, stop_requests
 from bilevel.strategies import DDPStrategy, Strategy, build_strategy
-from bilevel.trainer_checks import check_arguments, check_losses
+from bilevel.trainer_checks import check_arguments, check_losses, outer_gradient
 from bilevel.trainer_config import TrainerConfig
 from bilevel.weights import DomainWeights
 
@@ -152,7 +153,7 @@ class BilevelTrainer:
         self.wandb = wandb if strategy.is_main else None
         self.run_config = run_config or {}
         self.overrides = list(overrides or [])
-        check_losses(self.module, inner_loss, outer_loss, data, self.device)
+        outer_has_grad = check_losses(self.module, inner_loss, outer_loss, data, self.device)
         for p in self.weights.parameters():
             strategy.broadcast_(p.data)
         self._trainable_keys, self._frozen = _checkpoint_keys(self.module)
@@ -189,6 +190,11 @@ class BilevelTrainer:
                 f"{self.method.name} does not run (plain inner steps)"
             )
             self.method = FixedWeights(self.method.name)
+        differentiates = getattr(self.method, "uses_meta", True) and getattr(
+            solver, "uses_meta", True
+        )
+        if self.config.learn_weights and differentiates and not outer_has_grad:
+            raise outer_gradient(self.method.name)
         if self.config.hessian_batch == "independent" and not getattr(
             self.method, "uses_hessian", False
         ):
@@ -479,12 +485,9 @@ class BilevelTrainer:
     @torch.no_grad()
     def meta_loss(self) -> float:
         """The outer loss on the whole meta set (averaged over ranks)."""
-        was = self.module.training
-        self.module.eval()
         columns = self.loop.meta_sampler.columns
-        with self.loop.autocast():
+        with modes.evaluation(self.module), self.loop.autocast():
             value = self.outer_loss(forward_batch(self.module, columns), columns)
-        self.module.train(was)
         return float(self.strategy.reduce([value.float().reshape(1)])[0].item())
 
     def _weights_record(self) -> dict[str, Any]:
@@ -523,7 +526,10 @@ class BilevelTrainer:
         """Test-set metrics of the current model ({} without a test set)."""
         if self.test is None or self.data.evaluate is None:
             return {}
-        return self.data.evaluate(self.module, self.test, self.device)
+        # an evaluator that leaves the model in eval mode (or moves running statistics) must
+        # not change the training that follows: both are put back
+        with modes.kept(self.module), buffers.kept(self.module):
+            return self.data.evaluate(self.module, self.test, self.device)
 
     def _evaluate(self) -> dict[str, float]:
         metrics = self.evaluate()

@@ -7,6 +7,7 @@ loss keeps its traceback.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ from bilevel.functional import forward_batch
 from bilevel.losses import classification, lm
 from bilevel.trainer_config import TrainerConfig
 
-__all__ = ["CLASS_LOSSES", "check_arguments", "check_labels", "check_losses"]
+__all__ = ["CLASS_LOSSES", "check_arguments", "check_labels", "check_losses", "outer_gradient"]
 
 Loss = Callable[[Any, Any], Tensor]
 
@@ -70,25 +71,36 @@ def check_arguments(model, weights, solver, data, config) -> tuple[Any, TrainerC
 
 def check_losses(
     module: nn.Module, inner_loss: Loss, outer_loss: Loss, data: DomainData, device
-) -> None:
+) -> bool:
     """One forward pass of each loss on a few rows: an inner loss must return one value per
     example and an outer loss a scalar; the labels are checked against the model's outputs
     (:func:`check_labels`), and a few test rows go through the model too. The passes leave
-    the model's buffers as they were."""
+    the model's buffers as they were.
+
+    The inner loss must carry a gradient back to the model's output (detached, or built from
+    ``argmax`` and comparisons, it would train nothing, silently). Returns whether the outer
+    loss does: only the methods that differentiate it need that (:func:`outer_gradient`)."""
     with torch.no_grad(), buffers.kept(module):  # a check, not a training step
         batch = _first_rows(data.train, 4, device)
         rows = num_rows(batch)
         output = _forward(module, batch, "data.train")
         check_labels(output, (inner_loss, outer_loss), data)
-        out = _loss(inner_loss, "inner_loss", output, batch, "data.train")
+        out, differentiable = _loss(inner_loss, "inner_loss", output, batch, "data.train")
         if not isinstance(out, Tensor) or out.shape != (rows,):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ConfigError(
                 "inner_loss",
                 f"must return one loss per example (shape ({rows},) for {rows} rows), got {shape}",
             )
+        if differentiable is False:
+            raise ConfigError(
+                "inner_loss",
+                "carries no gradient back to the model's output (detached, or built from "
+                "argmax / comparisons), so the model would not train: return a differentiable "
+                "loss per example",
+            )
         meta = _first_rows(data.meta, 16, device)
-        value = _loss(
+        value, outer_differentiable = _loss(
             outer_loss, "outer_loss", _forward(module, meta, "data.meta"), meta, "data.meta"
         )
         if not isinstance(value, Tensor) or value.dim() != 0:
@@ -101,6 +113,34 @@ def check_losses(
         if isinstance(data.test, Mapping) and "x" in data.test and num_rows(data.test):
             # the test set is used only at the end: a mistake there would cost the whole run
             _forward(module, _first_rows(data.test, 4, device), "data.test")
+        return outer_differentiable is not False
+
+
+def outer_gradient(method_name: str) -> ConfigError:
+    """The error for an outer loss without a gradient under a method that differentiates it."""
+    return ConfigError(
+        "outer_loss",
+        "carries no gradient back to the model's output (detached, or built from argmax / "
+        f"comparisons, e.g. an accuracy), so {method_name}'s hypergradient would be zero and "
+        "the weights would never move: use a differentiable meta loss (e.g. cross entropy; "
+        "report accuracy through the data's evaluate), or trainer.learn_weights=false",
+    )
+
+
+def _gradient_copy(output: Any) -> Any:
+    """A copy of the model's output whose floating tensors are leaves that require grad (cloned,
+    so that a loss that writes into its input still may), for telling whether a loss depends
+    differentiably on the output without running the model with a graph; ``None`` for an
+    output of another kind."""
+    if isinstance(output, Tensor):
+        return output.detach().requires_grad_().clone() if output.is_floating_point() else None
+    if not isinstance(output, Mapping):
+        return None
+    leaf = copy.copy(output)  # a Hugging Face ModelOutput, a dict
+    for key, item in output.items():
+        if isinstance(item, Tensor) and item.is_floating_point():
+            leaf[key] = item.detach().requires_grad_().clone()
+    return leaf
 
 
 def _first_rows(columns: Columns, n: int, device) -> Columns:
@@ -153,20 +193,29 @@ def _forward(module: nn.Module, batch: Any, field: str) -> Any:
         raise
 
 
-def _loss(loss: Loss, name: str, output: Any, batch: Columns, field: str) -> Any:
-    """``loss(output, batch)``; a ``KeyError`` for a column the batch does not have (a meta set
-    without the labels the outer loss reads) becomes one line naming the set and its columns."""
-    try:
-        return loss(output, batch)
-    except KeyError as err:
-        key = err.args[0] if err.args else None
-        if not isinstance(key, str) or key in batch:
-            raise
-        raise ConfigError(
-            field,
-            f"{name} reads column {key!r}, which this set does not have (its columns: "
-            f"{', '.join(map(str, batch))}): add it, or use a loss that needs only those",
-        ) from None
+def _loss(
+    loss: Loss, name: str, output: Any, batch: Columns, field: str
+) -> tuple[Any, bool | None]:
+    """``loss(output, batch)``, called once, on a copy of the output that requires grad, and
+    whether its value carries a gradient back to the output (``None``: cannot tell). A
+    ``KeyError`` for a column the batch does not have (a meta set without the labels the outer
+    loss reads) becomes one line naming the set and its columns."""
+    with torch.enable_grad():
+        leaf = _gradient_copy(output)
+        try:
+            value = loss(output if leaf is None else leaf, batch)
+        except KeyError as err:
+            key = err.args[0] if err.args else None
+            if not isinstance(key, str) or key in batch:
+                raise
+            raise ConfigError(
+                field,
+                f"{name} reads column {key!r}, which this set does not have (its columns: "
+                f"{', '.join(map(str, batch))}): add it, or use a loss that needs only those",
+            ) from None
+    if leaf is None:
+        return value, None
+    return value, isinstance(value, Tensor) and value.requires_grad
 
 
 def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> None:

@@ -18,6 +18,7 @@ on small models has far less per-call overhead than the equivalent ``torch.func`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -73,11 +74,19 @@ def leaves(params: Params) -> tuple[list[str], TensorList]:
 
 
 def check_outer_value(value: Tensor) -> Tensor:
-    """``value`` if it is a scalar tensor, else a ValueError naming ``outer_loss``."""
+    """``value`` if it is a scalar tensor, else a ValueError naming ``outer_loss``. A value that
+    carries no gradient (it ignores the parameters, was detached, or is built from argmax and
+    comparisons) gives a zero hypergradient: that is returned, with a warning (once)."""
     if not isinstance(value, Tensor):
         raise ValueError(f"outer_loss must return a scalar tensor, got {type(value).__name__}")
     if value.dim() != 0:
         raise ValueError(f"outer_loss must return a scalar, got shape {tuple(value.shape)}")
+    if not value.requires_grad and torch.is_grad_enabled():
+        warnings.warn(
+            "outer_loss carries no gradient back to params (it ignores them, was detached, or "
+            "is built from argmax / comparisons): the hypergradient is zero",
+            stacklevel=2,
+        )
     return value
 
 

@@ -37,6 +37,9 @@ class DoReMi:
 
     reference: str
     name: str = "doremi"
+    #: the update reads the training batch and the reference, not the meta set (a class
+    #: attribute, not a field: the trainer asks it whether the outer loss needs a gradient)
+    uses_meta = False
     _state: dict = field(default_factory=dict, repr=False, compare=False)
 
     def check(self, loop) -> None:

@@ -282,8 +282,10 @@ def test_a_bad_outer_loss_or_integer_params_are_named_by_every_solver(name):
         call(lambda p: 1.0)
     with pytest.raises(ValueError, match=r"params\['theta'\] is torch.int64"):
         call(problem.meta, {"theta": torch.zeros(problem.d, dtype=torch.int64)})
-    # a meta loss that does not depend on the parameters: the hypergradient is exactly zero
-    zero = call(lambda p: torch.tensor(0.5, dtype=torch.float64))
+    # a meta loss that does not depend on the parameters: the hypergradient is exactly zero,
+    # and a warning says why
+    with pytest.warns(UserWarning, match="outer_loss carries no gradient back to params"):
+        zero = call(lambda p: torch.tensor(0.5, dtype=torch.float64))
     assert torch.equal(zero.abs(), torch.zeros_like(zero))
 
 
