@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bilevel import modes
 from bilevel.data.checks import check_counts
 from bilevel.data.columns import Columns, chunks, domain_columns
 from bilevel.data.domain_data import DomainData
@@ -100,18 +101,16 @@ def _split(seqs: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def lm_metrics(model: nn.Module, columns: Columns, device: torch.device) -> dict[str, float]:
     """Next-token ``loss``, ``perplexity`` and ``accuracy`` on ``columns``."""
-    was = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), device=device)
     count = 0
-    for batch in chunks(columns, 256):
-        logits = forward_batch(model, batch).float()
-        y = batch["y"]
-        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
-        correct += (logits.argmax(-1) == y).sum()
-        count += y.numel()
-    model.train(was)
+    with modes.evaluation(model):
+        for batch in chunks(columns, 256):
+            logits = forward_batch(model, batch).float()
+            y = batch["y"]
+            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
+            correct += (logits.argmax(-1) == y).sum()
+            count += y.numel()
     loss = total.item() / count
     return {
         "loss": loss,

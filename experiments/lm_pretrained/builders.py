@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bilevel import modes
 from bilevel.data.checks import check_counts
 from bilevel.data.columns import Columns, chunks, domain_columns
 from bilevel.data.domain_data import DomainData
@@ -112,16 +113,14 @@ def domain_texts() -> dict[str, str]:
 def lm_metrics(model: nn.Module, columns: Columns, device: torch.device) -> dict[str, float]:
     """Next-token ``loss`` and ``perplexity`` on ``columns`` (small chunks: the vocabulary is
     49K, so a batch's logits are large)."""
-    was = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    for batch in chunks(columns, 16):
-        logits = forward_batch(model, batch).float()
-        y = batch["y"]
-        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
-        count += y.numel()
-    model.train(was)
+    with modes.evaluation(model):
+        for batch in chunks(columns, 16):
+            logits = forward_batch(model, batch).float()
+            y = batch["y"]
+            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
+            count += y.numel()
     loss = total.item() / count
     return {"loss": loss, "perplexity": float(torch.tensor(loss).exp())}
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bilevel import modes
 from bilevel.data.checks import check_counts
 from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
@@ -115,10 +116,8 @@ def best_of_n(
     score, majority vote the most frequent final answer (ties: the earliest), random choice any
     candidate (its expected accuracy, the mean correctness).
     """
-    was = model.training
-    model.eval()
-    scores = trajectory_logits(forward_batch(model, columns), columns, aggregation)
-    model.train(was)
+    with modes.evaluation(model):
+        scores = trajectory_logits(forward_batch(model, columns), columns, aggregation)
     candidates = int(columns["candidates"][0])
     outcome = columns["outcome"].view(-1, candidates)
     answer = columns["answer"].view(-1, candidates)

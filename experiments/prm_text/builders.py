@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bilevel import modes
 from bilevel.data.checks import check_counts
 from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
@@ -240,12 +241,13 @@ def best_of_n(
     """Best-of-N accuracy of the PRM, majority vote and random choice (N in 1, 4, 16, 32)."""
     from bilevel.data.columns import chunks
 
-    was = model.training
-    model.eval()
-    scores = torch.cat(
-        [trajectory_logits(forward_batch(model, c), c, aggregation) for c in chunks(columns, chunk)]
-    )
-    model.train(was)
+    with modes.evaluation(model):
+        scores = torch.cat(
+            [
+                trajectory_logits(forward_batch(model, c), c, aggregation)
+                for c in chunks(columns, chunk)
+            ]
+        )
     candidates = int(columns["candidates"][0])
     outcome = columns["outcome"].view(-1, candidates)
     answer = columns["answer"].view(-1, candidates)
