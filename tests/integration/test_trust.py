@@ -667,14 +667,17 @@ def test_a_meta_batch_larger_than_the_meta_set_is_named_in_the_notes():
 
 
 @pytest.mark.parametrize("key", list(SOLVERS))
-def test_a_meta_loss_that_ignores_the_model_gives_zero_hypergradients(key):
-    """Exact zeros, in every solver's trainer path (unrolled raised inside autograd)."""
-    trainer = small_trainer(
-        TrainerConfig(steps=10, outer_every=5, batch_size=16, progress=False),
-        solver=build(key.split("-")[0], **SOLVERS[key]),
-        outer_loss=lambda output, batch: torch.tensor(0.3),
-        activation="gelu",
-    )
+def test_a_meta_loss_that_ignores_the_model_is_refused_and_its_paths_give_zeros(key):
+    """Refused before training (the weights could never move); swapped in afterwards (the
+    ``outer_loss`` setter), every solver's trainer path still gives exact zeros, not a failure
+    inside autograd (unrolled raised there)."""
+    config = TrainerConfig(steps=10, outer_every=5, batch_size=16, progress=False)
+    solver = lambda: build(key.split("-")[0], **SOLVERS[key])  # noqa: E731
+    constant = lambda output, batch: torch.tensor(0.3)  # noqa: E731
+    with pytest.raises(ConfigError, match="outer_loss: carries no gradient"):
+        small_trainer(config, solver=solver(), outer_loss=constant, activation="gelu")
+    trainer = small_trainer(config, solver=solver(), activation="gelu")
+    trainer.outer_loss = constant
     summary = trainer.fit()
     assert summary["outer_updates"] == 2 and summary["skipped_steps"] == 0
     assert all(v == 0.25 for v in summary["weights"].values())
@@ -870,3 +873,71 @@ def test_labels_outside_the_models_outputs_are_one_line_before_training():
         small_trainer(TrainerConfig(steps=10, progress=False), data=data)
     data.meta["y"][3] = -100  # cross-entropy's ignored label is allowed
     small_trainer(TrainerConfig(steps=10, progress=False), data=data)
+
+
+def test_a_loss_without_a_gradient_is_refused_where_a_method_differentiates_it():
+    """An accuracy as meta loss (argmax and ==) or a detached loss gave a zero hypergradient:
+    the run ended with exit 0 and the weights at their start, silently. The trainer now
+    refuses it before training, naming the loss; methods that never differentiate the meta
+    loss (fixed weights, ODM) still accept it, e.g. to log an accuracy."""
+
+    def accuracy_loss(output, batch):
+        return 1 - (output.argmax(-1) == batch["y"]).float().mean()
+
+    config = TrainerConfig(steps=2, outer_every=1, batch_size=16, progress=False)
+    for solver in [build("first_order"), build("unrolled", steps=1), build("cg")]:
+        with pytest.raises(ConfigError, match="outer_loss: carries no gradient"):
+            small_trainer(config, solver, outer_loss=accuracy_loss)
+    detached = lambda output, batch: cross_entropy(output, batch).detach()  # noqa: E731
+    with pytest.raises(ConfigError, match="outer_loss: carries no gradient"):
+        small_trainer(config, outer_loss=detached)
+    fixed = TrainerConfig(steps=2, batch_size=16, progress=False, learn_weights=False)
+    assert small_trainer(fixed, outer_loss=accuracy_loss).fit()["steps"] == 2
+    from bilevel.methods import ODM
+
+    assert small_trainer(config, ODM(), outer_loss=accuracy_loss).fit()["steps"] == 2
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    with pytest.raises(ConfigError, match="inner_loss: carries no gradient"):
+        BilevelTrainer(
+            MLP(**data.model_kwargs, hidden=8),
+            DomainWeights(data.names),
+            build("first_order"),
+            lambda output, batch: per_example_cross_entropy(output, batch).detach(),
+            cross_entropy,
+            data,
+            config,
+        )
+
+
+def test_evaluation_gives_every_submodule_its_own_mode_back():
+    """``model.eval()`` ... ``model.train(was)`` around the meta loss and the test metrics set
+    every submodule to training: a BatchNorm the user froze (eval mode) for fine-tuning trained
+    from the first log line on. An evaluator of the user's that leaves the model in eval mode
+    must not stop the training that follows either (dropout off, statistics frozen)."""
+    from bilevel.data.evaluate import classification_metrics
+
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+    model[1].eval()  # frozen statistics
+    frozen = model[1].running_mean.clone()
+
+    def careless(module, columns, device):  # forgets to give the mode back
+        module.eval()
+        return classification_metrics(module, columns, device)
+
+    data.evaluate = careless
+    config = TrainerConfig(
+        steps=10, outer_every=5, eval_every=5, log_every=5, batch_size=16, progress=False
+    )
+    trainer = BilevelTrainer(
+        model,
+        DomainWeights(data.names),
+        build("first_order"),
+        per_example_cross_entropy,
+        cross_entropy,
+        data,
+        config,
+    )
+    trainer.fit()
+    assert model.training and model[0].training and not model[1].training
+    assert torch.equal(model[1].running_mean, frozen)
