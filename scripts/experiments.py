@@ -637,6 +637,7 @@ def main() -> None:
             )
     total = sum(r["time_s"] for rs in results.values() for r in rs)
     folder.mkdir(parents=True, exist_ok=True)
+    # the numbers first: a figure that fails to draw must not cost the runs' results
     (folder / ("results_quick.json" if args.quick else "results.json")).write_text(
         json.dumps(
             {
@@ -662,16 +663,6 @@ def main() -> None:
         ]
     )
     (folder / ("results_quick.md" if args.quick else "results.md")).write_text(report + "\n")
-    (folder / ("results_quick.json" if args.quick else "results.json")).write_text(
-        json.dumps(
-            {
-                label: [{k: v for k, v in r.items() if k != "records"} for r in rs]
-                for label, rs in results.items()
-            },
-            indent=1,
-            default=str,
-        )
-    )
     if not args.quick:
         update_readme(folder / "README.md", report)
     print(report)
