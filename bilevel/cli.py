@@ -409,7 +409,8 @@ def resumed_config(
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         refused = [k for k in changed if not _harmless(k)]
     if refused:
-        named = {_override_key(o) for o in new_overrides}
+        # a group choice (trainer/inner_scheduler=cosine) names the keys under its path
+        named = {_override_key(o).replace("/", ".") for o in new_overrides}
         derived = [k for k in refused if not any(k == n or k.startswith(n + ".") for n in named)]
         why = ""
         if derived:  # e.g. a cosine schedule's T_max: ${trainer.steps}
@@ -424,10 +425,15 @@ def resumed_config(
             causes = [
                 _override_key(o) for o in new_overrides if _override_key(o) != "resume" and moves(o)
             ]
+            length = (
+                ": a setting tied to the run's length cannot be extended"
+                if "trainer.steps" in causes
+                else ""
+            )
             why = (
                 f" ({', '.join(derived)} follow{'s' if len(derived) == 1 else ''} from "
                 f"{', '.join(causes) or 'the overrides'} through an interpolation in the "
-                "config: a setting tied to the run's length cannot be extended)"
+                f"config{length})"
             )
         raise ConfigError("resume", refused_on_resume(refused) + why)
     merged = OmegaConf.create(saved)

@@ -16,7 +16,7 @@ from bilevel.logging import read_jsonl
 from bilevel.losses import cross_entropy, per_example_cross_entropy
 from bilevel.models import MLP
 from bilevel.solvers import build
-from tests.integration.helpers import cli, read_summary
+from tests.integration.helpers import cli, cli_batch, read_summary
 
 SOLVERS = {
     "first_order": {},
@@ -123,6 +123,16 @@ def test_the_cosine_preset_decays_over_the_run_and_is_not_extended_on_resume(tmp
     proc = cli(f"resume={out}", "trainer.steps=80")
     assert proc.returncode == 2
     assert "trainer.inner_scheduler.T_max follows from trainer.steps" in proc.stderr
+    assert "tied to the run's length" in proc.stderr
+    # the explanation is the right one for other refusals: a seed is not the run's length, and
+    # keys of a newly chosen group follow from the choice, not from an interpolation
+    seed, group = cli_batch(
+        [[f"resume={out}", "seed=5"], [f"resume={out}", "trainer/inner_scheduler=warmup"]]
+    )
+    assert seed.returncode == 2 and "data.seed follows from seed" in seed.stderr
+    assert "run's length" not in seed.stderr
+    assert group.returncode == 2 and "trainer.inner_scheduler" in group.stderr
+    assert "interpolation" not in group.stderr
 
 
 def test_inner_lr_never_changes_how_unrolled_trains():
