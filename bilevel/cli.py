@@ -14,6 +14,7 @@ overrides (logging, progress, evaluation and checkpoint cadence, device) and a l
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import importlib
 import inspect
@@ -43,6 +44,7 @@ from bilevel import sweep_failures as sweeps
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed, leave_process_group
 from bilevel.errors import ConfigError, is_bool, is_finite_number, is_integer
+from bilevel.files import write_text_atomic
 from bilevel.stopping import StopRequested
 from bilevel.trainer import BilevelTrainer, NonFiniteError, TrainerConfig
 
@@ -492,12 +494,27 @@ def run(
         trainer._resumed_from = str(resume)
         if branch:
             trainer.history_from = resumed_dir / "metrics.jsonl"
+        if run_dir == output_dir and dist.is_main:
+            _record_config(run_dir, cfg)
     if dist.is_main and cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
     summary = trainer.fit()
     if dist.is_main:
         log.info(format_summary(summary, run_dir))
     return summary
+
+
+def _record_config(run_dir: Path, cfg: DictConfig) -> None:
+    """A resumed run in a folder of its own (a branch, or a checkpoint file kept elsewhere):
+    Hydra recorded there the config the command line composed (``resume=...`` over the
+    defaults); the run's config is the resumed one, so that is what ``.hydra/config.yaml``
+    says."""
+    try:
+        record = run_dir / HydraConfig.get().output_subdir / "config.yaml"
+    except (ValueError, TypeError):  # not under Hydra, or hydra.output_subdir=null
+        return
+    if record.is_file():
+        write_text_atomic(record, OmegaConf.to_yaml(cfg))
 
 
 def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
@@ -711,9 +728,13 @@ def _close_keys(name: str, args: list[str]) -> list[str]:
 
 def _resume_args(args: list[str]) -> list[str]:
     """For ``resume=<run dir of ours>`` (a single run): continue in that directory, without a
-    new Hydra output folder (``hydra.run.dir`` pointed at it, no ``.hydra`` rewrite)."""
-    if any(a.startswith("-") for a in args) or any(a.startswith("hydra.run.dir=") for a in args):
+    new Hydra output folder (``hydra.run.dir`` pointed at it) and without rewriting its
+    ``.hydra/`` record, which holds the run's own config and overrides (a resume's command
+    line would replace them with ``resume=...`` alone). Also when ``hydra.run.dir`` names that
+    same directory; another one gets a branch of the run, with its own record."""
+    if any(a.startswith("-") for a in args):
         return []
+    explicit = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
     for a in args:
         if a.startswith("resume="):
             value = a.split("=", 1)[1]
@@ -721,8 +742,11 @@ def _resume_args(args: list[str]) -> list[str]:
                 _, run = run_dirs.resolve_resume(value)
             except ConfigError as err:
                 _fail(f"bilevel: error: {err}", 2)
-            if run is not None:
+            if run is None:
+                return []
+            if not explicit:
                 return [f"hydra.run.dir={run}", "hydra.output_subdir=null"]
+            return ["hydra.output_subdir=null"] if _continues_in(args, explicit[-1]) else []
     return []
 
 
@@ -732,6 +756,44 @@ def quiet_third_parties() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+
+
+def _continues_in(args: list[str], folder: str) -> bool:
+    """Whether ``resume=`` in ``args`` continues the run of ``folder`` itself (its directory or
+    a checkpoint inside it), which may write there."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    if not values:
+        return False
+    try:
+        _, run = run_dirs.resolve_resume(values[-1])
+    except ConfigError:
+        return False  # the resume itself is refused later, with its own line
+    return run is not None and run.resolve() == Path(folder).resolve()
+
+
+def _default_run_dir(args: list[str]) -> list[str]:
+    """For a single run in the default layout: ``hydra.run.dir`` pointed at a new folder
+    ``runs/<date>/<time>``, made here (``-1``, ``-2``, ... appended where that second's folder
+    exists). Hydra names the folder by the second alone, so runs started in the same second
+    (seeds launched in parallel) shared it: all but one were refused by its lock, after
+    Hydra had overwritten the running one's saved config, which ``resume=`` reads."""
+    if int(os.environ.get("RANK", "0")) > 0 or any(
+        a.startswith(("-", "hydra.run.dir=", "resume=", "hydra.searchpath", "+hydra.searchpath"))
+        for a in args
+    ):
+        return []  # Hydra flags, another config source, a folder of the user's or of a resume
+    now = datetime.datetime.now()
+    base = Path("runs") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
+    folder, n = base, 0
+    while True:
+        try:
+            folder.mkdir(parents=True)  # atomic: of two processes, one makes it
+            return [f"hydra.run.dir={folder}"]
+        except FileExistsError:
+            n += 1
+            folder = base.with_name(f"{base.name}-{n}")
+        except OSError:
+            return []  # Hydra's own attempt reports it (check_creatable has said why)
 
 
 def _check_explicit_dirs(args: list[str]) -> None:
@@ -750,7 +812,12 @@ def _check_explicit_dirs(args: list[str]) -> None:
             _fail(f"bilevel: error: {err}", 2)
         return
     try:
-        (run_dirs.check_sweep_writable if sweep else run_dirs.check_writable)(explicit[-1])
+        if sweep:
+            run_dirs.check_sweep_writable(explicit[-1])
+        else:
+            run_dirs.check_writable(explicit[-1])
+            if not _continues_in(args, explicit[-1]):
+                run_dirs.check_new_run(explicit[-1])
     except ConfigError as err:
         _fail(f"bilevel: error: {err}", 2)
 
@@ -767,6 +834,7 @@ def main() -> None:
     _check_explicit_dirs(args)
     sys.argv += _resume_args(args)
     _BEFORE.note(sys.argv[1:])
+    sys.argv += _default_run_dir(sys.argv[1:])
     if int(os.environ.get("RANK", "0")) > 0:
         scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{os.environ['RANK']}-")
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]

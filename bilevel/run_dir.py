@@ -24,9 +24,11 @@ from bilevel.files import write_text_atomic
 __all__ = [
     "FAILED",
     "MARKER",
+    "check_new_run",
     "check_sweep_writable",
     "check_writable",
     "claim",
+    "holds_results",
     "hydra_only",
     "is_our_table",
     "is_run_dir",
@@ -49,6 +51,32 @@ def is_run_dir(path: str | Path) -> bool:
         return json.loads(marker.read_text()).get("bilevel_run") is True
     except (OSError, ValueError):
         return False
+
+
+def holds_results(path: str | Path) -> bool:
+    """Whether the run directory ``path`` holds what an earlier run produced (a checkpoint, a
+    summary, metric records): a new run there would overwrite it."""
+    path = Path(path)
+    checkpoints = path / "checkpoints"
+    metrics = path / "metrics.jsonl"
+    return (
+        (path / "summary.json").is_file()
+        or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        or (metrics.is_file() and metrics.stat().st_size > 0)
+    )
+
+
+def check_new_run(path: str | Path, key: str = "hydra.run.dir") -> None:
+    """Raise :class:`ConfigError` if ``path`` is a run directory that holds an earlier run: a
+    new run (not a resume of it) would overwrite its checkpoint, metrics and summary, and
+    Hydra its saved config (which ``resume=`` reads). ``key`` is how the user chooses the
+    folder, for the message."""
+    if is_run_dir(path) and holds_results(path):
+        raise ConfigError(
+            "run directory",
+            f"{path} holds an earlier run, which a new run would overwrite: continue it with "
+            f"resume={path}, or choose another folder ({key}=...)",
+        )
 
 
 def hydra_only(path: Path) -> bool:
@@ -121,6 +149,12 @@ def check_sweep_writable(path: str | Path) -> None:
         return
     hydra_files = {"multirun.yaml", "optimization_results.yaml", ".hydra"}
     for entry in sorted(path.iterdir()):
+        if entry.is_dir() and is_run_dir(entry) and holds_results(entry):
+            raise ConfigError(
+                "sweep directory",
+                f"{path} holds the runs of an earlier sweep (job {entry.name}), which this "
+                "sweep would overwrite: choose another folder (hydra.sweep.dir=...)",
+            )
         if entry.is_dir() and (is_run_dir(entry) or hydra_only(entry)):
             continue
         if entry.name in hydra_files or entry.suffix == ".log" or is_our_table(entry):

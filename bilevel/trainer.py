@@ -79,7 +79,8 @@ class BilevelTrainer:
         device: where everything runs (default: the model's device).
         run_dir: where ``metrics.jsonl``, ``summary.json``, ``weights.png`` and
             ``checkpoints/last.pt`` go (``None``: nothing is written). It must be new, empty,
-            or a run directory bilevel created.
+            or a run directory bilevel created; one that holds an earlier run is refused at
+            :meth:`fit` unless this trainer resumed that run (:meth:`resume`).
         wandb: an optional :class:`~bilevel.logging.WandbLogger`.
         dist: the data-parallel context (default: one process).
         strategy: how the model is laid out (default: ``config.strategy`` for ``dist``).
@@ -374,6 +375,11 @@ class BilevelTrainer:
         """Train for ``config.steps`` inner steps (from the resumed step); returns the summary."""
         with contextlib.ExitStack() as stack:
             if self.run_dir is not None and self.strategy.is_main:
+                continuing = self._resume_file is not None and (
+                    self.run_dir.resolve() in self._resume_file.resolve().parents
+                )
+                if not continuing:
+                    run_dirs.check_new_run(self.run_dir, "run_dir")
                 run_dirs.claim(self.run_dir)
                 stack.enter_context(run_dirs.locked(self.run_dir))
             return self._fit()

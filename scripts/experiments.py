@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import sys
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from bilevel import run_dir as run_dirs
 from bilevel.cli import config_dir, quiet_third_parties, run
 from bilevel.logging import read_jsonl
 
@@ -253,9 +255,15 @@ REUSE = False  # set by --reuse: take finished runs from disk instead of running
 
 
 def run_once(overrides: list[str], out: Path) -> dict:
+    """One run of the study into ``out``, a folder of the study's own ``runs/``: with
+    ``--reuse`` a finished run there is read back; otherwise the study runs it again, in place
+    of the earlier one (the library never overwrites a run by itself, so the runner removes
+    its own run folder first)."""
     if REUSE and (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
     else:
+        if run_dirs.is_run_dir(out):
+            shutil.rmtree(out)
         with initialize_config_dir(config_dir(), version_base="1.3"):
             cfg = compose("config", overrides=[*overrides, "trainer.progress=false"])
         with contextlib.redirect_stdout(io.StringIO()):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from bilevel import checkpoint
+from bilevel.errors import ConfigError
 from bilevel.logging import read_jsonl
-from tests.integration.helpers import cli, read_summary
+from tests.integration.helpers import cli, cli_batch, read_summary
 
 
 def test_tiny_run_writes_the_run_directory(run_cli):
@@ -109,7 +110,9 @@ def test_custom_outer_loss_from_outside_the_project(run_cli, tmp_path, monkeypat
     summary, _ = run_cli("experiment=tiny", "outer_loss._target_=my_losses.smoothed")
     assert summary["steps"] == 40 and any(c > 0 for c in my_losses.calls)
     my_losses.calls.clear()
-    run_cli("experiment=tiny", "inner_loss._target_=my_losses.per_example_hinge")
+    run_cli(
+        "experiment=tiny", "inner_loss._target_=my_losses.per_example_hinge", out=tmp_path / "2"
+    )
     assert -1 in my_losses.calls
 
 
@@ -226,6 +229,7 @@ def test_a_sweep_folder_with_foreign_files_is_refused_and_foreign_tables_are_kep
 
 def test_a_bad_job_does_not_stop_the_sweep_and_its_row_says_why(tmp_path):
     import csv
+    import shutil
 
     sweep = tmp_path / "sweep"
     proc = cli("-m", "experiment=tiny", "trainer.inner_lr=-1,0.1", f"hydra.sweep.dir={sweep}")
@@ -238,8 +242,12 @@ def test_a_bad_job_does_not_stop_the_sweep_and_its_row_says_why(tmp_path):
     assert [r["status"] for r in rows] == ["bad input", "ok"]  # the job after it still ran
     assert rows[0]["error"].startswith("trainer.inner_lr: must be") and not rows[1]["error"]
     assert rows[1]["meta_loss"] and (sweep / "1" / "summary.json").is_file()
-    # the failed job's folder holds Hydra's files and the note only: the sweep can be rerun
-    assert cli("-m", "experiment=tiny", "seed=0", f"hydra.sweep.dir={sweep}").returncode == 0
+    # the failed job's folder holds Hydra's files and the note only: it does not stand in the
+    # way of a rerun (the job that ran does: a sweep never overwrites an earlier sweep's runs)
+    rerun = ["-m", "experiment=tiny", "seed=0", f"hydra.sweep.dir={sweep}"]
+    assert "job 1" in cli(*rerun).stderr
+    shutil.rmtree(sweep / "1")
+    assert cli(*rerun).returncode == 0
 
 
 @pytest.mark.slow
@@ -287,11 +295,59 @@ def test_optuna_sweep_minimizes_meta_loss(tmp_path):
     assert len(list((tmp_path / "opt").glob("*/summary.json"))) == 2
 
 
-def test_a_new_run_in_an_old_directory_starts_fresh_metrics(run_cli, tmp_path):
-    run_cli("experiment=tiny", "trainer.steps=40", out=tmp_path / "run")
-    run_cli("experiment=tiny", "trainer.steps=20", "seed=1", out=tmp_path / "run")
-    steps = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "weights" in r]
-    assert steps == [0, 10, 20]
+def test_a_new_run_never_overwrites_an_earlier_run_or_sweep(run_cli, tmp_path):
+    """A second run (or sweep) pointed at the folder of an earlier one used to overwrite its
+    checkpoint, metrics and summary, and Hydra its saved config, silently. Now refused in one
+    line, before anything is written; resume= may still continue the run in its folder."""
+    run, sweep = tmp_path / "run", tmp_path / "sweep"
+    first = cli_batch(
+        [
+            ["experiment=tiny", f"hydra.run.dir={run}"],
+            ["-m", "experiment=tiny", "seed=0", f"hydra.sweep.dir={sweep}"],
+        ]
+    )
+    assert [proc.returncode for proc in first] == [0, 0], first[1].stderr
+    config = (run / ".hydra" / "config.yaml").read_bytes()
+    swept = (sweep / "0" / "summary.json").read_bytes()
+    with pytest.raises(ConfigError, match="holds an earlier run"):
+        run_cli("experiment=tiny", "seed=1", out=run)  # the Python entry (BilevelTrainer.fit)
+    new_run, new_sweep, resumed = cli_batch(
+        [
+            ["experiment=tiny", "seed=1", f"hydra.run.dir={run}"],
+            ["-m", "experiment=tiny", "seed=1", f"hydra.sweep.dir={sweep}"],
+            [f"resume={run}", f"hydra.run.dir={run}", "trainer.steps=60"],
+        ]
+    )
+    assert new_run.returncode == 2 and "holds an earlier run" in new_run.stderr
+    assert new_sweep.returncode == 2 and "holds the runs of an earlier sweep" in new_sweep.stderr
+    assert (sweep / "0" / "summary.json").read_bytes() == swept
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == 60
+    assert (run / ".hydra" / "config.yaml").read_bytes() == config
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """The default folder is named by the second; runs launched together (seeds in parallel)
+    shared it, and Hydra overwrote the saved config of the one that ran."""
+    import datetime
+
+    from bilevel import cli as app
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(app.datetime, "datetime", Frozen)
+    chosen = [app._default_run_dir(["experiment=tiny", f"seed={s}"]) for s in range(3)]
+    assert chosen == [
+        ["hydra.run.dir=runs/2026-01-02/03-04-05"],
+        ["hydra.run.dir=runs/2026-01-02/03-04-05-1"],
+        ["hydra.run.dir=runs/2026-01-02/03-04-05-2"],
+    ]
+    assert app._default_run_dir(["-m", "seed=0,1"]) == []  # sweeps name their jobs
+    assert app._default_run_dir(["hydra.run.dir=mine"]) == []
 
 
 # -- the methods on the default problem (issue: every method behind one switch) ----------------

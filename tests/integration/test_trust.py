@@ -860,6 +860,14 @@ def test_resume_into_an_explicit_folder_branches_and_leaves_the_run_alone(tmp_pa
     steps = [r["step"] for r in read_jsonl(branch / "metrics.jsonl") if "weights" in r]
     assert steps[0] == 0 and steps[-1] == 60  # the history up to the checkpoint, then the branch
     assert (branch / "checkpoints" / "last.pt").is_file()
+    # the branch's .hydra/config.yaml is the run's config (it was the command line's: the
+    # default experiment with resume=..., not the tiny run that was resumed)
+    from omegaconf import OmegaConf
+
+    ran, recorded = (OmegaConf.load(d / ".hydra" / "config.yaml") for d in (run, branch))
+    assert recorded.trainer.steps == 60 and recorded.resume == str(run)
+    recorded.trainer.steps, recorded.resume = ran.trainer.steps, ran.resume
+    assert recorded == ran
 
 
 def test_resume_with_a_key_of_another_solver_is_refused_as_a_change(finished):
