@@ -685,7 +685,12 @@ def preflight(args: list[str]) -> str | None:
         return None  # sweeps and extra search paths are Hydra's to check
     try:
         with initialize_config_dir(config_dir(), version_base="1.3"):
-            compose("config", overrides=args, return_hydra_config=True)
+            composed = compose("config", overrides=args, return_hydra_config=True)
+        hydra_cfg = OmegaConf.to_container(composed.hydra, resolve=False)
+        _LAYOUT["default"] = (
+            str(hydra_cfg.get("mode")) in ("None", "RunMode.RUN", "RUN")
+            and hydra_cfg["run"]["dir"] == DEFAULT_RUN_DIR
+        )
     except MissingConfigException as err:
         missing = str(err.missing_cfg_file or "")
         group, _, option = missing.rpartition("/")
@@ -771,17 +776,24 @@ def _continues_in(args: list[str], folder: str) -> bool:
     return run is not None and run.resolve() == Path(folder).resolve()
 
 
+DEFAULT_RUN_DIR = "runs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+"""``hydra.run.dir`` of ``configs/config.yaml``."""
+
+_LAYOUT = {"default": False}
+"""Whether :func:`preflight` found a single run in the default folder layout (not a sweep, nor
+an Optuna search, nor a ``hydra.run.dir`` set anywhere)."""
+
+
 def _default_run_dir(args: list[str]) -> list[str]:
     """For a single run in the default layout: ``hydra.run.dir`` pointed at a new folder
     ``runs/<date>/<time>``, made here (``-1``, ``-2``, ... appended where that second's folder
     exists). Hydra names the folder by the second alone, so runs started in the same second
     (seeds launched in parallel) shared it: all but one were refused by its lock, after
     Hydra had overwritten the running one's saved config, which ``resume=`` reads."""
-    if int(os.environ.get("RANK", "0")) > 0 or any(
-        a.startswith(("-", "hydra.run.dir=", "resume=", "hydra.searchpath", "+hydra.searchpath"))
-        for a in args
-    ):
-        return []  # Hydra flags, another config source, a folder of the user's or of a resume
+    if not _LAYOUT["default"] or int(os.environ.get("RANK", "0")) > 0:
+        return []
+    if any(a.startswith("resume=") for a in args):
+        return []  # a resume continues in the run's own folder
     now = datetime.datetime.now()
     base = Path("runs") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
     folder, n = base, 0
@@ -827,6 +839,7 @@ def main() -> None:
     directory."""
     quiet_third_parties()
     sweeps.codes.clear()
+    _LAYOUT["default"] = False
     args = sys.argv[1:]
     problem = preflight(args)
     if problem is not None:

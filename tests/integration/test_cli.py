@@ -338,16 +338,27 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
         def now(cls, tz=None):
             return cls(2026, 1, 2, 3, 4, 5)
 
+    def folder(*args):  # what the entry point chooses: preflight composes, then the folder
+        app._LAYOUT["default"] = False
+        app.preflight(list(args))
+        return app._default_run_dir(list(args))
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(app.datetime, "datetime", Frozen)
-    chosen = [app._default_run_dir(["experiment=tiny", f"seed={s}"]) for s in range(3)]
+    chosen = [folder("experiment=tiny", f"seed={s}") for s in range(3)]
     assert chosen == [
         ["hydra.run.dir=runs/2026-01-02/03-04-05"],
         ["hydra.run.dir=runs/2026-01-02/03-04-05-1"],
         ["hydra.run.dir=runs/2026-01-02/03-04-05-2"],
     ]
-    assert app._default_run_dir(["-m", "seed=0,1"]) == []  # sweeps name their jobs
-    assert app._default_run_dir(["hydra.run.dir=mine"]) == []
+    # sweeps and Optuna searches name their jobs' folders; a folder of the user's is theirs
+    for args in (["-m", "seed=0,1"], ["hparams_search=optuna"], ["hydra.run.dir=mine"]):
+        assert folder(*args) == []
+    assert sorted(p.name for p in (tmp_path / "runs" / "2026-01-02").iterdir()) == [
+        "03-04-05",
+        "03-04-05-1",
+        "03-04-05-2",
+    ]
 
 
 # -- the methods on the default problem (issue: every method behind one switch) ----------------
