@@ -49,28 +49,40 @@ with open(OUTPUT, "w") as f:
 """
 
 
-def cli_batch(cases, env=None, timeout=600):
+def cli_batch(cases, env=None, timeout=600, processes=1):
     """Run each argument list through bilevel's entry point, one after another in ONE fresh
     Python process: importing torch and Hydra is most of what a short run costs, so a table
     of bad inputs (each stopping before training) runs in seconds instead of minutes. Each
     case gets its own ``sys.argv``, captured stdout and stderr, and exit code; returns a list
-    of ``CompletedProcess`` in the order of ``cases``."""
+    of ``CompletedProcess`` in the order of ``cases``. ``processes=2`` splits cases that do
+    not depend on each other over two processes that run at the same time (2 cores)."""
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    size = -(-len(cases) // processes)
+    parts = [cases[i : i + size] for i in range(0, len(cases), size)]
     with tempfile.TemporaryDirectory() as scratch:
-        output = Path(scratch) / "results.json"
-        driver = _BATCH_DRIVER.replace("OUTPUT", repr(str(output)))
-        proc = subprocess.run(
-            [sys.executable, "-c", driver],
-            input=json.dumps([list(c) for c in cases]),
-            capture_output=True,
-            text=True,
-            env=full_env,
-            cwd=REPO,
-            timeout=timeout,
-        )
-        assert proc.returncode == 0 and output.exists(), proc.stdout + proc.stderr
-        results = json.loads(output.read_text())
+        children = []
+        for i, part in enumerate(parts):
+            output = Path(scratch) / f"results{i}.json"
+            driver = _BATCH_DRIVER.replace("OUTPUT", repr(str(output)))
+            child = subprocess.Popen(
+                [sys.executable, "-c", driver],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=full_env,
+                cwd=REPO,
+            )
+            child.stdin.write(json.dumps([list(c) for c in part]))  # small: fits the pipe
+            child.stdin.close()  # the driver reads its cases to the end, then starts
+            child.stdin = None  # so that communicate() below only reads
+            children.append((child, output))
+        results = []
+        for child, output in children:
+            out, err = child.communicate(timeout=timeout)
+            assert child.returncode == 0 and output.exists(), out + err
+            results += json.loads(output.read_text())
     return [
         subprocess.CompletedProcess(list(args), code, stdout, stderr)
-        for args, (code, stdout, stderr) in zip(cases, results)
+        for args, (code, stdout, stderr) in zip(cases, results, strict=True)
     ]

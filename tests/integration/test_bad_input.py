@@ -156,7 +156,7 @@ def outcomes(tmp_path_factory):
         ["experiment=tiny", *args, f"hydra.run.dir={out}"]
         for (args, _), out in zip(CASES, dirs, strict=True)
     ]
-    procs = cli_batch(cases, env={"PYTHONPATH": str(root)})
+    procs = cli_batch(cases, env={"PYTHONPATH": str(root)}, processes=2)
     return dict(zip(range(len(CASES)), zip(procs, dirs, strict=True), strict=True))
 
 

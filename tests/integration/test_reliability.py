@@ -18,7 +18,7 @@ from bilevel.losses import cross_entropy, per_example_cross_entropy
 from bilevel.models import MLP
 from bilevel.solvers import build
 from bilevel.trainer import NonFiniteError
-from tests.integration.helpers import REPO, cli, read_summary
+from tests.integration.helpers import REPO, cli, cli_batch, read_summary
 
 # Big enough that 200 steps take a few seconds, so the kill lands mid-run.
 RESUME_ARGS = [
@@ -86,9 +86,11 @@ def test_ctrl_c_or_sigterm_stops_at_a_window_with_a_checkpoint_and_resumes_exact
         assert 0 < step < 200 and f"resume={stopped}" in line[0]
         assert not (stopped / "summary.json").exists()
         assert torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["step"] == step
-        proc = cli(f"resume={stopped}")
+    stopped = [tmp_path / sig.name for sig in (signal.SIGINT, signal.SIGTERM)]
+    for proc in cli_batch([[f"resume={run}"] for run in stopped]):  # one process for both
         assert proc.returncode == 0, proc.stderr
-        assert read_summary(stopped)["weights"] == read_summary(reference)["weights"]
+    for run in stopped:
+        assert read_summary(run)["weights"] == read_summary(reference)["weights"]
 
 
 @pytest.mark.slow

@@ -430,25 +430,29 @@ def test_a_run_directory_with_foreign_files_is_refused(tmp_path):
 
 def test_resume_alone_restores_the_saved_config_and_refuses_changes(tmp_path):
     run = tmp_path / "run"
-    proc = cli(
-        "experiment=tiny", "solver=cg", "solver.iters=3", "trainer.steps=20", f"hydra.run.dir={run}"
-    )
-    assert proc.returncode == 0, proc.stderr
-    for bad, names in [
+    refused = [
         (["solver=first_order"], "solver"),
         (["solver.iters=4"], "solver.iters"),
         (["model.hidden=[8]"], "model.hidden"),
         (["trainer/inner_optimizer=adam"], "trainer"),
         (["weights.parametrization=exp"], "weights.parametrization"),
         (["trainer.steps=10"], "trainer.steps"),
-    ]:
-        proc = cli(f"resume={run}", *bad)
+    ]
+    first, *refusals, resumed = cli_batch(  # one process: the cases run in this order
+        [
+            ["experiment=tiny", "solver=cg", "solver.iters=3", "trainer.steps=20"]
+            + [f"hydra.run.dir={run}"],
+            *([f"resume={run}", *bad] for bad, _ in refused),
+            [f"resume={run}", "trainer.steps=40", "trainer.log_every=5"],
+        ]
+    )
+    assert first.returncode == 0, first.stderr
+    for (bad, names), proc in zip(refused, refusals, strict=True):
         assert proc.returncode == 2, (bad, proc.stderr)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and names in lines[0], (bad, proc.stderr)
-    proc = cli(f"resume={run}", "trainer.steps=40", "trainer.log_every=5")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0].startswith("continuing run directory")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.splitlines()[0].startswith("continuing run directory")
     summary = read_summary(run)
     assert summary["steps"] == 40 and summary["solver"] == "cg"
     assert summary["solver_options"]["iters"] == 3
