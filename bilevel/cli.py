@@ -549,6 +549,10 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
 # -- the app ------------------------------------------------------------------------------------
 
 
+DEFAULT_RUN_DIR = "runs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+"""``hydra.run.dir`` of ``configs/config.yaml``."""
+
+
 class _FoldersBefore:
     """Which folders on the way to the run directory existed before Hydra created it, so that a
     failed validation removes only what this process created: never a folder of the user's (an
@@ -567,7 +571,7 @@ class _FoldersBefore:
 
     def note(self, args: list[str]) -> None:
         explicit = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
-        value = explicit[-1] if explicit else "runs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+        value = explicit[-1] if explicit else DEFAULT_RUN_DIR
         parts = Path(value).parts
         literal = Path(*parts[: next((i for i, p in enumerate(parts) if "${" in p), len(parts))])
         anchor = literal.absolute() if literal.parts else Path.cwd()
@@ -609,9 +613,10 @@ def _drop_fresh_run_dir() -> None:
             log.removeHandler(handler)
     if not _BEFORE.created(out):
         for entry in out.iterdir():
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(
-                missing_ok=True
-            )
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         return
     shutil.rmtree(out, ignore_errors=True)
     folder = out.parent
@@ -660,37 +665,68 @@ def app(cfg: DictConfig) -> float | sweeps.FailedJob:
 
 
 def preflight(args: list[str]) -> str | None:
-    """Compose the config for a single run first, so that an unknown group option or key is
-    reported as one line (with the valid choices) instead of Hydra's multi-line report.
+    """Compose the config first, so that an unknown group option or key is reported as one
+    line (with the valid choices) instead of Hydra's multi-line report. A sweep (``-m``) is
+    composed at its points that can differ in what they compose: every key at its first
+    value, and each other value of a group or top-level key (``solver=cg,newton``).
 
     Returns the error line, or ``None`` when the config composes (or when the arguments ask for
-    something this check does not cover: a sweep, Hydra flags, another config source).
+    something this check does not cover: Hydra flags other than ``-m``, sweeps over intervals
+    or globs, another config source).
     """
-    from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException, MissingConfigException
+    from hydra.errors import HydraException
 
     for arg in args:  # counts of an Optuna sweep: 0 ends in Optuna's traceback
         key, _, value = arg.partition("=")
         if key.lstrip("+") in ("hydra.sweeper.n_trials", "hydra.sweeper.n_jobs"):
             if not (value.isdigit() and int(value) >= 1):
                 return f"{key.lstrip('+')}: must be an integer >= 1, got {value!r}"
-    if any(a.startswith("-") for a in args):
+    flags = {a for a in args if a.startswith("-")}
+    if not flags <= {"-m", "--multirun"}:
         return None
+    plain = [a for a in args if not a.startswith("-")]
     try:
-        parsed = OverridesParser.create().parse_overrides(args)
+        parsed = OverridesParser.create().parse_overrides(plain)
     except HydraException as err:
         return str(err).splitlines()[0]
-    if any(o.is_sweep_override() or o.key_or_group.startswith("hydra.searchpath") for o in parsed):
-        return None  # sweeps and extra search paths are Hydra's to check
+    if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
+        return None  # another config source: Hydra's to check
+    swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
+    if not flags:
+        return None if swept else _compose_error(plain, record=True)
+    try:
+        values = {i: list(parsed[i].sweep_string_iterator()) for i in swept}
+    except HydraException:
+        return None  # an interval or glob sweep (Optuna's search space)
+    first = list(plain)
+    for i in swept:
+        first[i] = f"{parsed[i].get_key_element()}={values[i][0]}"
+    points = [first]
+    for i in swept:
+        if "." not in parsed[i].get_key_element():  # a group: each option composes differently
+            points += [
+                [*first[:i], f"{parsed[i].get_key_element()}={v}", *first[i + 1 :]]
+                for v in values[i][1:10]
+            ]
+    for point in points:
+        error = _compose_error(point, record=False)
+        if error is not None:
+            return error
+    return None
+
+
+def _compose_error(args: list[str], record: bool) -> str | None:
+    """The one-line error of composing the config with ``args`` (``None``: it composes). With
+    ``record``, the composed ``hydra`` settings are kept for :func:`_default_folder`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+
     try:
         with initialize_config_dir(config_dir(), version_base="1.3"):
             composed = compose("config", overrides=args, return_hydra_config=True)
-        hydra_cfg = OmegaConf.to_container(composed.hydra, resolve=False)
-        _LAYOUT["default"] = (
-            str(hydra_cfg.get("mode")) in ("None", "RunMode.RUN", "RUN")
-            and hydra_cfg["run"]["dir"] == DEFAULT_RUN_DIR
-        )
+        if record:
+            _LAYOUT["hydra"] = OmegaConf.to_container(composed.hydra, resolve=False)
     except MissingConfigException as err:
         missing = str(err.missing_cfg_file or "")
         group, _, option = missing.rpartition("/")
@@ -776,36 +812,69 @@ def _continues_in(args: list[str], folder: str) -> bool:
     return run is not None and run.resolve() == Path(folder).resolve()
 
 
-DEFAULT_RUN_DIR = "runs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
-"""``hydra.run.dir`` of ``configs/config.yaml``."""
+DEFAULT_SWEEP_DIR = "runs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+"""``hydra.sweep.dir`` of ``configs/config.yaml``."""
 
-_LAYOUT = {"default": False}
-"""Whether :func:`preflight` found a single run in the default folder layout (not a sweep, nor
-an Optuna search, nor a ``hydra.run.dir`` set anywhere)."""
+_LAYOUT: dict[str, Any] = {"hydra": None}
+"""The ``hydra`` settings :func:`preflight` composed (unresolved), ``None`` where it composed
+nothing (Hydra flags, sweep overrides, another config source)."""
 
 
-def _default_run_dir(args: list[str]) -> list[str]:
-    """For a single run in the default layout: ``hydra.run.dir`` pointed at a new folder
-    ``runs/<date>/<time>``, made here (``-1``, ``-2``, ... appended where that second's folder
-    exists). Hydra names the folder by the second alone, so runs started in the same second
-    (seeds launched in parallel) shared it: all but one were refused by its lock, after
-    Hydra had overwritten the running one's saved config, which ``resume=`` reads."""
-    if not _LAYOUT["default"] or int(os.environ.get("RANK", "0")) > 0:
-        return []
-    if any(a.startswith("resume=") for a in args):
-        return []  # a resume continues in the run's own folder
+def _default_folder(args: list[str]) -> tuple[list[str], list[Path]]:
+    """For a run or a sweep in the default layout: the folder ``runs/<date>/<time>`` (a sweep's:
+    ``runs/multirun/<date>/<time>``) made here, ``-1``, ``-2``, ... appended where that second's
+    folder exists, and handed to Hydra as ``hydra.run.dir`` / ``hydra.sweep.dir``. Hydra names
+    the folder by the second alone, so runs started in the same second (seeds launched in
+    parallel) shared it: all but one were refused by its lock, after Hydra had overwritten the
+    running one's saved config (which ``resume=`` reads); two sweeps wrote into the same job
+    folders. Returns the overrides and the folders made, deepest last."""
+    if int(os.environ.get("RANK", "0")) > 0 or any(a.startswith("resume=") for a in args):
+        return [], []  # other ranks write nowhere; a resume continues in its run's folder
+    composed = _LAYOUT["hydra"]
+    flags = {a for a in args if a.startswith("-")}
+    if composed is not None:  # no flags, no sweep overrides, only our configs
+        multirun = str(composed.get("mode")) == "RunMode.MULTIRUN"  # e.g. an Optuna search
+        key, pattern = ("sweep", DEFAULT_SWEEP_DIR) if multirun else ("run", DEFAULT_RUN_DIR)
+        if composed[key]["dir"] != pattern:
+            return [], []
+    elif flags and flags <= {"-m", "--multirun"}:
+        if any(a.lstrip("+").startswith(("hydra.sweep.dir=", "hydra.searchpath")) for a in args):
+            return [], []
+        key = "sweep"
+    else:
+        return [], []
     now = datetime.datetime.now()
-    base = Path("runs") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
+    base = Path("runs", *(["multirun"] if key == "sweep" else []), now.strftime("%Y-%m-%d"))
+    base = base / now.strftime("%H-%M-%S")
     folder, n = base, 0
     while True:
+        made = _missing(folder)
         try:
             folder.mkdir(parents=True)  # atomic: of two processes, one makes it
-            return [f"hydra.run.dir={folder}"]
+            return [f"hydra.{key}.dir={folder}"], made
         except FileExistsError:
             n += 1
             folder = base.with_name(f"{base.name}-{n}")
         except OSError:
-            return []  # Hydra's own attempt reports it (check_creatable has said why)
+            return [], []  # Hydra's own attempt reports it (check_creatable has said why)
+
+
+def _missing(folder: Path) -> list[Path]:
+    """The folders on the way to ``folder`` (itself included) that do not exist yet, outermost
+    first."""
+    return [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+
+
+def _remove_if_empty(made: list[Path]) -> None:
+    """Take back the folders :func:`_default_folder` made for a sweep that stopped before its
+    first job (nothing there but Hydra's ``multirun.yaml``)."""
+    if made and made[-1].is_dir() and {p.name for p in made[-1].iterdir()} == {"multirun.yaml"}:
+        (made[-1] / "multirun.yaml").unlink()
+    for folder in reversed(made):
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            return
 
 
 def _check_explicit_dirs(args: list[str]) -> None:
@@ -839,7 +908,7 @@ def main() -> None:
     directory."""
     quiet_third_parties()
     sweeps.codes.clear()
-    _LAYOUT["default"] = False
+    _LAYOUT["hydra"] = None
     args = sys.argv[1:]
     problem = preflight(args)
     if problem is not None:
@@ -847,11 +916,20 @@ def main() -> None:
     _check_explicit_dirs(args)
     sys.argv += _resume_args(args)
     _BEFORE.note(sys.argv[1:])
-    sys.argv += _default_run_dir(sys.argv[1:])
+    folder, made = _default_folder(sys.argv[1:])
+    sys.argv += folder
+    # what a sweep that stops before its first job takes back (its folder's new part)
+    sweep_made = made if folder and folder[0].startswith("hydra.sweep.dir=") else []
+    explicit = [a.split("=", 1)[1] for a in args if a.startswith("hydra.sweep.dir=")]
+    if explicit:
+        sweep_made = _missing(Path(explicit[-1]))
     if int(os.environ.get("RANK", "0")) > 0:
         scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{os.environ['RANK']}-")
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
-    sweeps.run_app(app, args)
+    try:
+        sweeps.run_app(app, args)
+    finally:
+        _remove_if_empty(sweep_made)
     leave_process_group()
     sweeps.exit_if_failed()
 

@@ -67,7 +67,9 @@ def record(message: str, code: int) -> FailedJob:
 def run_app(app: Callable[[], object], args: list[str]) -> None:
     """Run the Hydra ``app``. An Optuna sweeper whose trials all failed cannot name a best
     trial and ends in a traceback of its own: that case becomes one line (each trial already
-    said why it failed); any other error is reported as Hydra reports it."""
+    said why it failed), and so does an error of Hydra's in setting up the sweep (an interval
+    for the basic sweeper: a traceback, exit 1); any other error is reported as Hydra reports
+    it."""
     sweep = any(
         a in ("-m", "--multirun") or a.startswith(("hparams_search=", "hydra/sweeper="))
         for a in args
@@ -82,6 +84,15 @@ def run_app(app: Callable[[], object], args: list[str]) -> None:
         del os.environ["HYDRA_FULL_ERROR"]
         if codes and "No trials are completed" in str(err):
             _exit_worst(f"every trial of the sweep failed ({len(codes)}; each said why above")
+        from hydra.errors import HydraException
+
+        if isinstance(err, HydraException):  # the sweep's own setup, e.g. its search space
+            line = str(err).splitlines()[0]
+            if "does not support sweep type" in line:
+                line += " (the basic sweeper takes lists a,b and range(); intervals need an "
+                line += "Optuna search: hparams_search=optuna)"
+            print(f"bilevel: error: {line}", file=sys.stderr, flush=True)
+            sys.exit(2)
         from hydra._internal.utils import run_and_report
 
         error = err

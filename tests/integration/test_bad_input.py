@@ -210,6 +210,26 @@ def test_a_failed_run_removes_only_the_folders_it_created(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["holder", "mine"]
 
 
+def test_a_sweep_with_a_bad_key_option_or_search_space_is_one_line(tmp_path):
+    """Hydra's multi-line report (exit 1), or a traceback for an interval given to the basic
+    sweeper, and a sweep folder holding only multirun.yaml left behind. Every option of a swept
+    group is composed: the bad one need not be the first."""
+    cases = [
+        (["seed=0,1", "trainer.stepz=3"], "trainer.stepz: no such config key"),
+        (["solver=cg,newton"], "solver: unknown option 'newton'"),
+        (["seed=interval(0,1)"], "BasicSweeper does not support sweep type"),
+    ]
+    runs = [
+        ["-m", "experiment=tiny", *args, f"hydra.sweep.dir={tmp_path / str(i) / 'sweep'}"]
+        for i, (args, _) in enumerate(cases)
+    ]
+    for proc, (_, line) in zip(cli_batch(runs), cases, strict=True):
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = [x for x in proc.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and line in lines[0], proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_misspelt_key_or_target_gets_a_suggestion(tmp_path):
     cases = [
         ["experiment=tiny", "trainer.step=10"],

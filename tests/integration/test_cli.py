@@ -327,8 +327,9 @@ def test_a_new_run_never_overwrites_an_earlier_run_or_sweep(run_cli, tmp_path):
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
-    """The default folder is named by the second; runs launched together (seeds in parallel)
-    shared it, and Hydra overwrote the saved config of the one that ran."""
+    """The default folders are named by the second; runs launched together (seeds in parallel)
+    shared one, and Hydra overwrote the saved config of the one that ran; two sweeps shared
+    their job folders."""
     import datetime
 
     from bilevel import cli as app
@@ -339,9 +340,9 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
             return cls(2026, 1, 2, 3, 4, 5)
 
     def folder(*args):  # what the entry point chooses: preflight composes, then the folder
-        app._LAYOUT["default"] = False
+        app._LAYOUT["hydra"] = None
         app.preflight(list(args))
-        return app._default_run_dir(list(args))
+        return app._default_folder(list(args))[0]
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(app.datetime, "datetime", Frozen)
@@ -351,14 +352,17 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
         ["hydra.run.dir=runs/2026-01-02/03-04-05-1"],
         ["hydra.run.dir=runs/2026-01-02/03-04-05-2"],
     ]
-    # sweeps and Optuna searches name their jobs' folders; a folder of the user's is theirs
-    for args in (["-m", "seed=0,1"], ["hparams_search=optuna"], ["hydra.run.dir=mine"]):
-        assert folder(*args) == []
-    assert sorted(p.name for p in (tmp_path / "runs" / "2026-01-02").iterdir()) == [
-        "03-04-05",
-        "03-04-05-1",
-        "03-04-05-2",
+    sweeps = [folder("-m", f"seed={s},9") for s in range(2)]
+    assert sweeps == [
+        ["hydra.sweep.dir=runs/multirun/2026-01-02/03-04-05"],
+        ["hydra.sweep.dir=runs/multirun/2026-01-02/03-04-05-1"],
     ]
+    for args in (["hydra.run.dir=mine"], ["-m", "seed=0,1", "hydra.sweep.dir=mine"]):
+        assert folder(*args) == []  # a folder of the user's is theirs
+    # a sweep that stops before its first job leaves no folder behind
+    proc = cli("-m", "experiment=tiny", "seed=0,1", "trainer.stepz=3", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "multirun").iterdir()) == ["2026-01-02"]
 
 
 # -- the methods on the default problem (issue: every method behind one switch) ----------------
