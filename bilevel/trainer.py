@@ -196,6 +196,13 @@ class BilevelTrainer:
         )
         if self.config.learn_weights and differentiates and not outer_has_grad:
             raise outer_gradient(self.method.name)
+        train = self.loop.train_sampler
+        if train.batch_size * self.strategy.world_size > train.n:
+            self.notes.append(
+                f"trainer.batch_size={self.config.batch_size} is larger than the training set "
+                f"({train.n} rows): rows repeat within every batch (each domain's rows are "
+                "drawn with replacement)"
+            )
         if self.config.hessian_batch == "independent" and not getattr(
             self.method, "uses_hessian", False
         ):

@@ -678,6 +678,12 @@ def test_a_meta_batch_larger_than_the_meta_set_is_named_in_the_notes():
 
     assert any("larger than the meta set (16 rows)" in n for n in notes(64))
     assert not any("meta set" in n for n in notes(8) + notes(None))
+    # the same for the training batch, whether or not the weights are learned
+    for learn in (True, False):
+        config = TrainerConfig(steps=5, batch_size=200, learn_weights=learn)
+        big = small_trainer(config).notes
+        assert any("larger than the training set (128 rows)" in n for n in big), big
+    assert not any("training set" in n for n in notes(8))
 
 
 @pytest.mark.parametrize("key", list(SOLVERS))
