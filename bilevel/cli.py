@@ -14,7 +14,6 @@ overrides (logging, progress, evaluation and checkpoint cadence, device) and a l
 
 from __future__ import annotations
 
-import datetime
 import difflib
 import importlib
 import inspect
@@ -22,7 +21,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import sys
 import tempfile
 import warnings
@@ -39,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bilevel import checkpoint as ckpt
+from bilevel import cli_folders as folders
 from bilevel import run_dir as run_dirs
 from bilevel import sweep_failures as sweeps
 from bilevel.data.domain_data import DomainData
@@ -549,85 +548,6 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
 # -- the app ------------------------------------------------------------------------------------
 
 
-DEFAULT_RUN_DIR = "runs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
-"""``hydra.run.dir`` of ``configs/config.yaml``."""
-
-
-class _FoldersBefore:
-    """Which folders on the way to the run directory existed before Hydra created it, so that a
-    failed validation removes only what this process created: never a folder of the user's (an
-    empty one they named in ``hydra.run.dir``, the current folder). Hydra makes the whole path
-    (``parents=True``) before the app starts, and a folder's times change when an entry is
-    added inside it, so the check is made from the command line before Hydra runs.
-
-    ``anchor`` is the nearest folder that existed on the literal part of the run-directory
-    path (before any ``${...}``, e.g. ``runs`` of the default ``runs/${now:...}/${now:...}``);
-    ``children`` the folders that existed directly inside it. A folder strictly below the
-    anchor was created by this run unless it is one of those children."""
-
-    def __init__(self) -> None:
-        self.anchor: Path | None = None
-        self.children: frozenset[Path] = frozenset()
-
-    def note(self, args: list[str]) -> None:
-        explicit = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
-        value = explicit[-1] if explicit else DEFAULT_RUN_DIR
-        parts = Path(value).parts
-        literal = Path(*parts[: next((i for i, p in enumerate(parts) if "${" in p), len(parts))])
-        anchor = literal.absolute() if literal.parts else Path.cwd()
-        while not anchor.is_dir() and anchor != anchor.parent:
-            anchor = anchor.parent
-        self.anchor = anchor.resolve()
-        try:
-            self.children = frozenset(c.resolve() for c in anchor.iterdir() if c.is_dir())
-        except OSError:
-            self.children = frozenset()
-
-    def created(self, folder: Path) -> bool:
-        folder = folder.resolve()
-        if self.anchor is None or self.anchor not in folder.parents:
-            return False
-        return folder not in self.children
-
-
-_BEFORE = _FoldersBefore()
-
-
-def _drop_fresh_run_dir() -> None:
-    """After a failed validation: remove what Hydra just wrote for this run (``.hydra/``, the
-    log), the run directory if this process created it, and the folders above it that it
-    created and that are now empty. A run directory that holds anything else is kept."""
-    try:
-        out = Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return
-    if not out.is_dir() or run_dirs.is_run_dir(out):
-        return
-    if any(p.name != ".hydra" and p.suffix != ".log" for p in out.iterdir()):
-        return
-    for handler in list(logging.root.handlers) + list(log.handlers):
-        filename = getattr(handler, "baseFilename", None)
-        if filename and Path(filename).resolve().parent == out.resolve():
-            handler.close()
-            logging.root.removeHandler(handler)
-            log.removeHandler(handler)
-    if not _BEFORE.created(out):
-        for entry in out.iterdir():
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-        return
-    shutil.rmtree(out, ignore_errors=True)
-    folder = out.parent
-    try:
-        while _BEFORE.created(folder) and not any(folder.iterdir()):
-            folder.rmdir()
-            folder = folder.parent
-    except OSError:
-        pass
-
-
 def _fail(message: str, code: int) -> None:
     """Print ``message`` (on rank 0 only: every rank meets the same error) and exit."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -635,12 +555,22 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+_run_folders_before: folders.FoldersBefore | None = None
+"""The folders on the way to the run directory that existed when :func:`main` started (set
+there: the Hydra app takes no arguments of ours)."""
+
+
 def _job_failed(message: str, code: int) -> sweeps.FailedJob:
     """End a job with one line: a single run leaves no fresh run directory behind (one that
     holds a run, e.g. stopped on non-finite values, is kept) and exits with ``code``; a sweep
     job records its failure and the sweep goes on (:mod:`bilevel.sweep_failures`)."""
     if not sweeps.in_sweep():
-        _drop_fresh_run_dir()
+        try:
+            out = Path(HydraConfig.get().runtime.output_dir)
+        except ValueError:  # not under Hydra
+            out = None
+        if out is not None and _run_folders_before is not None:
+            folders.drop_fresh_run_dir(out, _run_folders_before, log)
         _fail(message, code)
     return sweeps.record(message, code)
 
@@ -664,7 +594,7 @@ def app(cfg: DictConfig) -> float | sweeps.FailedJob:
     return float(summary["meta_loss"])
 
 
-def preflight(args: list[str]) -> str | None:
+def preflight(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
     """Compose the config first, so that an unknown group option or key is reported as one
     line (with the valid choices) instead of Hydra's multi-line report. A sweep (``-m``) is
     composed at its points that can differ in what they compose: every key at its first
@@ -672,7 +602,8 @@ def preflight(args: list[str]) -> str | None:
 
     Returns the error line, or ``None`` when the config composes (or when the arguments ask for
     something this check does not cover: Hydra flags other than ``-m``, sweeps over intervals
-    or globs, another config source).
+    or globs, another config source); and the composed ``hydra`` node (unresolved) of a run
+    that is not a ``-m`` sweep, ``None`` where nothing was composed for it.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -681,24 +612,24 @@ def preflight(args: list[str]) -> str | None:
         key, _, value = arg.partition("=")
         if key.lstrip("+") in ("hydra.sweeper.n_trials", "hydra.sweeper.n_jobs"):
             if not (value.isdigit() and int(value) >= 1):
-                return f"{key.lstrip('+')}: must be an integer >= 1, got {value!r}"
+                return f"{key.lstrip('+')}: must be an integer >= 1, got {value!r}", None
     flags = {a for a in args if a.startswith("-")}
-    if not flags <= {"-m", "--multirun"}:
-        return None
+    if not flags <= set(folders.MULTIRUN_FLAGS):
+        return None, None
     plain = [a for a in args if not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(plain)
     except HydraException as err:
-        return str(err).splitlines()[0]
+        return str(err).splitlines()[0], None
     if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
-        return None  # another config source: Hydra's to check
+        return None, None  # another config source: Hydra's to check
     swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
     if not flags:
-        return None if swept else _compose_error(plain, record=True)
+        return (None, None) if swept else _compose_check(plain)
     try:
         values = {i: list(parsed[i].sweep_string_iterator()) for i in swept}
     except HydraException:
-        return None  # an interval or glob sweep (Optuna's search space)
+        return None, None  # an interval or glob sweep (Optuna's search space)
     first = list(plain)
     for i in swept:
         first[i] = f"{parsed[i].get_key_element()}={values[i][0]}"
@@ -710,29 +641,27 @@ def preflight(args: list[str]) -> str | None:
                 for v in values[i][1:10]
             ]
     for point in points:
-        error = _compose_error(point, record=False)
+        error, _ = _compose_check(point)
         if error is not None:
-            return error
-    return None
+            return error, None
+    return None, None
 
 
-def _compose_error(args: list[str], record: bool) -> str | None:
-    """The one-line error of composing the config with ``args`` (``None``: it composes). With
-    ``record``, the composed ``hydra`` settings are kept for :func:`_default_folder`."""
+def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
+    """Compose the config with ``args``: the one-line error (``None``: it composes) and the
+    composed ``hydra`` node, unresolved (``None`` on an error)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException
 
     try:
         with initialize_config_dir(config_dir(), version_base="1.3"):
             composed = compose("config", overrides=args, return_hydra_config=True)
-        if record:
-            _LAYOUT["hydra"] = OmegaConf.to_container(composed.hydra, resolve=False)
     except MissingConfigException as err:
         missing = str(err.missing_cfg_file or "")
         group, _, option = missing.rpartition("/")
         if err.options:
-            return f"{group}: unknown option {option!r}; valid: {', '.join(err.options)}"
-        return str(err).splitlines()[0]
+            return f"{group}: unknown option {option!r}; valid: {', '.join(err.options)}", None
+        return str(err).splitlines()[0], None
     except HydraException as err:
         first = str(err).splitlines()[0]
         key = re.match(r"Could not override '([^']+)'", first)
@@ -740,14 +669,14 @@ def _compose_error(args: list[str], record: bool) -> str | None:
             name = key.group(1)
             if any(a.startswith("resume=") for a in args) and not _harmless(name):
                 # the key may exist in the resumed run's config; either way it is refused there
-                return f"resume: {refused_on_resume([name])}"
+                return f"resume: {refused_on_resume([name])}", None
             others = [a for a in args if _override_key(a) != name]
             close = _close_keys(name, others)
             hint = f"did you mean {' or '.join(close)}? " if close else ""
-            return f"{name}: no such config key; {hint}to add a new key write +{name}=..."
+            return f"{name}: no such config key; {hint}to add a new key write +{name}=...", None
         cause = _root_cause(err)
-        return first if cause is err else f"{first} ({str(cause).splitlines()[0]})"
-    return None
+        return (first if cause is err else f"{first} ({str(cause).splitlines()[0]})"), None
+    return None, OmegaConf.to_container(composed.hydra, resolve=False)
 
 
 def _close_keys(name: str, args: list[str]) -> list[str]:
@@ -767,30 +696,6 @@ def _close_keys(name: str, args: list[str]) -> list[str]:
     return [f"{parent}.{c}" if parent else c for c in close]
 
 
-def _resume_args(args: list[str]) -> list[str]:
-    """For ``resume=<run dir of ours>`` (a single run): continue in that directory, without a
-    new Hydra output folder (``hydra.run.dir`` pointed at it) and without rewriting its
-    ``.hydra/`` record, which holds the run's own config and overrides (a resume's command
-    line would replace them with ``resume=...`` alone). Also when ``hydra.run.dir`` names that
-    same directory; another one gets a branch of the run, with its own record."""
-    if any(a.startswith("-") for a in args):
-        return []
-    explicit = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
-    for a in args:
-        if a.startswith("resume="):
-            value = a.split("=", 1)[1]
-            try:
-                _, run = run_dirs.resolve_resume(value)
-            except ConfigError as err:
-                _fail(f"bilevel: error: {err}", 2)
-            if run is None:
-                return []
-            if not explicit:
-                return [f"hydra.run.dir={run}", "hydra.output_subdir=null"]
-            return ["hydra.output_subdir=null"] if _continues_in(args, explicit[-1]) else []
-    return []
-
-
 def quiet_third_parties() -> None:
     """Silence messages the user cannot act on: alembic's plugin banners (imported by the
     Optuna sweeper) and transformers' ``is_gradient_checkpointing`` deprecation."""
@@ -799,137 +704,36 @@ def quiet_third_parties() -> None:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
 
 
-def _continues_in(args: list[str], folder: str) -> bool:
-    """Whether ``resume=`` in ``args`` continues the run of ``folder`` itself (its directory or
-    a checkpoint inside it), which may write there."""
-    values = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    if not values:
-        return False
-    try:
-        _, run = run_dirs.resolve_resume(values[-1])
-    except ConfigError:
-        return False  # the resume itself is refused later, with its own line
-    return run is not None and run.resolve() == Path(folder).resolve()
-
-
-DEFAULT_SWEEP_DIR = "runs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"
-"""``hydra.sweep.dir`` of ``configs/config.yaml``."""
-
-_LAYOUT: dict[str, Any] = {"hydra": None}
-"""The ``hydra`` settings :func:`preflight` composed (unresolved), ``None`` where it composed
-nothing (Hydra flags, sweep overrides, another config source)."""
-
-
-def _default_folder(args: list[str]) -> tuple[list[str], list[Path]]:
-    """For a run or a sweep in the default layout: the folder ``runs/<date>/<time>`` (a sweep's:
-    ``runs/multirun/<date>/<time>``) made here, ``-1``, ``-2``, ... appended where that second's
-    folder exists, and handed to Hydra as ``hydra.run.dir`` / ``hydra.sweep.dir``. Hydra names
-    the folder by the second alone, so runs started in the same second (seeds launched in
-    parallel) shared it: all but one were refused by its lock, after Hydra had overwritten the
-    running one's saved config (which ``resume=`` reads); two sweeps wrote into the same job
-    folders. Returns the overrides and the folders made, deepest last."""
-    if int(os.environ.get("RANK", "0")) > 0 or any(a.startswith("resume=") for a in args):
-        return [], []  # other ranks write nowhere; a resume continues in its run's folder
-    composed = _LAYOUT["hydra"]
-    flags = {a for a in args if a.startswith("-")}
-    if composed is not None:  # no flags, no sweep overrides, only our configs
-        multirun = str(composed.get("mode")) == "RunMode.MULTIRUN"  # e.g. an Optuna search
-        key, pattern = ("sweep", DEFAULT_SWEEP_DIR) if multirun else ("run", DEFAULT_RUN_DIR)
-        if composed[key]["dir"] != pattern:
-            return [], []
-    elif flags and flags <= {"-m", "--multirun"}:
-        if any(a.lstrip("+").startswith(("hydra.sweep.dir=", "hydra.searchpath")) for a in args):
-            return [], []
-        key = "sweep"
-    else:
-        return [], []
-    now = datetime.datetime.now()
-    base = Path("runs", *(["multirun"] if key == "sweep" else []), now.strftime("%Y-%m-%d"))
-    base = base / now.strftime("%H-%M-%S")
-    folder, n = base, 0
-    while True:
-        made = _missing(folder)
-        try:
-            folder.mkdir(parents=True)  # atomic: of two processes, one makes it
-            return [f"hydra.{key}.dir={folder}"], made
-        except FileExistsError:
-            n += 1
-            folder = base.with_name(f"{base.name}-{n}")
-        except OSError:
-            return [], []  # Hydra's own attempt reports it (check_creatable has said why)
-
-
-def _missing(folder: Path) -> list[Path]:
-    """The folders on the way to ``folder`` (itself included) that do not exist yet, outermost
-    first."""
-    return [p for p in (folder, *folder.parents) if not p.exists()][::-1]
-
-
-def _remove_if_empty(made: list[Path]) -> None:
-    """Take back the folders :func:`_default_folder` made for a sweep that stopped before its
-    first job (nothing there but Hydra's ``multirun.yaml``)."""
-    if made and made[-1].is_dir() and {p.name for p in made[-1].iterdir()} == {"multirun.yaml"}:
-        (made[-1] / "multirun.yaml").unlink()
-    for folder in reversed(made):
-        try:
-            folder.rmdir()  # only if empty
-        except OSError:
-            return
-
-
-def _check_explicit_dirs(args: list[str]) -> None:
-    """An explicit ``hydra.run.dir`` (or ``hydra.sweep.dir`` of a sweep) that holds files bilevel
-    did not write is refused before Hydra writes its own files (``.hydra/``, the log) there."""
-    sweep = "-m" in args or "--multirun" in args
-    key = "hydra.sweep.dir=" if sweep else "hydra.run.dir="
-    explicit = [a.split("=", 1)[1] for a in args if a.startswith(key)]
-    if not explicit:  # the default runs/ under the current folder, when a run will write there
-        flags = [a for a in args if a.startswith("-") and a not in ("-m", "--multirun")]
-        if flags or any(a.startswith("resume=") for a in args):
-            return
-        try:
-            run_dirs.check_creatable("runs", "run directory", key.rstrip("="))
-        except ConfigError as err:
-            _fail(f"bilevel: error: {err}", 2)
-        return
-    try:
-        if sweep:
-            run_dirs.check_sweep_writable(explicit[-1])
-        else:
-            run_dirs.check_writable(explicit[-1])
-            if not _continues_in(args, explicit[-1]):
-                run_dirs.check_new_run(explicit[-1])
-    except ConfigError as err:
-        _fail(f"bilevel: error: {err}", 2)
-
-
 def main() -> None:
     """Console entry point. Under torchrun, ranks other than 0 keep Hydra's files out of the run
     directory."""
     quiet_third_parties()
     sweeps.codes.clear()
-    _LAYOUT["hydra"] = None
     args = sys.argv[1:]
-    problem = preflight(args)
+    problem, composed = preflight(args)
     if problem is not None:
         _fail(f"bilevel: error: {problem}", 2)
-    _check_explicit_dirs(args)
-    sys.argv += _resume_args(args)
-    _BEFORE.note(sys.argv[1:])
-    folder, made = _default_folder(sys.argv[1:])
-    sys.argv += folder
-    # what a sweep that stops before its first job takes back (its folder's new part)
-    sweep_made = made if folder and folder[0].startswith("hydra.sweep.dir=") else []
-    explicit = [a.split("=", 1)[1] for a in args if a.startswith("hydra.sweep.dir=")]
-    if explicit:
-        sweep_made = _missing(Path(explicit[-1]))
+    try:
+        folders.check_explicit(args)
+        sys.argv += folders.resume_overrides(args)
+    except ConfigError as err:
+        _fail(f"bilevel: error: {err}", 2)
+    run_dir = folders.last_value(sys.argv[1:], "hydra.run.dir")
+    global _run_folders_before
+    _run_folders_before = folders.FoldersBefore(run_dir or folders.DEFAULT_RUN_DIR)
+    sweep_before = folders.FoldersBefore(
+        folders.last_value(args, "hydra.sweep.dir") or folders.DEFAULT_SWEEP_DIR
+    )
+    sys.argv += folders.default_folder(sys.argv[1:], composed)
+    sweep_dir = folders.last_value(sys.argv[1:], "hydra.sweep.dir")
     if int(os.environ.get("RANK", "0")) > 0:
         scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{os.environ['RANK']}-")
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     try:
         sweeps.run_app(app, args)
     finally:
-        _remove_if_empty(sweep_made)
+        if sweep_dir is not None:  # a sweep that stopped before its first job
+            folders.take_back_sweep(Path(sweep_dir), sweep_before)
     leave_process_group()
     sweeps.exit_if_failed()
 

@@ -333,6 +333,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     import datetime
 
     from bilevel import cli as app
+    from bilevel import cli_folders as folders
 
     class Frozen(datetime.datetime):
         @classmethod
@@ -340,12 +341,11 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
             return cls(2026, 1, 2, 3, 4, 5)
 
     def folder(*args):  # what the entry point chooses: preflight composes, then the folder
-        app._LAYOUT["hydra"] = None
-        app.preflight(list(args))
-        return app._default_folder(list(args))[0]
+        _, composed = app.preflight(list(args))
+        return folders.default_folder(list(args), composed)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(app.datetime, "datetime", Frozen)
+    monkeypatch.setattr(folders.datetime, "datetime", Frozen)
     chosen = [folder("experiment=tiny", f"seed={s}") for s in range(3)]
     assert chosen == [
         ["hydra.run.dir=runs/2026-01-02/03-04-05"],
