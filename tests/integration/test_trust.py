@@ -537,16 +537,8 @@ def test_checkpoints_hold_the_trainable_part_and_a_base_fingerprint(tmp_path):
     data = noisy_domains(per_domain=64, meta_size=32, test_size=64)
 
     def trainer(model, run_dir):
-        return BilevelTrainer(
-            model,
-            DomainWeights(data.names),
-            build("first_order"),
-            per_example_cross_entropy,
-            cross_entropy,
-            data,
-            TrainerConfig(steps=10, progress=False),
-            run_dir=run_dir,
-        )
+        config = TrainerConfig(steps=10, progress=False)
+        return small_trainer(config, data=data, run_dir=run_dir, model=model)
 
     torch.manual_seed(0)
     trainer(Frozen(), tmp_path / "a").fit()
@@ -637,15 +629,22 @@ def test_meta_weight_net_with_a_sampler_that_applies_weights_is_one_line(tmp_pat
 
 
 def small_trainer(
-    config, solver=None, outer_loss=cross_entropy, activation="relu", data=None, run_dir=None
+    config,
+    solver=None,
+    outer_loss=cross_entropy,
+    activation="relu",
+    data=None,
+    run_dir=None,
+    model=None,
+    inner_loss=per_example_cross_entropy,
 ):
-    """A first_order trainer of a small MLP on a small noisy_domains problem."""
+    """A first_order trainer of a small MLP (or ``model``) on a small noisy_domains problem."""
     data = data or noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
     return BilevelTrainer(
-        MLP(**data.model_kwargs, hidden=8, activation=activation),
+        model or MLP(**data.model_kwargs, hidden=8, activation=activation),
         DomainWeights(data.names),
         solver or build("first_order"),
-        per_example_cross_entropy,
+        inner_loss,
         outer_loss,
         data,
         config,
@@ -924,16 +923,10 @@ def test_a_loss_without_a_gradient_is_refused_where_a_method_differentiates_it()
     from bilevel.methods import ODM
 
     assert small_trainer(config, ODM(), outer_loss=accuracy_loss).fit()["steps"] == 2
-    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
     with pytest.raises(ConfigError, match="inner_loss: carries no gradient"):
-        BilevelTrainer(
-            MLP(**data.model_kwargs, hidden=8),
-            DomainWeights(data.names),
-            build("first_order"),
-            lambda output, batch: per_example_cross_entropy(output, batch).detach(),
-            cross_entropy,
-            data,
+        small_trainer(
             config,
+            inner_loss=lambda output, batch: per_example_cross_entropy(output, batch).detach(),
         )
 
 
@@ -957,15 +950,6 @@ def test_evaluation_gives_every_submodule_its_own_mode_back():
     config = TrainerConfig(
         steps=10, outer_every=5, eval_every=5, log_every=5, batch_size=16, progress=False
     )
-    trainer = BilevelTrainer(
-        model,
-        DomainWeights(data.names),
-        build("first_order"),
-        per_example_cross_entropy,
-        cross_entropy,
-        data,
-        config,
-    )
-    trainer.fit()
+    small_trainer(config, data=data, model=model).fit()
     assert model.training and model[0].training and not model[1].training
     assert torch.equal(model[1].running_mean, frozen)
