@@ -12,11 +12,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bilevel.losses.precision import upcast
+from bilevel.losses.shapes import expect_column, expect_output
 
 __all__ = ["per_sequence_token_cross_entropy", "token_cross_entropy"]
 
 
-def _token_losses(output: Tensor, targets: Tensor) -> Tensor:
+def _token_losses(loss: str, output: Tensor, targets: Tensor) -> Tensor:
+    expect_output(
+        loss, output, 3, "next-token logits [B, T, V]", "class logits [B, C] go with cross_entropy"
+    )
+    expect_column(loss, "y", targets, output.shape[:2], "target token ids [B, T]")
     logits = upcast(output)
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
@@ -29,12 +34,14 @@ def _token_losses(output: Tensor, targets: Tensor) -> Tensor:
 def per_sequence_token_cross_entropy(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
     """Inner loss: mean next-token cross-entropy of each sequence -> ``[B]``."""
     targets = batch["y"]
+    losses = _token_losses("per_sequence_token_cross_entropy", output, targets)
     mask = (targets != -100).float()
-    return (_token_losses(output, targets) * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return (losses * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 def token_cross_entropy(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
     """Outer loss: mean next-token cross-entropy over every target token -> scalar."""
     targets = batch["y"]
+    losses = _token_losses("token_cross_entropy", output, targets)
     mask = (targets != -100).float()
-    return (_token_losses(output, targets) * mask).sum() / mask.sum().clamp_min(1)
+    return (losses * mask).sum() / mask.sum().clamp_min(1)

@@ -26,6 +26,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bilevel.losses.precision import upcast
+from bilevel.losses.shapes import expect_column, expect_output
+
+_HINT = "one score per step; a [B, S, 1] head needs .squeeze(-1)"
+
+
+def _steps(loss: str, output: Any, batch: Mapping[str, Any], *columns: str) -> None:
+    """``output`` must be step logits ``[B, S]`` and each named column shaped like it."""
+    expect_output(loss, output, 2, "step logits [B, S]", _HINT)
+    for name in columns:
+        expect_column(loss, name, batch[name], output.shape, "one value per step [B, S]")
+
+
+def _per_solution(loss: str, output: Tensor, batch: Mapping[str, Any], *columns: str) -> None:
+    for name in columns:
+        expect_column(loss, name, batch[name], output.shape[:1], "one value per solution [B]")
+
 
 __all__ = [
     "AGGREGATIONS",
@@ -42,6 +58,7 @@ AGGREGATIONS = ("mean_logodds", "min", "product", "last")
 def step_mse(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
     """Inner loss as DreamPRM's code: mean squared error between each step's probability
     sigmoid(logit) and its (soft, e.g. Monte-Carlo) label, over each trajectory's steps -> [B]."""
+    _steps("step_mse", output, batch, "step_mask", "step_labels")
     probs = torch.sigmoid(upcast(output))
     mask = batch["step_mask"].to(probs.dtype)
     errors = (probs - batch["step_labels"].to(probs.dtype)) ** 2
@@ -50,6 +67,7 @@ def step_mse(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
 
 def step_bce(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
     """Inner loss: mean binary cross-entropy over each trajectory's real steps -> ``[B]``."""
+    _steps("step_bce", output, batch, "step_mask", "step_labels")
     logits = upcast(output)
     mask = batch["step_mask"].float()
     losses = F.binary_cross_entropy_with_logits(
@@ -64,6 +82,7 @@ def trajectory_logits(output: Tensor, batch: Mapping[str, Any], aggregation: str
     For ``product`` the value is log P (a log-probability, not a logit); use
     :func:`aggregation_loss` or compare scores only within one aggregation.
     """
+    _steps("trajectory_logits", output, batch, "step_mask")
     logits = upcast(output)
     mask = batch["step_mask"].float()
     if aggregation == "mean_logodds":
@@ -93,6 +112,7 @@ def aggregation_loss(
     if loss not in ("bce", "mse"):
         raise ValueError(f"aggregation_loss: loss must be bce or mse, got {loss!r}")
     score = trajectory_logits(output, batch, aggregation)
+    _per_solution("aggregation_loss", output, batch, "outcome")
     outcome = batch["outcome"].to(score.dtype)
     if loss == "mse":
         prob = score.exp() if aggregation == "product" else torch.sigmoid(score)
@@ -114,6 +134,7 @@ def pairwise_ranking_loss(
     not on how calibrated the scores are.
     """
     score = trajectory_logits(output, batch, aggregation)
+    _per_solution("pairwise_ranking_loss", output, batch, "outcome", "problem")
     outcome = batch["outcome"].to(score.dtype)
     problem = batch["problem"]
     pairs = (

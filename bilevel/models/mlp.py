@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -46,6 +47,7 @@ class MLP(nn.Module):
             "MLP",
             **{f"hidden[{i}]" if len(widths) > 1 else "hidden": w for i, w in enumerate(widths)},
         )
+        self.in_dim = in_dim
         layers: list[nn.Module] = []
         prev = in_dim
         for width in widths:
@@ -55,4 +57,10 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``[B, ...]`` with ``in_dim`` features per row (flattened) -> ``[B, out_dim]``."""
+        if not isinstance(x, Tensor) or x.dim() < 2 or math.prod(x.shape[1:]) != self.in_dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"MLP reads x [B, {self.in_dim}] ({self.in_dim} features per row), got {shape}"
+            )
         return self.net(x.flatten(1))

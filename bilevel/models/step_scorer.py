@@ -20,8 +20,15 @@ class StepScorer(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int | Sequence[int] = 128, activation: str = "relu"):
         super().__init__()
+        self.in_dim = in_dim
         self.mlp = MLP(in_dim, 1, hidden=hidden, activation=activation)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.in_dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"StepScorer scores the steps of each solution: x must be step features "
+                f"[B, S, {self.in_dim}], got {shape}"
+            )
         b, s, d = x.shape
         return self.mlp(x.reshape(b * s, d)).view(b, s)

@@ -1,8 +1,11 @@
-"""The bundled models refuse sizes that would build a model that cannot learn."""
+"""The bundled models refuse sizes that would build a model that cannot learn, and inputs of
+another shape than the one they read."""
 
 import pytest
+import torch
 
 from bilevel.models import MLP
+from bilevel.models.step_scorer import StepScorer
 from bilevel.models.tiny_gpt import TinyGPT
 
 
@@ -27,3 +30,18 @@ def test_bad_sizes_are_refused_by_name(build, field):
 def test_good_sizes_build():
     assert MLP(4, 2, hidden=[8, 3])(__import__("torch").zeros(5, 4)).shape == (5, 2)
     TinyGPT(16, 8, layers=0)  # a bigram model: no blocks is allowed
+
+
+@pytest.mark.parametrize(
+    "model,x,match",
+    [
+        (MLP(4, 2), torch.zeros(5, 3), r"MLP reads x \[B, 4\]"),
+        (MLP(4, 2), torch.zeros(5), r"MLP reads x \[B, 4\]"),
+        (StepScorer(4), torch.zeros(5, 4), r"step features \[B, S, 4\], got \(5, 4\)"),
+        (StepScorer(4), torch.zeros(5, 3, 2), r"step features \[B, S, 4\]"),
+    ],
+)
+def test_inputs_of_another_shape_are_refused_by_name(model, x, match):
+    with pytest.raises(ValueError, match=match):
+        model(x)
+    MLP(4, 2)(torch.zeros(5, 2, 2))  # rows are flattened: a 2x2 image has 4 features
