@@ -208,11 +208,34 @@ def build_model(node: DictConfig, data: DomainData) -> torch.nn.Module:
     try:
         model = factory(**extra)
     except (TypeError, ValueError) as err:
-        hint = _preset_hint("model", node.get("_target_"), str(err))
-        raise ConfigError(f"model ({node.get('_target_')})", str(err) + hint) from None
+        message = str(err)
+        hint = _preset_hint("model", node.get("_target_"), message) or _fit_hint(message, data)
+        raise ConfigError(f"model ({node.get('_target_')})", message + hint) from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError("model", f"_target_ must build a torch.nn.Module, got {type(model)}")
     return model
+
+
+def _fit_hint(message: str, data: DomainData) -> str:
+    """For a model that does not fit the data: sizes it needs that the data does not supply
+    (``MLP`` on token data), or a key it does not take (``hidden``, set for another model by
+    an experiment preset), and how to fix either from the command line."""
+    if "missing" in message and "required" in message:
+        needed = re.findall(r"'(\w+)'", message)
+        supplied = ", ".join(sorted(data.model_kwargs)) or "none"
+        example = f" (model.{needed[0]}=...)" if needed else ""
+        return (
+            f"; this data supplies the sizes: {supplied}. Pick a model that fits the data, or "
+            f"set them{example}"
+        )
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", message)
+    if unexpected:
+        key = unexpected.group(1)
+        return (
+            f"; model.{key} was set for another model (by a preset or the command line): drop "
+            f"it with ~model.{key}"
+        )
+    return ""
 
 
 def check_seed(value: Any) -> int:

@@ -143,6 +143,15 @@ def _gradient_copy(output: Any) -> Any:
     return leaf
 
 
+def _library_part(part: Any) -> bool:
+    """Whether a model or loss is one of the library's own (through ``functools.partial`` and
+    Hydra's wrappers): their ValueErrors describe bad input (a model or loss that does not fit
+    the data) and become one line; a user's own keeps its traceback."""
+    while getattr(part, "func", None) is not None:
+        part = part.func
+    return (getattr(part, "__module__", None) or "").split(".")[0] == "bilevel"
+
+
 def _first_rows(columns: Columns, n: int, device) -> Columns:
     """The first ``n`` rows of ``columns`` on ``device`` (taken where the columns are, so only
     those rows are copied)."""
@@ -170,6 +179,10 @@ def _forward(module: nn.Module, batch: Any, field: str) -> Any:
     token ids are integers by design."""
     try:
         return forward_batch(module, batch)
+    except ValueError as err:
+        if not _library_part(module):
+            raise
+        raise ConfigError("model", f"{err} (in {field}): pick a model that fits the data") from None
     except RuntimeError as err:
         params = {p.dtype for p in module.parameters() if p.is_floating_point()}
         if len(params) != 1:
@@ -204,6 +217,10 @@ def _loss(
         leaf = _gradient_copy(output)
         try:
             value = loss(output if leaf is None else leaf, batch)
+        except ValueError as err:  # the library's losses say which shapes they read
+            if not _library_part(loss):
+                raise
+            raise ConfigError(name, f"{err} (in {field})") from None
         except KeyError as err:
             key = err.args[0] if err.args else None
             if not isinstance(key, str) or key in batch:

@@ -79,6 +79,12 @@ CASES = [
     # model
     (["model.hidden=0"], "model"),  # a zero-width layer trained silently to chance
     (["model.hidden=abc"], "model"),
+    # a model or a loss of the library that does not fit the data (a traceback from inside it
+    # before, or a silent misreading)
+    (["model=step_scorer"], "model"),
+    (["model=tiny_gpt"], "model"),
+    (["inner_loss=token_cross_entropy"], "inner_loss"),
+    (["outer_loss=token_cross_entropy"], "outer_loss"),
     # solver
     (["solver.name=adam"], "solver"),
     (["solver=newton"], "solver"),
