@@ -7,7 +7,12 @@ Public API: :class:`DomainWeights`, :func:`hypergradient`, :mod:`bilevel.solvers
 :class:`BilevelTrainer`.
 """
 
-from bilevel.functional import make_outer_loss, make_per_domain_loss, segment_mean
+from bilevel.functional import (
+    make_outer_loss,
+    make_per_domain_loss,
+    segment_mean,
+    trainable_params,
+)
 from bilevel.hypergradient import hypergradient
 from bilevel.outer import MirrorDescent
 from bilevel.trainer import BilevelTrainer, TrainerConfig
@@ -24,4 +29,5 @@ __all__ = [
     "make_outer_loss",
     "make_per_domain_loss",
     "segment_mean",
+    "trainable_params",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "make_per_example_loss",
     "make_outer_loss",
     "check_per_domain_shape",
+    "no_gradient_error",
 ]
 
 Batch = Mapping[str, Any]
@@ -127,12 +128,26 @@ def check_per_domain_shape(losses: Tensor, num_domains: int) -> Tensor:
             f"per_domain_loss must return a Tensor [K] (one mean loss per domain), got "
             f"{type(losses).__name__}"
         )
+    if not (losses.is_floating_point() or losses.is_complex()):
+        raise TypeError(
+            f"per_domain_loss returned {str(losses.dtype).removeprefix('torch.')}: the "
+            "per-domain losses must be floating point (differentiable in params)"
+        )
     if losses.shape != (num_domains,):
         raise ValueError(
             f"per_domain_loss returned shape {tuple(losses.shape)}, expected ({num_domains},): "
             f"one mean loss per domain for K={num_domains} domains"
         )
     return losses
+
+
+def no_gradient_error() -> ValueError:
+    """The error for a per-domain loss that does not depend differentiably on the parameters:
+    every hypergradient would be exactly zero, for a reason the caller should know."""
+    return ValueError(
+        "per_domain_loss carries no gradient back to params (it ignores them, was detached, or "
+        "is built from argmax / comparisons): every hypergradient would be zero"
+    )
 
 
 def make_per_domain_loss(

@@ -49,6 +49,18 @@ def _check_arguments(solver, params, weights, inner_lr, wrt) -> Solver:
             "params must be a non-empty dict[str, Tensor] (e.g. dict(model.named_parameters()))"
             f", got {type(params).__name__} {'(empty)' if isinstance(params, dict) else ''}"
         )
+    for name, value in params.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"params[{name!r}] must be a Tensor, got {type(value).__name__}")
+        if isinstance(value, torch.nn.Parameter) and not value.requires_grad:
+            # a frozen base weight passed with the trainable ones (dict(model.named_parameters())
+            # of a LoRA model): the solvers would treat it as an inner variable that the inner
+            # loop moves, and return the hypergradient of another problem
+            raise ValueError(
+                f"params[{name!r}] is a frozen parameter (requires_grad=False): params are the "
+                "inner variables that the inner optimizer trains; pass only those, e.g. "
+                "bilevel.trainable_params(model)"
+            )
     # >= 0: a schedule may end at 0. A tensor (a scheduler's device lr) is not read: no sync.
     if not isinstance(inner_lr, Tensor) and not (is_finite_number(inner_lr) and inner_lr >= 0):
         raise ValueError(f"inner_lr must be a finite number >= 0, got {inner_lr!r}")
@@ -77,7 +89,9 @@ def hypergradient(
         per_domain_loss: ``params -> Tensor[K]``, the mean inner loss of each domain.
         outer_loss: ``params -> scalar``, the meta loss M.
         params: ``dict[str, Tensor]``; the inner solution theta*(w) for implicit solvers, the
-            start point theta_0 for ``unrolled``. Not modified.
+            start point theta_0 for ``unrolled``. Not modified. Only the inner variables (what
+            the inner optimizer trains: :func:`bilevel.trainable_params`); frozen weights stay
+            in the model, so a frozen ``nn.Parameter`` here is refused.
         weights: the :class:`~bilevel.DomainWeights` whose logits the result refers to.
         inner_lr: the inner SGD learning rate (used by ``first_order`` and ``unrolled``).
         wrt: ``"logits"`` (default: dM/dlogits, shaped like ``weights.logits``) or ``"values"``

@@ -126,6 +126,8 @@ class DomainWeights(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        if isinstance(names, str | bytes):  # "abc" would be three domains a, b, c
+            raise TypeError(f"names must be a list of domain names, got the string {names!r}")
         names = [str(n) for n in names]
         if not names:
             raise ValueError("DomainWeights needs at least one domain name")

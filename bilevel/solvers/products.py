@@ -25,7 +25,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from bilevel.functional import OuterLoss, Params, PerDomainLoss, check_per_domain_shape
+from bilevel.functional import (
+    OuterLoss,
+    Params,
+    PerDomainLoss,
+    check_per_domain_shape,
+    no_gradient_error,
+)
 
 __all__ = [
     "InnerProducts",
@@ -147,7 +153,8 @@ def domain_jvp(
         w = torch.ones(k, dtype=theta[0].dtype, device=theta[0].device)
         return InnerProducts.at(per_domain_loss, names, theta, w, reduce).domain_jvp(v)
     primal = fwAD.unpack_dual(losses).primal
-    tangent = torch.zeros_like(primal) if tangent is None else tangent
+    if tangent is None:  # no operation on the way from params to the losses was differentiable
+        raise no_gradient_error()
     return (reduce or _identity)([poison_nonfinite(tangent, primal)])[0]
 
 
@@ -192,6 +199,8 @@ class InnerProducts:
         """Products at ``theta`` (leaves) for weight values ``w`` (taken as fixed)."""
         losses = per_domain_loss(dict(zip(names, theta, strict=True)))
         check_per_domain_shape(losses, w.numel())
+        if not losses.requires_grad:
+            raise no_gradient_error()
         w_leaf = w.detach().to(losses.dtype).requires_grad_(True)
         grads = torch.autograd.grad(
             torch.dot(w_leaf, losses),

@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 from bilevel.errors import is_integer
-from bilevel.functional import OuterLoss, Params, PerDomainLoss, check_per_domain_shape
+from bilevel.functional import (
+    OuterLoss,
+    Params,
+    PerDomainLoss,
+    check_per_domain_shape,
+    no_gradient_error,
+)
 from bilevel.solvers.products import (
     Reduce,
     check_outer_value,
@@ -69,6 +75,8 @@ class Unrolled:
 
         def inner(current: list[Tensor]) -> Tensor:
             losses = check_per_domain_shape(per_domain_loss(dict(zip(names, current))), k)
+            if not losses.requires_grad:
+                raise no_gradient_error()
             seen.append(losses.detach())
             return torch.dot(w_leaf.to(losses.dtype), losses)
 

@@ -319,6 +319,8 @@ def test_bad_arguments_of_the_public_api_are_named():
         bilevel.hypergradient(
             "cg", lambda p: list(problem.per_domain(p)), problem.meta, theta, w, 0.1
         )
+    with pytest.raises(TypeError, match=r"params\['theta'\] must be a Tensor, got list"):
+        call(params={"theta": [0.0] * problem.d})
     # a schedule may end at lr 0 (first_order is then 0); a solver's name is build(name)
     assert torch.equal(call(inner_lr=0.0), torch.zeros(3, dtype=torch.float64))
     torch.testing.assert_close(call(solver="cg"), call(solver=build("cg")))
@@ -363,3 +365,33 @@ def test_numpy_numbers_are_numbers():
     torch.testing.assert_close(
         got, bilevel.hypergradient("first_order", problem.per_domain, problem.meta, theta, w, 0.1)
     )
+
+
+@pytest.mark.parametrize("name", ["first_order", "unrolled", "neumann", "cg", "sama"])
+def test_a_per_domain_loss_without_gradient_or_a_frozen_parameter_is_refused(name):
+    """Each of these returned a hypergradient of another problem, or exactly zero, without a
+    word (first_order, sama), or failed inside autograd (unrolled, neumann, cg): a per-domain
+    loss that ignores params or is detached, one of integer dtype, and a frozen base weight
+    passed with the trainable ones (``dict(model.named_parameters())`` of a LoRA model)."""
+    problem = Ridge()
+    w = weights_for(problem, "softmax")
+    theta = {"theta": torch.zeros(problem.d, dtype=torch.float64)}
+
+    def call(per_domain, params=theta):
+        return bilevel.hypergradient(name, per_domain, problem.meta, params, w, 0.1)
+
+    for detached in (
+        lambda p: problem.per_domain(p).detach(),
+        lambda p: torch.ones(3, dtype=torch.float64),
+    ):
+        with pytest.raises(ValueError, match="per_domain_loss carries no gradient back"):
+            call(detached)
+    with pytest.raises(TypeError, match="per_domain_loss returned int64"):
+        call(lambda p: problem.per_domain(p).long())
+
+    frozen = torch.nn.Parameter(torch.ones(2, dtype=torch.float64), requires_grad=False)
+    with pytest.raises(ValueError, match=r"params\['base'\] is a frozen parameter"):
+        call(problem.per_domain, {**theta, "base": frozen})
+    model = torch.nn.Linear(2, 1)
+    model.bias.requires_grad_(False)
+    assert list(bilevel.trainable_params(model)) == ["weight"]

@@ -64,6 +64,11 @@ def test_bad_input(kwargs, match):
         DomainWeights(**kwargs)
 
 
+def test_a_string_of_names_is_refused():
+    with pytest.raises(TypeError, match="the string 'abc'"):  # not three domains a, b, c
+        DomainWeights("abc")
+
+
 def test_set_values_round_trip():
     w = DomainWeights(list("abc"), parametrization="sigmoid", dtype=torch.float64)
     w.set_values([0.2, 0.7, 0.9])
