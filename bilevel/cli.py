@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -749,7 +750,10 @@ def main() -> None:
     )
     sys.argv += folders.default_folder(sys.argv[1:], composed)
     sweep_dir = folders.last_value(sys.argv[1:], "hydra.sweep.dir")
+    scratch = None
     if int(os.environ.get("RANK", "0")) > 0:
+        # Hydra's own folder for a rank that writes nothing (rank 0 owns the run directory):
+        # a temporary one, removed when the rank ends
         scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{os.environ['RANK']}-")
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     try:
@@ -757,6 +761,8 @@ def main() -> None:
     finally:
         if sweep_dir is not None:  # a sweep that stopped before its first job
             folders.take_back_sweep(Path(sweep_dir), sweep_before)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     leave_process_group()
     sweeps.exit_if_failed()
 

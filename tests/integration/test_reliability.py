@@ -315,6 +315,8 @@ def test_nonfinite_stop_exits_3_with_message(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks(tmp_path):
     out = tmp_path / "ddp"
+    scratch = tmp_path / "tmp"  # the ranks' temporary folder: rank 1's Hydra folder goes there
+    scratch.mkdir()
     proc = subprocess.run(
         [
             sys.executable,
@@ -334,13 +336,14 @@ def test_torchrun_two_cpu_ranks(tmp_path):
         text=True,
         cwd=REPO,
         timeout=300,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = read_summary(out)
     assert summary["world_size"] == 2 and summary["ranks_agree"] is True
     assert summary["steps"] == 40
-    assert len(list(tmp_path.iterdir())) == 1  # rank 1 wrote nothing next to the run directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "tmp"]  # rank 1: nothing here
+    assert not list(scratch.glob("bilevel-rank*"))  # and its temporary folder is gone
 
 
 def test_data_builder_must_return_domain_data():
