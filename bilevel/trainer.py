@@ -203,6 +203,21 @@ class BilevelTrainer:
                 f"({train.n} rows): rows repeat within every batch (each domain's rows are "
                 "drawn with replacement)"
             )
+        if self.config.learn_weights and not getattr(self.method, "uses_outer_optimizer", True):
+            chosen = (
+                any(_names_outer_optimizer(o) for o in self.overrides)
+                if self.run_config  # the command line: what the user wrote, not the default
+                else outer_optimizer is not None
+            )
+            if chosen:
+                rule = (
+                    "sets the weights by its own rule (its step size is a solver option)"
+                    if getattr(self.method, "moves_weights", True)
+                    else "does not move the domain weights"
+                )
+                self.notes.append(
+                    f"trainer.outer_optimizer has no effect on solver={self.method.name}: it {rule}"
+                )
         if self.config.hessian_batch == "independent" and not getattr(
             self.method, "uses_hessian", False
         ):
@@ -724,6 +739,11 @@ def check_fsdp_solver(solver: Any) -> None:
             f"trainer.strategy=fsdp shards the parameters, where double backward is not "
             f"available: use solver.products=finite_difference (got {products!r})",
         )
+
+
+def _names_outer_optimizer(override: str) -> bool:
+    """Whether a command-line override chooses or sets the outer optimizer."""
+    return override.lstrip("+~").startswith(("trainer.outer_optimizer", "trainer/outer_optimizer"))
 
 
 def _checkpoint_keys(module: nn.Module) -> tuple[set[str], dict[str, Any]]:

@@ -50,6 +50,10 @@ class OuterMethod(Protocol):
         name: recorded in ``summary.json``.
         uses_meta: whether the method reads the meta set (ODM and loss-based reweighting
             do not).
+
+    Optional attributes: ``uses_outer_optimizer = False`` for a method that sets the weights
+    by its own rule (``trainer.outer_optimizer`` has no effect: a note says so when it was
+    chosen), ``moves_weights = False`` for one that never moves the domain weights.
     """
 
     name: str

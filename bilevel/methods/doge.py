@@ -47,6 +47,7 @@ class DoGE:
     _inner: Any = field(default=None, repr=False, compare=False)
 
     uses_meta = True
+    uses_outer_optimizer = False  # sets the weights by its own rule
 
     def __post_init__(self) -> None:
         if not (is_finite_number(self.lr) and self.lr > 0):

@@ -59,6 +59,7 @@ class LossReweighting:
 
     uses_meta = False
     moves_weights = False  # its factors are per example; the domain weights stay fixed
+    uses_outer_optimizer = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -46,6 +46,7 @@ class ODM:
     _state: dict = field(default_factory=dict, repr=False, compare=False)
 
     uses_meta = False
+    uses_outer_optimizer = False  # sets the weights by its own rule
 
     def __post_init__(self) -> None:
         if not (is_finite_number(self.smoothing) and 0 <= self.smoothing < 1):

@@ -1,6 +1,7 @@
 """Trust at the edges: no silent wrong result (float64, schedulers, small batches, NaN meta
 sets, the H batch), and one line for every mistake."""
 
+import functools
 import json
 
 import pytest
@@ -637,8 +638,10 @@ def small_trainer(
     run_dir=None,
     model=None,
     inner_loss=per_example_cross_entropy,
+    **kwargs,
 ):
-    """A first_order trainer of a small MLP (or ``model``) on a small noisy_domains problem."""
+    """A first_order trainer of a small MLP (or ``model``) on a small noisy_domains problem;
+    ``kwargs`` go to :class:`BilevelTrainer`."""
     data = data or noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
     return BilevelTrainer(
         model or MLP(**data.model_kwargs, hidden=8, activation=activation),
@@ -649,6 +652,7 @@ def small_trainer(
         data,
         config,
         run_dir=run_dir,
+        **kwargs,
     )
 
 
@@ -727,6 +731,33 @@ def test_an_option_without_effect_on_the_solver_is_a_note():
         TrainerConfig(steps=10, hessian_batch="independent", progress=False), solver=build("cg")
     )
     assert not any("hessian_batch" in n for n in cg.notes)
+
+
+def test_an_outer_optimizer_for_a_method_with_its_own_rule_is_a_note():
+    """DoGE and ODM set the weights themselves and loss-based reweighting keeps them: an outer
+    optimizer chosen for them (in Python, or on the command line, not by the default config)
+    would change nothing, silently."""
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    config = TrainerConfig(steps=10, progress=False)
+    for solver, rule in [
+        ("doge", "by its own rule"),
+        ("odm", "by its own rule"),
+        ("loss_reweighting", "does not move the domain weights"),
+    ]:
+        trainer = small_trainer(config, solver=build(solver), outer_optimizer=sgd)
+        assert any(
+            f"outer_optimizer has no effect on solver={solver}: it " in n and rule in n
+            for n in trainer.notes
+        ), trainer.notes
+        assert not any(
+            "outer_optimizer" in n for n in small_trainer(config, solver=build(solver)).notes
+        )
+    assert not any("outer_optimizer" in n for n in small_trainer(config, outer_optimizer=sgd).notes)
+    for overrides, noted in [(["trainer/outer_optimizer=sgd"], True), (["seed=1"], False)]:
+        trainer = small_trainer(
+            config, build("doge"), outer_optimizer=sgd, run_config={"seed": 1}, overrides=overrides
+        )
+        assert any("outer_optimizer" in n for n in trainer.notes) is noted
 
 
 def test_a_doremi_reference_of_another_model_is_one_line_before_training(finished):
