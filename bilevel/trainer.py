@@ -218,6 +218,23 @@ class BilevelTrainer:
                 self.notes.append(
                     f"trainer.outer_optimizer has no effect on solver={self.method.name}: it {rule}"
                 )
+        if self.config.temperature != 1.0 and self.config.sampling != "temperature":
+            self.notes.append(
+                f"trainer.temperature={self.config.temperature} has no effect with "
+                f"trainer.sampling={self.config.sampling} (it shapes sampling=temperature's "
+                "shares)"
+            )
+        if self.config.meta_batch_size is not None and not (
+            self.config.learn_weights and differentiates
+        ):
+            why = (
+                "trainer.learn_weights=false runs no outer step"
+                if not self.config.learn_weights
+                else f"{self.method.name} does not read the meta set"
+            )
+            self.notes.append(
+                f"trainer.meta_batch_size={self.config.meta_batch_size} has no effect: {why}"
+            )
         if self.config.hessian_batch == "independent" and not getattr(
             self.method, "uses_hessian", False
         ):

@@ -731,6 +731,26 @@ def test_an_option_without_effect_on_the_solver_is_a_note():
         TrainerConfig(steps=10, hessian_batch="independent", progress=False), solver=build("cg")
     )
     assert not any("hessian_batch" in n for n in cg.notes)
+    for config, solver, noted in [
+        (TrainerConfig(temperature=2.0), "first_order", "temperature=2.0 has no effect"),
+        (TrainerConfig(meta_batch_size=8), "odm", "odm does not read the meta set"),
+        (TrainerConfig(meta_batch_size=8, learn_weights=False), "first_order", "runs no outer"),
+    ]:
+        notes = small_trainer(config, solver=build(solver)).notes
+        assert any(noted in n for n in notes), notes
+    quiet = small_trainer(
+        TrainerConfig(
+            meta_batch_size=8,
+            sampling="temperature",
+            temperature=2.0,
+            learn_weights=False,
+            progress=False,
+        )
+    ).notes
+    assert not any("temperature" in n for n in quiet)
+    assert not any(
+        "meta_batch_size" in n for n in small_trainer(TrainerConfig(meta_batch_size=8)).notes
+    )
 
 
 def test_an_outer_optimizer_for_a_method_with_its_own_rule_is_a_note():
