@@ -44,6 +44,12 @@ def check_products(solver_name: str, products: str, step: float | None) -> None:
         )
     if step is not None and not (is_finite_number(step) and 0 < step < 1):
         raise ValueError(f"{solver_name}: fd_step must lie in (0, 1) or be null, got {step!r}")
+    if step is not None and products != "finite_difference":
+        # the step of a product that is not taken: it would change nothing, silently
+        raise ValueError(
+            f"{solver_name}: fd_step={step} applies to products=finite_difference only (got "
+            f"products={products!r})"
+        )
 
 
 class HessianFrom:

@@ -150,6 +150,10 @@ def test_finite_difference_step_is_validated():
         build("cg", products="finite_difference", fd_step=2.0)
     with pytest.raises(ValueError, match="unknown products"):
         build("first_order", products="symbolic")
+    for name in ("first_order", "neumann", "cg", "sama"):  # a step of no product: no effect
+        with pytest.raises(ValueError, match="applies to products=finite_difference only"):
+            build(name, fd_step=1e-3)
+        build(name, products="finite_difference", fd_step=1e-3)
 
 
 # -- warm starts ---------------------------------------------------------------------------------
