@@ -218,6 +218,12 @@ class BilevelTrainer:
                 self.notes.append(
                     f"trainer.outer_optimizer has no effect on solver={self.method.name}: it {rule}"
                 )
+        floating = {p.dtype for p in self.module.parameters() if p.is_floating_point()}
+        if self.config.precision == "bf16" and floating == {torch.float64}:
+            self.notes.append(
+                "trainer.precision=bf16 has no effect on a float64 model: autocast leaves "
+                "float64 operations in float64"
+            )
         if self.config.temperature != 1.0 and self.config.sampling != "temperature":
             self.notes.append(
                 f"trainer.temperature={self.config.temperature} has no effect with "

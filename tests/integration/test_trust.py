@@ -738,6 +738,12 @@ def test_an_option_without_effect_on_the_solver_is_a_note():
     ]:
         notes = small_trainer(config, solver=build(solver)).notes
         assert any(noted in n for n in notes), notes
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    for part in (data.train, data.meta, data.test):
+        part["x"] = part["x"].double()
+    model = MLP(**data.model_kwargs, hidden=8).double()
+    f64 = small_trainer(TrainerConfig(precision="bf16"), model=model, data=data)
+    assert any("precision=bf16 has no effect on a float64 model" in n for n in f64.notes)
     quiet = small_trainer(
         TrainerConfig(
             meta_batch_size=8,
