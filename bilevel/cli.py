@@ -139,15 +139,16 @@ def build(node: Any, field: str, **kwargs: Any) -> Any:
             raise cause from None
         if cause is not err and not isinstance(cause, ImportError | TypeError | ValueError):
             raise  # a bug inside the user's component: show where
-        message = str(cause) if cause is not err else str(err).splitlines()[0]
-        message = message.strip().splitlines()[0]
+        message = _first_line(str(cause)) or type(cause).__name__
+        message = _interpolation_hint(message)
         target = node.get("_target_") if isinstance(node, DictConfig) else None
         where = f"{field} ({target})" if target else field
         raise ConfigError(where, message + _preset_hint(field, target, message)) from None
     except (ValueError, TypeError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(field, str(err)) from None
+        message = _first_line(str(err)) or type(err).__name__
+        raise ConfigError(field, _interpolation_hint(message)) from None
 
 
 def _preset_hint(field: str, target: Any, message: str) -> str:
@@ -610,12 +611,36 @@ def app(cfg: DictConfig) -> float | sweeps.FailedJob:
         reason = str(err).splitlines()[0]
         if "Missing mandatory value" in reason:
             reason = f"missing value (???): set it on the command line, e.g. {key}=..."
+        reason = _interpolation_hint(reason)
         return _job_failed(f"bilevel: error: {key}: {reason}", 2)
     except NonFiniteError as err:
         return _job_failed(f"bilevel: {err}", 3)
     except StopRequested as stopped:  # the trainer logged the line and saved a checkpoint
         sys.exit(stopped.exit_code)
     return float(summary["meta_loss"])
+
+
+def _first_line(text: str) -> str:
+    """The first line of ``text`` ('' for an empty message)."""
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _interpolation_hint(message: str) -> str:
+    """For ``${model.path}`` read by a data preset whose model has no ``path`` (text data with
+    ``model=mlp``): what is missing where, and what to do; other messages are returned as
+    they are."""
+    found = re.search(r"Interpolation key '([\w.]+)' not found", message)
+    if not found:
+        return message
+    missing = found.group(1)
+    group, _, leaf = missing.partition(".")
+    if not leaf:
+        return f"reads ${{{missing}}}, which this config does not set: set it, e.g. +{missing}=..."
+    return (
+        f"reads ${{{missing}}}, which the chosen {group} does not have: pick a {group} that "
+        f"has {leaf} (this preset goes with another {group}), or set +{missing}=..."
+    )
 
 
 def preflight(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:

@@ -85,6 +85,9 @@ CASES = [
     (["model=tiny_gpt"], "model"),
     (["inner_loss=token_cross_entropy"], "inner_loss"),
     (["outer_loss=token_cross_entropy"], "outer_loss"),
+    # a preset that reads a key of another group the chosen one does not have (text data reads
+    # ${model.path}, the tokenizer of its model; model=mlp has none)
+    (["+data.tokenizer=${model.path}"], "data: reads ${model.path}, which the chosen model"),
     # solver
     (["solver.name=adam"], "solver"),
     (["solver=newton"], "solver"),
