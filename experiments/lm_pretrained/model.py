@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from bilevel.errors import ConfigError
 __all__ = ["GGUF_FILE", "SmolLM2", "gguf_folder", "load_tokenizer"]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger("bilevel.experiments")  # the run's terminal and cli.log
 _BASE: dict[str, Any] = {}
 
 
@@ -47,6 +49,7 @@ def load_tokenizer():
     from transformers import AutoTokenizer
 
     if "tokenizer" not in _BASE:
+        log.info("loading the SmolLM2 tokenizer from its GGUF file (about 10 s, once per process)")
         _BASE["tokenizer"] = AutoTokenizer.from_pretrained(gguf_folder(), gguf_file=GGUF_FILE)
     return _BASE["tokenizer"]
 
@@ -56,6 +59,10 @@ def _base_model():
     from transformers.utils import logging as hf_logging
 
     if "state" not in _BASE:
+        log.info(
+            "loading SmolLM2-135M from its GGUF file, dequantized to float32 (about 20 s, once "
+            "per process)"
+        )
         shown = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:  # the GGUF reader draws its own progress bar on stderr: noise in a run's output
