@@ -435,6 +435,12 @@ class BilevelTrainer:
         if history is not None and history.is_file() and self.run_dir is not None:
             if self.strategy.is_main:  # kept up to the checkpoint's step by the log below
                 write_text_atomic(self.run_dir / "metrics.jsonl", history.read_text())
+        if self.strategy.is_main:  # before the progress bar is drawn, not onto its line
+            for note in self.notes:
+                log.warning(f"note: {note}")
+            if self.run_dir is not None:
+                verb = "continuing" if self._resumed_from else "writing"
+                log.info(f"{verb} run directory {self.run_dir}")
         self.log = RunLog(
             self.run_dir,
             self.wandb,
@@ -447,12 +453,6 @@ class BilevelTrainer:
             self._wandb_id,
         )
         self._wandb_id = self.log.wandb_id
-        if self.strategy.is_main:
-            for note in self.notes:
-                log.warning(f"note: {note}")
-            if self.run_dir is not None:
-                verb = "continuing" if self._resumed_from else "writing"
-                log.info(f"{verb} run directory {self.run_dir}")
         if self.step == 0 and self.run_dir is not None:
             self.log.write(self._weights_record())
         started = time.perf_counter()

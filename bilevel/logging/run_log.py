@@ -52,8 +52,10 @@ class RunLog:
         if self.wandb is not None:
             self.wandb_id = self.wandb.start(self.run_dir or Path("."), config or {}, wandb_id)
         self.bar = None
+        self._console = None
         if progress and active:
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(
                 total=total,
@@ -64,6 +66,10 @@ class RunLog:
                 dynamic_ncols=True,
                 mininterval=0.5,
             )
+            # while the bar is drawn, a terminal log line (a note, a skipped step, the stop
+            # line) is written above it instead of onto the bar's line
+            self._console = logging_redirect_tqdm(tqdm_class=type(self.bar))
+            self._console.__enter__()
 
     def write(self, record: dict[str, Any]) -> None:
         if self.writer is not None:
@@ -103,6 +109,9 @@ class RunLog:
             self.wandb.finish(summary)
 
     def close(self) -> None:
+        if self._console is not None:
+            self._console.__exit__(None, None, None)
+            self._console = None
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
