@@ -557,7 +557,7 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
         title = "domain weights (no outer step ran: trainer.steps < trainer.outer_every)"
     what = summary["solver"] if learned else "trainer.learn_weights=false"
     out = [
-        f"\n{title} ({what}, {summary['steps']} steps, {summary['wall_time_s']:.1f} s)",
+        f"\n{title} ({what}, {summary['steps']} steps, {_seconds(summary['wall_time_s'])})",
         line(header),
         line(["-" * w for w in widths]),
         *(line(r) for r in rows),
@@ -618,6 +618,13 @@ def app(cfg: DictConfig) -> float | sweeps.FailedJob:
     except StopRequested as stopped:  # the trainer logged the line and saved a checkpoint
         sys.exit(stopped.exit_code)
     return float(summary["meta_loss"])
+
+
+def _seconds(value: float) -> str:
+    """A wall time for people: ``3.1 s``, ``0.04 s`` (a short run is not ``0.0 s``)."""
+    if value >= 1:
+        return f"{value:.1f} s"
+    return f"{value:.2f} s" if value >= 0.01 else "< 0.01 s"
 
 
 def _first_line(text: str) -> str:
