@@ -209,6 +209,8 @@ def build_model(node: DictConfig, data: DomainData) -> torch.nn.Module:
     extra = {k: v for k, v in data.model_kwargs.items() if k not in node and _accepts(factory, k)}
     try:
         model = factory(**extra)
+    except ConfigError:
+        raise  # it names its field already
     except (TypeError, ValueError) as err:
         message = str(err)
         hint = _preset_hint("model", node.get("_target_"), message) or _fit_hint(message, data)

@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_finite_number, is_integer
 
 __all__ = ["HFClassifier", "default_model_path", "load_tokenizer"]
 
@@ -112,6 +112,15 @@ class HFClassifier(nn.Module):
                 "model.attn_implementation",
                 f"must be one of {', '.join(ATTENTION)}, got {attn_implementation!r}",
             )
+        if trainable == "lora":  # peft's own message names neither the key nor the bound
+            if not is_integer(lora_r) or lora_r < 1:
+                raise ConfigError("model.lora_r", f"must be an integer >= 1, got {lora_r!r}")
+            if not (is_finite_number(lora_alpha) and lora_alpha > 0):
+                raise ConfigError(
+                    "model.lora_alpha", f"must be a finite number > 0, got {lora_alpha!r}"
+                )
+            if not (is_finite_number(lora_dropout) and 0 <= lora_dropout < 1):
+                raise ConfigError("model.lora_dropout", f"must lie in [0, 1), got {lora_dropout!r}")
         if gradient_checkpointing not in (True, False, "reentrant"):
             raise ConfigError(
                 "model.gradient_checkpointing",

@@ -221,3 +221,22 @@ def test_fused_kernels_need_finite_difference_products(tiny_checkpoint, kwargs, 
             trainer(solver)
     summary = trainer(build("cg", iters=2, products="finite_difference")).fit()
     assert summary["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"trainable": "everything"}, "model.trainable"),
+        ({"lora_r": 0}, "model.lora_r"),
+        ({"lora_r": 2.5}, "model.lora_r"),
+        ({"lora_alpha": float("inf")}, "model.lora_alpha"),
+        ({"lora_dropout": 1.0}, "model.lora_dropout"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(tiny_checkpoint, kwargs, field):
+    """peft's own message (`r` should be a positive integer) named neither the key nor where
+    to set it."""
+    from bilevel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{field}: "):
+        HFClassifier(num_labels=4, path=str(tiny_checkpoint), **kwargs)
