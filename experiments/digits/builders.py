@@ -25,7 +25,7 @@ from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
 from bilevel.data.noisy_domains import flip_labels
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_finite_number
 
 __all__ = ["DIGITS_DOMAINS", "digits"]
 
@@ -49,6 +49,8 @@ def digits(
         raise ConfigError("data.label_noise", f"must lie in [0, 1), got {label_noise}")
     if not 0 <= imbalance <= 1:
         raise ConfigError("data.imbalance", f"must lie in [0, 1], got {imbalance}")
+    if not (is_finite_number(pixel_noise) and pixel_noise >= 0):  # -1 would act as 1, silently
+        raise ConfigError("data.pixel_noise", f"must be a finite number >= 0, got {pixel_noise!r}")
     x_all, y_all = load_digits(return_X_y=True)
     need = test_size + meta_size + per_domain * len(DIGITS_DOMAINS)
     if need > len(y_all):

@@ -128,7 +128,8 @@ def lm_mixture(
     seed: int = 0,
 ) -> DomainData:
     """Build the five text domains and target-mixture meta/test sets (see the module doc)."""
-    target = dict(target or {"markov_a": 0.5, "arithmetic": 0.5})
+    # an empty mapping is a mixture of nothing (refused below), not the default
+    target = dict({"markov_a": 0.5, "arithmetic": 0.5} if target is None else target)
     unknown = sorted(set(target) - set(LM_DOMAINS))
     if unknown:
         raise ConfigError("data.target", f"unknown domain(s) {unknown}; choose from {LM_DOMAINS}")

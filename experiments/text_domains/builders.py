@@ -27,7 +27,7 @@ from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
 from bilevel.data.noisy_domains import flip_labels
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_finite_number
 
 __all__ = ["TOPICS", "corpus_texts", "text_domains"]
 
@@ -84,6 +84,8 @@ def text_domains(
         )
     if not 0 <= label_noise < 1:
         raise ConfigError("data.label_noise", f"must lie in [0, 1), got {label_noise}")
+    if not (is_finite_number(test_fraction) and 0 < test_fraction < 1):
+        raise ConfigError("data.test_fraction", f"must lie in (0, 1), got {test_fraction!r}")
     gen = torch.Generator().manual_seed(int(seed))
 
     def shuffled(items: list[str]) -> list[str]:

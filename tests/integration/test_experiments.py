@@ -57,6 +57,24 @@ def test_digits_domains_are_disjoint_and_corrupted():
     assert x[d == DIGITS_DOMAINS.index("pixel_noise")].std() > 2 * clean.std()
 
 
+def test_study_builders_refuse_settings_that_would_run_as_another():
+    """A negative pixel noise acted as its absolute value, an empty target mixture as the
+    default one, a test fraction of 1 failed with a message about another key."""
+    from bilevel_experiments.digits.builders import digits
+    from bilevel_experiments.lm_mixture.builders import lm_mixture
+    from bilevel_experiments.text_domains.builders import text_domains
+
+    from bilevel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.pixel_noise"):
+        digits(pixel_noise=-1.0)
+    with pytest.raises(ConfigError, match="data.target"):
+        lm_mixture(per_domain=8, target={})
+    for fraction in (0.0, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="data.test_fraction"):
+            text_domains(test_fraction=fraction)
+
+
 def test_lm_domains_have_their_structure():
     from bilevel_experiments.lm_mixture.builders import LM_DOMAINS, lm_mixture
 
