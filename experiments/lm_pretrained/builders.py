@@ -161,6 +161,13 @@ def lm_pretrained(
             seqs = _sequences(ids, seq_len + 1)
             seqs = seqs[torch.randperm(len(seqs), generator=gen)]
             if name == target:
+                if meta_size + test_size >= len(seqs):
+                    raise ConfigError(
+                        "data.meta_size",
+                        f"the target {target!r} holds {len(seqs)} sequences of {seq_len + 1} "
+                        f"tokens: meta_size + test_size = {meta_size + test_size} leave none "
+                        "for training; lower them",
+                    )
                 meta, test = seqs[:meta_size], seqs[meta_size : meta_size + test_size]
                 seqs = seqs[meta_size + test_size :]
             seqs = seqs[:per_domain]

@@ -75,6 +75,29 @@ def test_study_builders_refuse_settings_that_would_run_as_another():
             text_domains(test_fraction=fraction)
 
 
+def test_lm_pretrained_refuses_a_meta_and_test_set_that_take_the_whole_target(monkeypatch):
+    """The target's sequences go to the meta and test sets first: asking for more left the
+    target with no training rows, reported as 'reviews has no training examples'."""
+    from bilevel_experiments.lm_pretrained import builders, model
+
+    from bilevel.errors import ConfigError
+
+    class Characters:  # a stand-in for the SmolLM2 tokenizer (10 s to load): one id per byte
+        def __len__(self):
+            return 256
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text.encode())}
+
+    monkeypatch.setattr(model, "load_tokenizer", Characters)
+    texts = {name: "abcdefgh" * 100 for name in builders.DOMAINS if name != "noise"}
+    monkeypatch.setattr(builders, "domain_texts", lambda: texts)
+    data = builders.lm_pretrained(seq_len=7, per_domain=50, meta_size=20, test_size=30)
+    assert data.domain_sizes()[builders.DOMAINS.index("news")] == 50  # 100 - 20 - 30
+    with pytest.raises(ConfigError, match=r"data.meta_size: the target 'news' holds 100 seq"):
+        builders.lm_pretrained(seq_len=7, per_domain=50, meta_size=40, test_size=60)
+
+
 def test_lm_domains_have_their_structure():
     from bilevel_experiments.lm_mixture.builders import LM_DOMAINS, lm_mixture
 
