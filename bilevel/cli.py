@@ -43,8 +43,9 @@ from bilevel import run_dir as run_dirs
 from bilevel import sweep_failures as sweeps
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed, leave_process_group
-from bilevel.errors import ConfigError, is_bool, is_finite_number, is_integer
+from bilevel.errors import ConfigError, is_bool, is_finite_number
 from bilevel.files import write_text_atomic
+from bilevel.run_settings import check_device, check_seed
 from bilevel.stopping import StopRequested
 from bilevel.trainer import BilevelTrainer, NonFiniteError, TrainerConfig
 
@@ -240,40 +241,6 @@ def _fit_hint(message: str, data: DomainData) -> str:
             f"it with ~model.{key}"
         )
     return ""
-
-
-def check_seed(value: Any) -> int:
-    if not is_integer(value):
-        try:
-            if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-                return int(value)
-        except ValueError:
-            pass
-        raise ConfigError("seed", f"must be an integer, got {value!r}")
-    return value
-
-
-def check_device(value: Any) -> str:
-    """``device`` as torch understands it (``auto`` allowed); one line for anything else."""
-    text = str(value)
-    if text == "auto":
-        return text
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise ConfigError(
-            "device", f"unknown device {text!r}; use cpu, cuda, cuda:N, mps or auto"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", f"{text!r} requested but CUDA is not available here")
-    if device.type == "cuda" and device.index is not None:
-        if device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                "device", f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s)"
-            )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device", "'mps' requested but it is not available here")
-    return text
 
 
 def make_trainer(

@@ -42,6 +42,7 @@ from bilevel.methods import OuterMethod, OuterUpdate, method_for
 from bilevel.methods.fixed import FixedWeights
 from bilevel.methods.hypergradient import wants_values
 from bilevel.outer import MirrorDescent
+from bilevel.run_settings import check_seed, resolve_device
 from bilevel.solvers.base import Solver
 from bilevel.stopping import StopRequested, stop_requests
 from bilevel.strategies import DDPStrategy, Strategy, build_strategy
@@ -123,7 +124,8 @@ class BilevelTrainer:
                 "weights.names",
                 f"domain names {weights.names} do not match the data's {data.names}",
             )
-        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.device = resolve_device(device) if device else next(model.parameters()).device
+        seed = check_seed(seed)
         if self.config.strategy == "fsdp":
             check_fsdp_solver(solver)
         dist = dist or DistContext()

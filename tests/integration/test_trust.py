@@ -759,6 +759,20 @@ def test_an_option_without_effect_on_the_solver_is_a_note():
     )
 
 
+def test_the_trainer_checks_device_and_seed_as_the_command_line_does():
+    """From Python these failed inside torch ('Torch not compiled with CUDA enabled', a list
+    of every device type) or at the first batch (a TypeError from the sampler's seed)."""
+    config = TrainerConfig(steps=5, progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device: 'cuda' requested but CUDA is not"):
+            small_trainer(config, device="cuda")
+    with pytest.raises(ConfigError, match="device: unknown device 'gpu'"):
+        small_trainer(config, device="gpu")
+    with pytest.raises(ConfigError, match="seed: must be an integer, got 'abc'"):
+        small_trainer(config, seed="abc")
+    assert small_trainer(config, device="auto", seed=3).device.type in ("cpu", "cuda")
+
+
 def test_an_outer_optimizer_for_a_method_with_its_own_rule_is_a_note():
     """DoGE and ODM set the weights themselves and loss-based reweighting keeps them: an outer
     optimizer chosen for them (in Python, or on the command line, not by the default config)

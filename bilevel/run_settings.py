@@ -1,0 +1,55 @@
+"""The run-wide settings that every entry point checks the same way (the command line and
+:class:`~bilevel.BilevelTrainer`): the seed and the device. A bad one is one line naming it,
+not an assertion from inside torch (``Torch not compiled with CUDA enabled``) or a
+``TypeError`` from the first batch drawn."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from bilevel.errors import ConfigError, is_integer
+
+__all__ = ["check_device", "check_seed", "resolve_device"]
+
+
+def check_seed(value: Any) -> int:
+    """``value`` as an int (a string of digits from the command line is one); else one line."""
+    if is_integer(value):
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        return int(value)
+    raise ConfigError("seed", f"must be an integer, got {value!r}")
+
+
+def check_device(value: Any) -> str:
+    """``device`` as torch understands it (``auto`` allowed); one line for anything else."""
+    text = str(value)
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            "device", f"unknown device {text!r}; use cpu, cuda, cuda:N, mps or auto"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", f"{text!r} requested but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                "device", f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", "'mps' requested but it is not available here")
+    return text
+
+
+def resolve_device(value: str | torch.device) -> torch.device:
+    """The checked device; ``auto`` is the GPU where there is one, else the CPU."""
+    text = check_device(value)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(text)
