@@ -71,16 +71,29 @@ class DomainData:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the field for every way this data cannot train."""
+        if isinstance(self.names, str | bytes):  # "abc" would be three domains a, b, c
+            raise ConfigError("data.names", f"must be a list of names, got {self.names!r}")
+        for where, columns in (
+            ("data.train", self.train),
+            ("data.meta", self.meta),
+            ("data.test", self.test),
+        ):
+            if columns is not None and not isinstance(columns, Mapping):
+                raise ConfigError(
+                    where,
+                    f"must be a dict of columns (name -> tensor, e.g. x, y, domain), got "
+                    f"{type(columns).__name__}",
+                )
         k = len(self.names)
         if k == 0:
             raise ConfigError("data.names", "no domains: at least one domain is needed")
         dupes = sorted({n for n in self.names if self.names.count(n) > 1})
         if dupes:
             raise ConfigError("data.names", f"duplicate domain names {dupes}")
-        if not isinstance(self.train, Mapping) or "domain" not in self.train:
+        if self.train is None or "domain" not in self.train:
             raise ConfigError("data.train", "training columns need a 'domain' column (int64 [N])")
         domain = self.train["domain"]
-        if domain.dtype != torch.int64 or domain.dim() != 1:
+        if not isinstance(domain, torch.Tensor) or domain.dtype != torch.int64 or domain.dim() != 1:
             raise ConfigError("data.train", "'domain' must be an int64 tensor of shape [N]")
         for where, columns in (
             ("data.train", self.train),

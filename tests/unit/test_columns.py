@@ -38,3 +38,22 @@ def test_columns_of_different_lengths_are_named_with_their_lengths():
         DomainData(
             ["a", "b", "c"], {"x": x, "y": y, "domain": domain}, meta, {"x": x[:8], "y": y[:6]}
         ).validate()
+
+
+def test_data_of_another_type_is_named():
+    """A list where a dict of columns is meant failed with a message about a missing 'domain'
+    column or an AttributeError; a string of names was one domain per character."""
+    from bilevel.data import DomainData
+    from bilevel.errors import ConfigError
+
+    x, domain = torch.randn(4, 2), torch.zeros(4, dtype=torch.long)
+    train, meta = {"x": x, "domain": domain}, {"x": x}
+    for data, match in [
+        (DomainData(["a"], [x, domain], meta), "data.train: must be a dict of columns"),
+        (DomainData(["a"], train, [x]), "data.meta: must be a dict of columns"),
+        (DomainData(["a"], train, meta, (x,)), "data.test: must be a dict of columns"),
+        (DomainData("ab", train, meta), "data.names: must be a list of names"),
+        (DomainData(["a"], {"x": x, "domain": [0, 0, 0, 0]}, meta), "'domain' must be an int64"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            data.validate()
