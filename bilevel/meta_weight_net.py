@@ -52,6 +52,8 @@ class MetaWeightNet(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        if isinstance(names, str | bytes):  # "abc" would be three domains a, b, c
+            raise TypeError(f"names must be a list of domain names, got the string {names!r}")
         names = [str(n) for n in names]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"MetaWeightNet needs distinct domain names, got {names}")

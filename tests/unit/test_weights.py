@@ -65,8 +65,11 @@ def test_bad_input(kwargs, match):
 
 
 def test_a_string_of_names_is_refused():
-    with pytest.raises(TypeError, match="the string 'abc'"):  # not three domains a, b, c
-        DomainWeights("abc")
+    from bilevel.meta_weight_net import MetaWeightNet
+
+    for outer_variables in (DomainWeights, MetaWeightNet):
+        with pytest.raises(TypeError, match="the string 'abc'"):  # not three domains a, b, c
+            outer_variables("abc")
 
 
 def test_set_values_round_trip():
