@@ -1,8 +1,9 @@
 """What the trainer checks before it trains: its arguments, the losses' shapes and the labels.
 
 Each mistake becomes one line naming the argument or field (:class:`ConfigError` or
-``TypeError``) instead of a failure deep inside the first step; a bug inside the user's own
-loss keeps its traceback.
+``TypeError``) instead of a failure deep inside the first step: a library model or loss that
+does not fit the data says which shape it reads; a bug inside the user's own model or loss
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def _library_part(part: Any) -> bool:
     the data) and become one line; a user's own keeps its traceback."""
     while getattr(part, "func", None) is not None:
         part = part.func
-    return (getattr(part, "__module__", None) or "").split(".")[0] == "bilevel"
+    package = (getattr(part, "__module__", None) or "").split(".")[0]
+    return package in ("bilevel", "bilevel_experiments")
 
 
 def _first_rows(columns: Columns, n: int, device) -> Columns:

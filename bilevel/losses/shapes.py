@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["expect_output", "shape_of"]
+__all__ = ["expect_column", "expect_output", "shape_of"]
 
 
 def shape_of(value: Any) -> str:
