@@ -61,13 +61,17 @@ class WandbLogger:
     def start(self, run_dir: Path, config: dict[str, Any], resume_id: str | None = None) -> str:
         import wandb
 
+        kwargs = dict(self.kwargs)
+        # quiet: wandb's own lines say where the run is saved (and how to sync it), without the
+        # 30-line history and summary dump at the end that buried the run's own summary
+        kwargs.setdefault("settings", wandb.Settings(quiet=True))
         self.run = wandb.init(
             dir=str(run_dir),
             config=config,
             mode=self.mode,
             id=resume_id,
             resume="allow" if resume_id else None,
-            **self.kwargs,
+            **kwargs,
         )
         return self.run.id
 

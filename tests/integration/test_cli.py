@@ -265,11 +265,17 @@ def test_an_optuna_sweep_whose_trials_all_fail_ends_in_one_line(tmp_path):
     assert last.startswith("bilevel: every trial of the sweep failed (2;")
 
 
-def test_wandb_offline_logs_weights(run_cli, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    summary, out = run_cli("experiment=tiny", "logger=wandb")
+def test_wandb_offline_logs_weights(tmp_path):
+    out = tmp_path / "run"
+    proc = cli(
+        "experiment=tiny", "logger=wandb", f"hydra.run.dir={out}", env={"WANDB_SILENT": "false"}
+    )
+    assert proc.returncode == 0, proc.stderr
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    printed = proc.stdout + proc.stderr
+    assert "saved locally" in printed  # where the run is, for wandb sync
+    assert "Run history" not in printed and "Run summary" not in printed  # no 30-line dump
 
 
 def test_unknown_group_option_lists_choices(tmp_path):
