@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -69,6 +70,41 @@ def _check_arguments(solver, params, weights, inner_lr, wrt) -> Solver:
     return solver
 
 
+def _check_optimizer(optimizer, params_of: list[Tensor], params: Params, last_grads) -> None:
+    """For sama's preconditioner: the optimizer must hold the inner variables in the order of
+    ``params`` and, for Adam/AdamW, have stepped and come with the gradients of that step.
+    Each of these fell back to ``inner_lr * I`` silently (or failed with an IndexError), so
+    the optimizer the caller passed was not what preconditioned the result."""
+    from bilevel.solvers.sama import preconditionable
+
+    shapes = [tuple(t.shape) for t in params.values()]
+    if [tuple(p.shape) for p in params_of] != shapes:
+        raise ValueError(
+            f"optimizer: its {len(params_of)} parameter(s) must be the inner variables in the "
+            f"order of params ({len(shapes)} tensor(s) shaped {shapes})"
+        )
+    if not preconditionable(optimizer):
+        warnings.warn(
+            f"sama knows the update Jacobian of SGD, Adam and AdamW (without amsgrad or "
+            f"maximize), not of this {type(optimizer).__name__}: it uses inner_lr * I",
+            stacklevel=3,
+        )
+        return
+    if isinstance(optimizer, torch.optim.SGD):
+        return
+    if last_grads is None or len(last_grads) != len(shapes):
+        got = "none" if last_grads is None else f"{len(last_grads)}"
+        raise ValueError(
+            f"last_grads: sama with {type(optimizer).__name__} needs the gradients of the "
+            f"optimizer's last step, one per parameter ({len(shapes)}), got {got}"
+        )
+    if any("exp_avg" not in optimizer.state.get(p, {}) for p in params_of):
+        raise ValueError(
+            f"optimizer: this {type(optimizer).__name__} has not taken a step, so it has no "
+            "moments for sama's preconditioner: call the hypergradient after an inner step"
+        )
+
+
 def hypergradient(
     solver: Solver | str,
     per_domain_loss: PerDomainLoss,
@@ -127,6 +163,7 @@ def hypergradient(
         extra["hessian_loss"] = hessian_loss
     if optimizer is not None and getattr(solver, "uses_optimizer", False):
         params_of = [p for g in optimizer.param_groups for p in g["params"]]
+        _check_optimizer(optimizer, params_of, params, last_grads)
         extra.update(optimizer=optimizer, last_grads=last_grads, optimizer_params=params_of)
     with torch.enable_grad():
         grad_values = solver.domain_grad(

@@ -31,6 +31,42 @@ def test_sama_with_sgd_equals_first_order():
     torch.testing.assert_close(sama, first)  # P = lr I: the optimizer's lr, not inner_lr
 
 
+def test_sama_refuses_an_optimizer_it_cannot_use_instead_of_ignoring_it():
+    """Adam without the gradients of its last step, before its first step, or over other
+    tensors fell back to inner_lr * I without a word (or failed with an IndexError)."""
+    model, per_domain, outer, weights = mlp_problem()
+    params = bilevel.functional.trainable_params(model)
+
+    def call(optimizer, last_grads=None):
+        return bilevel.hypergradient(
+            "sama",
+            per_domain,
+            outer,
+            params,
+            weights,
+            0.1,
+            optimizer=optimizer,
+            last_grads=last_grads,
+        )
+
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    grads = [torch.ones_like(p) for p in model.parameters()]
+    with pytest.raises(ValueError, match="has not taken a step"):
+        call(adam, grads)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g.clone()
+    adam.step()
+    with pytest.raises(ValueError, match="last_grads: sama with Adam needs the gradients"):
+        call(adam)
+    with pytest.raises(ValueError, match="last_grads: .* got 1"):
+        call(adam, grads[:1])
+    with pytest.raises(ValueError, match="optimizer: its 1 parameter"):
+        call(torch.optim.SGD([next(model.parameters())], lr=0.1))
+    with pytest.warns(UserWarning, match="not of this RMSprop: it uses inner_lr"):
+        call(torch.optim.RMSprop(model.parameters(), lr=0.1))
+    assert torch.isfinite(call(adam, grads)).all()
+
+
 def test_sama_without_an_optimizer_is_first_order():
     model, per_domain, outer, weights = mlp_problem()
     params = bilevel.functional.trainable_params(model)
