@@ -98,7 +98,7 @@ def _check_optimizer(optimizer, params_of: list[Tensor], params: Params, last_gr
             f"last_grads: sama with {type(optimizer).__name__} needs the gradients of the "
             f"optimizer's last step, one per parameter ({len(shapes)}), got {got}"
         )
-    if any("exp_avg" not in optimizer.state.get(p, {}) for p in params_of):
+    if not any("exp_avg" in optimizer.state.get(p, {}) for p in params_of):
         raise ValueError(
             f"optimizer: this {type(optimizer).__name__} has not taken a step, so it has no "
             "moments for sama's preconditioner: call the hypergradient after an inner step"

@@ -145,7 +145,8 @@ class HypergradientMethod:
             )
         meta = loop.meta_batch()
         extra: dict[str, Any] = {}
-        if getattr(self.solver, "uses_optimizer", False):
+        if getattr(self.solver, "uses_optimizer", False) and preconditionable(loop.inner_opt):
+            # another optimizer: inner_lr * I, said once in the run's first lines
             extra = dict(optimizer=loop.inner_opt, last_grads=loop.last_grads)
         grad = hypergradient(
             self.solver,
