@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from bilevel import buffers, modes
 from bilevel import checkpoint as ckpt
 from bilevel import run_dir as run_dirs
+from bilevel import trainer_notes as notes
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext
 from bilevel.errors import ConfigError, NonFiniteError
@@ -184,7 +185,7 @@ class BilevelTrainer:
         self.notes: list[str] = []
         if self.config.learn_weights:
             self.notes += self.method.setup(self.loop)
-            self.notes += self._sampling_notes() + self._schedule_notes()
+            self.notes += notes.sampling(self) + notes.schedule(self)
         elif getattr(self.method, "moves_weights", True) and callable(
             getattr(solver, "window", None)
         ):
@@ -198,58 +199,7 @@ class BilevelTrainer:
         )
         if self.config.learn_weights and differentiates and not outer_has_grad:
             raise outer_gradient(self.method.name)
-        train = self.loop.train_sampler
-        if train.batch_size * self.strategy.world_size > train.n:
-            self.notes.append(
-                f"trainer.batch_size={self.config.batch_size} is larger than the training set "
-                f"({train.n} rows): rows repeat within every batch (each domain's rows are "
-                "drawn with replacement)"
-            )
-        if self.config.learn_weights and not getattr(self.method, "uses_outer_optimizer", True):
-            chosen = (
-                any(_names_outer_optimizer(o) for o in self.overrides)
-                if self.run_config  # the command line: what the user wrote, not the default
-                else outer_optimizer is not None
-            )
-            if chosen:
-                rule = (
-                    "sets the weights by its own rule (its step size is a solver option)"
-                    if getattr(self.method, "moves_weights", True)
-                    else "does not move the domain weights"
-                )
-                self.notes.append(
-                    f"trainer.outer_optimizer has no effect on solver={self.method.name}: it {rule}"
-                )
-        floating = {p.dtype for p in self.module.parameters() if p.is_floating_point()}
-        if self.config.precision == "bf16" and floating == {torch.float64}:
-            self.notes.append(
-                "trainer.precision=bf16 has no effect on a float64 model: autocast leaves "
-                "float64 operations in float64"
-            )
-        if self.config.temperature != 1.0 and self.config.sampling != "temperature":
-            self.notes.append(
-                f"trainer.temperature={self.config.temperature} has no effect with "
-                f"trainer.sampling={self.config.sampling} (it shapes sampling=temperature's "
-                "shares)"
-            )
-        if self.config.meta_batch_size is not None and not (
-            self.config.learn_weights and differentiates
-        ):
-            why = (
-                "trainer.learn_weights=false runs no outer step"
-                if not self.config.learn_weights
-                else f"{self.method.name} does not read the meta set"
-            )
-            self.notes.append(
-                f"trainer.meta_batch_size={self.config.meta_batch_size} has no effect: {why}"
-            )
-        if self.config.hessian_batch == "independent" and not getattr(
-            self.method, "uses_hessian", False
-        ):
-            self.notes.append(
-                f"trainer.hessian_batch=independent has no effect on {self.method.name} (it "
-                "uses no Hessian-vector products)"
-            )
+        self.notes += notes.settings(self, outer_optimizer is not None, differentiates)
         self.test = data.test
         if self.test is not None:
             from bilevel.data.columns import to_device
@@ -332,49 +282,6 @@ class BilevelTrainer:
                     f"mirror descent needs {' or '.join(allowed)} weights, got "
                     f"{self.weights.parametrization!r}",
                 )
-
-    def _sampling_notes(self) -> list[str]:
-        """Say when a batch is too small for each hypergradient to see every domain."""
-        if not getattr(self.method, "uses_meta", True):
-            return []
-        sampler = self.loop.train_sampler
-        counts = sampler.expected_counts(uniform=self.loop.applies_weights)
-        few = [(n, c) for n, c in zip(self.names, counts) if 0 < c < 1]
-        if not few:
-            return []
-        shown = ", ".join(f"{n} {c:.2g}" for n, c in few[:6])
-        need = math.ceil(max(1 / c for _, c in few) * sampler.batch_size * self.strategy.world_size)
-        return [
-            f"trainer.batch_size={self.config.batch_size} gives fewer than one row per batch, "
-            f"on average, to {len(few)} domain(s) ({shown} rows): a hypergradient sees only the "
-            f"domains its batch drew (each is drawn in a fraction of the batches equal to its "
-            f"expected rows, never starved); batch_size >= {need} lets every window see every "
-            f"domain"
-        ]
-
-    def _schedule_notes(self) -> list[str]:
-        """Say when the meta batch or the run's length make the outer steps other than meant."""
-        notes = []
-        meta = self.loop.meta_sampler
-        if meta.batch_size is not None and meta.batch_size * self.strategy.world_size > meta.n:
-            notes.append(
-                f"trainer.meta_batch_size={self.config.meta_batch_size} is larger than the "
-                f"meta set ({meta.n} rows): each meta batch draws rows with replacement, "
-                "noisier and slower than the whole set (trainer.meta_batch_size=null)"
-            )
-        if len(self.weights.names) == 1 and self.weights.parametrization == "softmax":
-            notes.append(
-                f"one domain ({self.weights.names[0]}) on the simplex: its weight is 1 whatever "
-                "the hypergradient, so nothing is learned (train on several domains, or "
-                "trainer.learn_weights=false)"
-            )
-        if self.config.steps < self.config.outer_every:
-            notes.append(
-                f"trainer.steps={self.config.steps} is shorter than one window "
-                f"(trainer.outer_every={self.config.outer_every}): no outer step runs, and "
-                "the weights keep their initial values"
-            )
-        return notes
 
     # -- one window ------------------------------------------------------------------------------
 
@@ -764,11 +671,6 @@ def check_fsdp_solver(solver: Any) -> None:
             f"trainer.strategy=fsdp shards the parameters, where double backward is not "
             f"available: use solver.products=finite_difference (got {products!r})",
         )
-
-
-def _names_outer_optimizer(override: str) -> bool:
-    """Whether a command-line override chooses or sets the outer optimizer."""
-    return override.lstrip("+~").startswith(("trainer.outer_optimizer", "trainer/outer_optimizer"))
 
 
 def _checkpoint_keys(module: nn.Module) -> tuple[set[str], dict[str, Any]]:

@@ -1,0 +1,126 @@
+"""What a run says in its first lines (``note: ...``): settings that run but deserve a word.
+
+A batch too small for every window to see every domain, a meta batch or a run too short for
+the outer steps meant, and settings that change nothing for the chosen method or model. Each
+function reads a built :class:`~bilevel.BilevelTrainer` and returns its notes; none changes it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bilevel.trainer import BilevelTrainer
+
+__all__ = ["sampling", "schedule", "settings"]
+
+
+def sampling(trainer: BilevelTrainer) -> list[str]:
+    """Say when a batch is too small for each hypergradient to see every domain."""
+    if not getattr(trainer.method, "uses_meta", True):
+        return []
+    sampler = trainer.loop.train_sampler
+    counts = sampler.expected_counts(uniform=trainer.loop.applies_weights)
+    few = [(n, c) for n, c in zip(trainer.names, counts) if 0 < c < 1]
+    if not few:
+        return []
+    shown = ", ".join(f"{n} {c:.2g}" for n, c in few[:6])
+    need = math.ceil(max(1 / c for _, c in few) * sampler.batch_size * trainer.strategy.world_size)
+    return [
+        f"trainer.batch_size={trainer.config.batch_size} gives fewer than one row per batch, "
+        f"on average, to {len(few)} domain(s) ({shown} rows): a hypergradient sees only the "
+        f"domains its batch drew (each is drawn in a fraction of the batches equal to its "
+        f"expected rows, never starved); batch_size >= {need} lets every window see every "
+        f"domain"
+    ]
+
+
+def schedule(trainer: BilevelTrainer) -> list[str]:
+    """Say when the meta batch or the run's length make the outer steps other than meant."""
+    notes = []
+    config = trainer.config
+    meta = trainer.loop.meta_sampler
+    if meta.batch_size is not None and meta.batch_size * trainer.strategy.world_size > meta.n:
+        notes.append(
+            f"trainer.meta_batch_size={config.meta_batch_size} is larger than the "
+            f"meta set ({meta.n} rows): each meta batch draws rows with replacement, "
+            "noisier and slower than the whole set (trainer.meta_batch_size=null)"
+        )
+    weights = trainer.weights
+    if len(weights.names) == 1 and weights.parametrization == "softmax":
+        notes.append(
+            f"one domain ({weights.names[0]}) on the simplex: its weight is 1 whatever "
+            "the hypergradient, so nothing is learned (train on several domains, or "
+            "trainer.learn_weights=false)"
+        )
+    if config.steps < config.outer_every:
+        notes.append(
+            f"trainer.steps={config.steps} is shorter than one window "
+            f"(trainer.outer_every={config.outer_every}): no outer step runs, and "
+            "the weights keep their initial values"
+        )
+    return notes
+
+
+def settings(
+    trainer: BilevelTrainer, outer_optimizer_given: bool, differentiates: bool
+) -> list[str]:
+    """Settings that run but change nothing, or not what they seem to (for every run, learned
+    weights or not). ``outer_optimizer_given``: an outer optimizer was passed in Python;
+    ``differentiates``: the method reads the meta set for its outer steps."""
+    notes = []
+    config, method = trainer.config, trainer.method
+    train = trainer.loop.train_sampler
+    if train.batch_size * trainer.strategy.world_size > train.n:
+        notes.append(
+            f"trainer.batch_size={config.batch_size} is larger than the training set "
+            f"({train.n} rows): rows repeat within every batch (each domain's rows are "
+            "drawn with replacement)"
+        )
+    if config.learn_weights and not getattr(method, "uses_outer_optimizer", True):
+        chosen = (
+            any(_names_outer_optimizer(o) for o in trainer.overrides)
+            if trainer.run_config  # the command line: what the user wrote, not the default
+            else outer_optimizer_given
+        )
+        if chosen:
+            rule = (
+                "sets the weights by its own rule (its step size is a solver option)"
+                if getattr(method, "moves_weights", True)
+                else "does not move the domain weights"
+            )
+            notes.append(
+                f"trainer.outer_optimizer has no effect on solver={method.name}: it {rule}"
+            )
+    floating = {p.dtype for p in trainer.module.parameters() if p.is_floating_point()}
+    if config.precision == "bf16" and floating == {torch.float64}:
+        notes.append(
+            "trainer.precision=bf16 has no effect on a float64 model: autocast leaves "
+            "float64 operations in float64"
+        )
+    if config.temperature != 1.0 and config.sampling != "temperature":
+        notes.append(
+            f"trainer.temperature={config.temperature} has no effect with "
+            f"trainer.sampling={config.sampling} (it shapes sampling=temperature's shares)"
+        )
+    if config.meta_batch_size is not None and not (config.learn_weights and differentiates):
+        why = (
+            "trainer.learn_weights=false runs no outer step"
+            if not config.learn_weights
+            else f"{method.name} does not read the meta set"
+        )
+        notes.append(f"trainer.meta_batch_size={config.meta_batch_size} has no effect: {why}")
+    if config.hessian_batch == "independent" and not getattr(method, "uses_hessian", False):
+        notes.append(
+            f"trainer.hessian_batch=independent has no effect on {method.name} (it "
+            "uses no Hessian-vector products)"
+        )
+    return notes
+
+
+def _names_outer_optimizer(override: str) -> bool:
+    """Whether a command-line override chooses or sets the outer optimizer."""
+    return override.lstrip("+~").startswith(("trainer.outer_optimizer", "trainer/outer_optimizer"))
