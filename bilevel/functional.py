@@ -121,8 +121,11 @@ def _call(model: nn.Module, params: Params, batch: Batch) -> Any:
     return swapper(model, params, (x,), {})
 
 
-def check_per_domain_shape(losses: Tensor, num_domains: int) -> Tensor:
-    """Raise unless ``losses`` is shaped ``[K]``; returns it unchanged."""
+def check_per_domain_shape(
+    losses: Tensor, num_domains: int, differentiable: bool = False
+) -> Tensor:
+    """Raise unless ``losses`` is shaped ``[K]`` (and, with ``differentiable``, carries a
+    gradient back to the parameters it was computed from); returns it unchanged."""
     if not isinstance(losses, Tensor):
         raise TypeError(
             f"per_domain_loss must return a Tensor [K] (one mean loss per domain), got "
@@ -138,6 +141,8 @@ def check_per_domain_shape(losses: Tensor, num_domains: int) -> Tensor:
             f"per_domain_loss returned shape {tuple(losses.shape)}, expected ({num_domains},): "
             f"one mean loss per domain for K={num_domains} domains"
         )
+    if differentiable and not losses.requires_grad:
+        raise no_gradient_error()
     return losses
 
 

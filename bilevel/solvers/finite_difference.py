@@ -38,7 +38,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from bilevel.functional import PerDomainLoss, check_per_domain_shape, no_gradient_error
+from bilevel.functional import PerDomainLoss, check_per_domain_shape
 from bilevel.solvers.products import Reduce, TensorList, poison_nonfinite, tree_dot
 
 __all__ = [
@@ -219,9 +219,9 @@ class FunctionalPoint:
     ) -> tuple[TensorList, Tensor]:
         with torch.enable_grad(), self.randomness.replay():
             leaves = [t.requires_grad_(True) for t in self._shifted(direction, eps)]
-            values = check_per_domain_shape(self.fn(dict(zip(self.names, leaves))), self.w.numel())
-            if not values.requires_grad:
-                raise no_gradient_error()
+            values = check_per_domain_shape(
+                self.fn(dict(zip(self.names, leaves))), self.w.numel(), differentiable=True
+            )
             objective = torch.dot(self.w.to(values.dtype), values)
             grads = torch.autograd.grad(
                 objective, leaves, allow_unused=True, materialize_grads=True

@@ -198,9 +198,7 @@ class InnerProducts:
     ) -> InnerProducts:
         """Products at ``theta`` (leaves) for weight values ``w`` (taken as fixed)."""
         losses = per_domain_loss(dict(zip(names, theta, strict=True)))
-        check_per_domain_shape(losses, w.numel())
-        if not losses.requires_grad:
-            raise no_gradient_error()
+        check_per_domain_shape(losses, w.numel(), differentiable=True)
         w_leaf = w.detach().to(losses.dtype).requires_grad_(True)
         grads = torch.autograd.grad(
             torch.dot(w_leaf, losses),

@@ -22,7 +22,6 @@ from bilevel.functional import (
     Params,
     PerDomainLoss,
     check_per_domain_shape,
-    no_gradient_error,
 )
 from bilevel.solvers.products import (
     Reduce,
@@ -74,9 +73,9 @@ class Unrolled:
         seen: list[Tensor] = []
 
         def inner(current: list[Tensor]) -> Tensor:
-            losses = check_per_domain_shape(per_domain_loss(dict(zip(names, current))), k)
-            if not losses.requires_grad:
-                raise no_gradient_error()
+            losses = check_per_domain_shape(
+                per_domain_loss(dict(zip(names, current))), k, differentiable=True
+            )
             seen.append(losses.detach())
             return torch.dot(w_leaf.to(losses.dtype), losses)
 
