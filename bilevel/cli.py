@@ -577,7 +577,7 @@ def app(cfg: DictConfig) -> float | sweeps.FailedJob:
         return _job_failed(f"bilevel: error: {err}", 2)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"
-        reason = str(err).splitlines()[0]
+        reason = _first_line(str(err))
         if "Missing mandatory value" in reason:
             reason = f"missing value (???): set it on the command line, e.g. {key}=..."
         reason = _interpolation_hint(reason)
@@ -645,7 +645,7 @@ def preflight(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
     try:
         parsed = OverridesParser.create().parse_overrides(plain)
     except HydraException as err:
-        return str(err).splitlines()[0], None
+        return _first_line(str(err)), None
     if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
         return None, None  # another config source: Hydra's to check
     swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
@@ -686,9 +686,9 @@ def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
         group, _, option = missing.rpartition("/")
         if err.options:
             return f"{group}: unknown option {option!r}; valid: {', '.join(err.options)}", None
-        return str(err).splitlines()[0], None
+        return _first_line(str(err)), None
     except HydraException as err:
-        first = str(err).splitlines()[0]
+        first = _first_line(str(err))
         key = re.match(r"Could not override '([^']+)'", first)
         if key:
             name = key.group(1)
@@ -700,7 +700,7 @@ def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
             hint = f"did you mean {' or '.join(close)}? " if close else ""
             return f"{name}: no such config key; {hint}to add a new key write +{name}=...", None
         cause = _root_cause(err)
-        return (first if cause is err else f"{first} ({str(cause).splitlines()[0]})"), None
+        return (first if cause is err else f"{first} ({_first_line(str(cause))})"), None
     return None, OmegaConf.to_container(composed.hydra, resolve=False)
 
 

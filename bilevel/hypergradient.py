@@ -12,6 +12,7 @@ from bilevel.errors import is_finite_number
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.base import Solver
 from bilevel.solvers.products import Reduce
+from bilevel.solvers.sama import preconditionable
 from bilevel.weights import DomainWeights, parametrization_vjp
 
 __all__ = ["hypergradient", "chain_through_parametrization"]
@@ -75,8 +76,6 @@ def _check_optimizer(optimizer, params_of: list[Tensor], params: Params, last_gr
     ``params`` and, for Adam/AdamW, have stepped and come with the gradients of that step.
     Each of these fell back to ``inner_lr * I`` silently (or failed with an IndexError), so
     the optimizer the caller passed was not what preconditioned the result."""
-    from bilevel.solvers.sama import preconditionable
-
     shapes = [tuple(t.shape) for t in params.values()]
     if [tuple(p.shape) for p in params_of] != shapes:
         raise ValueError(
