@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 COMMON = [
     "experiment=tiny",
     "model.activation=gelu",
-    "trainer.steps=100",
-    "trainer.log_every=50",
+    "trainer.steps=40",
+    "trainer.log_every=20",
     "device=cpu",
     "trainer.progress=false",
 ]
@@ -92,10 +92,10 @@ def test_fsdp_resume_equals_an_uninterrupted_run(runs):
     ]
     torchrun(*COMMON, *extra, f"hydra.run.dir={root / 'whole'}")
     part = root / "part"
-    torchrun(*COMMON, *extra, "trainer.steps=50", f"hydra.run.dir={part}")
+    torchrun(*COMMON, *extra, "trainer.steps=20", f"hydra.run.dir={part}")
     assert (part / "checkpoints" / "last.pt").exists()
-    assert list((part / "checkpoints").glob("shards-50/method-rank1.pt"))
-    torchrun(f"resume={part}", "trainer.steps=100")
+    assert list((part / "checkpoints").glob("shards-20/method-rank1.pt"))
+    torchrun(f"resume={part}", "trainer.steps=40")
     assert read_summary(part)["weights"] == read_summary(root / "whole")["weights"]
 
 

@@ -20,10 +20,10 @@ from bilevel.solvers import build
 from bilevel.trainer import NonFiniteError
 from tests.integration.helpers import REPO, cli, cli_batch, read_summary
 
-# Big enough that 200 steps take a few seconds, so the kill lands mid-run.
+# Big enough that 100 steps take a few seconds, so the kill lands mid-run.
 RESUME_ARGS = [
     "experiment=tiny",
-    "trainer.steps=200",
+    "trainer.steps=100",
     "trainer.checkpoint_every=20",
     "trainer.log_every=10",
     "model.hidden=[512,512]",
@@ -83,7 +83,7 @@ def test_ctrl_c_or_sigterm_stops_at_a_window_with_a_checkpoint_and_resumes_exact
         line = [x for x in (out + err).splitlines() if "stopped by" in x]
         assert len(line) == 1 and f"stopped by {sig.name} at step" in line[0], out + err
         step = int(line[0].split(" at step ")[1].split(";")[0])
-        assert 0 < step < 200 and f"resume={stopped}" in line[0]
+        assert 0 < step < 100 and f"resume={stopped}" in line[0]
         assert not (stopped / "summary.json").exists()
         assert torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["step"] == step
     stopped = [tmp_path / sig.name for sig in (signal.SIGINT, signal.SIGTERM)]
@@ -126,7 +126,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, solver, reference_run):
     child.wait()
     assert not (killed / "summary.json").exists()
     step_at_kill = checkpoint_step()
-    assert 20 <= step_at_kill < 200
+    assert 20 <= step_at_kill < 100
 
     # resume=<run dir> alone continues the same run, in its own directory
     proc = cli(f"resume={killed}")
