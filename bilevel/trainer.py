@@ -209,6 +209,10 @@ class BilevelTrainer:
         self.step = 0
         self.elapsed = 0.0
         self.outer_updates = 0
+        # gradient updates of this process, and how many had a nonzero gradient (a device
+        # counter, read once at the end: a run whose weights never moved says why)
+        self._gradient_updates = 0
+        self._nonzero_updates = torch.zeros((), dtype=torch.int64, device=self.device)
         self._resumed_from: str | None = None
         self._wandb_id: str | None = None
         self._last_checkpoint = time.monotonic()
@@ -319,6 +323,8 @@ class BilevelTrainer:
                 found = (~torch.isfinite(grad).all()).float()
             logits.grad = grad.to(logits.dtype)
             guarded_step(self.outer_opt, found)
+            self._gradient_updates += 1
+            self._nonzero_updates += (grad != 0).any()
         self.loop.skips.add(found, inner=False)
         self.outer_updates += 1
         self.loop.refresh_weights()
@@ -501,6 +507,10 @@ class BilevelTrainer:
         # the checkpoint first: a final evaluation that fails (a bug in data.evaluate, memory
         # on a large test set) costs no training, and `resume=` evaluates again
         self._checkpoint()
+        unmoved = notes.unmoved(self._gradient_updates, int(self._nonzero_updates.item()))
+        if unmoved and self.strategy.is_main:
+            log.warning(f"note: {unmoved}")
+        self.notes += [unmoved] if unmoved else []
         test = self._evaluate() if record_test else self.evaluate()
         agree = self.strategy.all_equal(self.weights.logits.detach())
         summary = {
@@ -524,6 +534,7 @@ class BilevelTrainer:
             ),
             "seed": self.seed,
             "info": self.data.info,
+            "notes": list(self.notes),
         }
         if self._resumed_from:
             summary["resumed_from"] = self._resumed_from

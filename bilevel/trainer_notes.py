@@ -3,6 +3,8 @@
 A batch too small for every window to see every domain, a meta batch or a run too short for
 the outer steps meant, and settings that change nothing for the chosen method or model. Each
 function reads a built :class:`~bilevel.BilevelTrainer` and returns its notes; none changes it.
+One note comes at the end instead (:func:`unmoved`): a run whose hypergradient was zero in
+every outer update learned nothing, which no setting predicts. ``summary.json`` keeps them all.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from bilevel.trainer import BilevelTrainer
 
-__all__ = ["sampling", "schedule", "settings"]
+__all__ = ["sampling", "schedule", "settings", "unmoved"]
 
 
 def sampling(trainer: BilevelTrainer) -> list[str]:
@@ -124,3 +126,17 @@ def settings(
 def _names_outer_optimizer(override: str) -> bool:
     """Whether a command-line override chooses or sets the outer optimizer."""
     return override.lstrip("+~").startswith(("trainer.outer_optimizer", "trainer/outer_optimizer"))
+
+
+def unmoved(updates: int, nonzero: int) -> str | None:
+    """The note for a run whose ``updates`` gradient steps of the weights all had an exactly
+    zero gradient (``nonzero == 0``): the outer loss is flat in the model on the meta set, so
+    the weights kept their initial values; ``None`` otherwise."""
+    if updates == 0 or nonzero > 0:
+        return None
+    return (
+        f"the hypergradient was exactly zero in all {updates} outer updates, so the weights "
+        "never moved from weights.init: the outer loss does not change with the model on the "
+        "meta set (e.g. a ranking loss whose meta set has no problem with both a right and a "
+        "wrong solution, as with data.meta_candidates=1)"
+    )

@@ -120,16 +120,19 @@ def test_the_cosine_preset_decays_over_the_run_and_is_not_extended_on_resume(tmp
     assert proc.returncode == 0, proc.stderr
     lrs = [r["inner_lr"] for r in read_jsonl(out / "metrics.jsonl") if "inner_lr" in r]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.01 * lrs[0]  # to ~0 at step 40
-    # T_max is ${trainer.steps}: past it the cosine would climb again, so no extension
-    proc = cli(f"resume={out}", "trainer.steps=80")
+    # T_max is ${trainer.steps}: past it the cosine would climb again, so no extension; the
+    # explanation is the right one for other refusals: a seed is not the run's length, and
+    # keys of a newly chosen group follow from the choice, not from an interpolation
+    proc, seed, group = cli_batch(
+        [
+            [f"resume={out}", "trainer.steps=80"],
+            [f"resume={out}", "seed=5"],
+            [f"resume={out}", "trainer/inner_scheduler=warmup"],
+        ]
+    )
     assert proc.returncode == 2
     assert "trainer.inner_scheduler.T_max follows from trainer.steps" in proc.stderr
     assert "tied to the run's length" in proc.stderr
-    # the explanation is the right one for other refusals: a seed is not the run's length, and
-    # keys of a newly chosen group follow from the choice, not from an interpolation
-    seed, group = cli_batch(
-        [[f"resume={out}", "seed=5"], [f"resume={out}", "trainer/inner_scheduler=warmup"]]
-    )
     assert seed.returncode == 2 and "data.seed follows from seed" in seed.stderr
     assert "run's length" not in seed.stderr
     assert group.returncode == 2 and "trainer.inner_scheduler" in group.stderr
@@ -1024,3 +1027,21 @@ def test_evaluation_gives_every_submodule_its_own_mode_back():
     small_trainer(config, data=data, model=model).fit()
     assert model.training and model[0].training and not model[1].training
     assert torch.equal(model[1].running_mean, frozen)
+
+
+@pytest.mark.parametrize("solver", ["first_order", "cg"])
+def test_a_run_whose_weights_never_moved_says_why(solver, caplog):
+    def flat(output, batch):  # differentiable, but the same value whatever the model does
+        return (output * 0).sum()
+
+    trainer = scheduled(solver)
+    trainer.outer_loss = flat
+    with caplog.at_level("WARNING", logger="bilevel"):
+        summary = trainer.fit()
+    assert set(summary["weights"].values()) == {0.25}
+    said = [n for n in summary["notes"] if "hypergradient was exactly zero" in n]
+    assert len(said) == 1 and "in all 2 outer updates" in said[0]
+    assert said[0] in caplog.text
+    # a meta loss that moves the weights says nothing of the kind
+    summary = scheduled(solver).fit()
+    assert not any("exactly zero" in n for n in summary["notes"])
