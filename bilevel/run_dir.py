@@ -32,6 +32,7 @@ __all__ = [
     "hydra_only",
     "is_our_table",
     "is_run_dir",
+    "release",
     "resolve_resume",
 ]
 
@@ -181,6 +182,17 @@ def claim(path: str | Path) -> Path:
 
 
 LOCK = ".bilevel-run.lock"
+
+
+def release(path: str | Path) -> None:
+    """Undo :func:`claim` for a run that stopped before writing anything (its logger could not
+    start): the marker and the lock file go, so the folder is no run directory and can be
+    removed, or used for a new run. Called after the lock is released."""
+    path = Path(path)
+    if any((path / name).exists() for name in ("metrics.jsonl", "checkpoints", "summary.json")):
+        return
+    for name in (MARKER, LOCK):
+        (path / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -333,16 +333,23 @@ class BilevelTrainer:
 
     def fit(self) -> dict[str, Any]:
         """Train for ``config.steps`` inner steps (from the resumed step); returns the summary."""
-        with contextlib.ExitStack() as stack:
-            if self.run_dir is not None and self.strategy.is_main:
-                continuing = self._resume_file is not None and (
-                    self.run_dir.resolve() in self._resume_file.resolve().parents
-                )
-                if not continuing:
-                    run_dirs.check_new_run(self.run_dir, "run_dir")
-                run_dirs.claim(self.run_dir)
-                stack.enter_context(run_dirs.locked(self.run_dir))
-            return self._fit()
+        fresh = False
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.run_dir is not None and self.strategy.is_main:
+                    continuing = self._resume_file is not None and (
+                        self.run_dir.resolve() in self._resume_file.resolve().parents
+                    )
+                    if not continuing:
+                        run_dirs.check_new_run(self.run_dir, "run_dir")
+                    fresh = not run_dirs.is_run_dir(self.run_dir)
+                    run_dirs.claim(self.run_dir)
+                    stack.enter_context(run_dirs.locked(self.run_dir))
+                return self._fit()
+        except ConfigError:  # raised before the first record (a logger that cannot start)
+            if fresh:
+                run_dirs.release(self.run_dir)
+            raise
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.config

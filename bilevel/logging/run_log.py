@@ -48,9 +48,10 @@ class RunLog:
         self.wandb_id = wandb_id
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = JsonlWriter(self.run_dir / "metrics.jsonl", resume_after_step)
-        if self.wandb is not None:
+        if self.wandb is not None:  # first: a logger that cannot start leaves no record behind
             self.wandb_id = self.wandb.start(self.run_dir or Path("."), config or {}, wandb_id)
+        if self.run_dir is not None:
+            self.writer = JsonlWriter(self.run_dir / "metrics.jsonl", resume_after_step)
         self.bar = None
         self._console = None
         if progress and active:

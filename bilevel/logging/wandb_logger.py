@@ -6,15 +6,52 @@ Offline unless the user is logged in: ``mode="auto"`` runs online only when an A
 
 from __future__ import annotations
 
+import contextlib
+import io
 import netrc
 import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+from bilevel.errors import ConfigError
 
 __all__ = ["WandbLogger"]
 
 #: ``auto`` (online when logged in, else offline) and wandb's own modes
 MODES = ("auto", "online", "offline", "disabled", "shared")
+#: what wandb itself takes in ``WANDB_MODE``
+ENV_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+
+
+def _check_environment() -> None:
+    """Refuse, before any run directory exists, a ``WANDB_*`` variable that wandb would reject
+    at ``wandb.init`` (e.g. ``WANDB_SILENT=""``), naming the variable instead of a pydantic
+    traceback in the middle of the run's start."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode and mode not in ENV_MODES:
+        raise ValueError(
+            f"the environment variable WANDB_MODE={mode!r} is not a wandb mode; valid: "
+            f"{', '.join(ENV_MODES)} (or unset it and choose logger.wandb.mode)"
+        )
+    import wandb
+
+    settings = wandb.Settings()
+    update = getattr(settings, "update_from_env_vars", None)
+    if update is None:  # another wandb: it checks its variables itself
+        return
+    for name, value in sorted(os.environ.items()):
+        if not name.startswith("WANDB_"):
+            continue
+        try:
+            update({name: value})
+        except Exception as err:  # wandb validates its settings with pydantic
+            errors = getattr(err, "errors", None)
+            why = errors()[0].get("msg") if callable(errors) and errors() else str(err)
+            raise ValueError(
+                f"the environment variable {name}={value!r} is refused by wandb: {why} "
+                "(give it a valid value or unset it)"
+            ) from None
 
 
 def _logged_in() -> bool:
@@ -51,6 +88,7 @@ class WandbLogger:
             "tags": list(tags or []),
             "group": group,
         }
+        _check_environment()
         if os.environ.get("WANDB_MODE"):
             mode = os.environ["WANDB_MODE"]
         elif mode == "auto":
@@ -65,14 +103,35 @@ class WandbLogger:
         # quiet: wandb's own lines say where the run is saved (and how to sync it), without the
         # 30-line history and summary dump at the end that buried the run's own summary
         kwargs.setdefault("settings", wandb.Settings(quiet=True))
-        self.run = wandb.init(
-            dir=str(run_dir),
-            config=config,
-            mode=self.mode,
-            id=resume_id,
-            resume="allow" if resume_id else None,
-            **kwargs,
-        )
+        folder = Path(run_dir) / "wandb"
+        existed = folder.exists()
+        try:
+            self.run = wandb.init(
+                dir=str(run_dir),
+                config=config,
+                mode=self.mode,
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                **kwargs,
+            )
+        except Exception as err:  # wandb's own (no network, a bad key): not the user's code
+            teardown = getattr(wandb, "teardown", None)
+            if callable(teardown):  # now and quietly: at exit it points at logs removed below
+                with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
+                    teardown()
+            if not existed:
+                shutil.rmtree(folder, ignore_errors=True)
+            lines = str(err).strip().splitlines()
+            why = lines[0] if lines else type(err).__name__
+            hint = (
+                "; where this machine cannot reach wandb, log offline (WANDB_MODE=offline) and "
+                "upload later with `wandb sync <run dir>/wandb`"
+                if self.mode != "offline"
+                else ""
+            )
+            raise ConfigError(
+                "logger.wandb", f"wandb could not start its run (mode {self.mode}): {why}{hint}"
+            ) from None
         return self.run.id
 
     def log(self, record: dict[str, Any]) -> None:

@@ -1045,3 +1045,55 @@ def test_a_run_whose_weights_never_moved_says_why(solver, caplog):
     # a meta loss that moves the weights says nothing of the kind
     summary = scheduled(solver).fit()
     assert not any("exactly zero" in n for n in summary["notes"])
+
+
+@pytest.mark.parametrize(
+    "name,value,said",
+    [
+        ("WANDB_MODE", "bogus", "is not a wandb mode"),
+        ("WANDB_SILENT", "", "WANDB_SILENT='' is refused by wandb"),
+        ("WANDB_CONSOLE", "nope", "WANDB_CONSOLE='nope' is refused by wandb"),
+    ],
+)
+def test_a_wandb_variable_that_wandb_refuses_is_named_before_the_run(
+    monkeypatch, name, value, said
+):
+    pytest.importorskip("wandb")
+    from bilevel.logging import WandbLogger
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=said):
+        WandbLogger()
+
+
+def test_a_wandb_run_that_cannot_start_is_one_line_and_leaves_the_folder_unclaimed(
+    monkeypatch, tmp_path
+):
+    wandb = pytest.importorskip("wandb")
+    from bilevel import run_dir
+    from bilevel.logging import WandbLogger
+
+    def unreachable(**kwargs):  # what an online run on a machine without internet ends in
+        (tmp_path / "run" / "wandb" / "debug.log").parent.mkdir(parents=True)
+        (tmp_path / "run" / "wandb" / "debug.log").write_text("...")
+        raise wandb.errors.CommError("Timed out while retrying: no such host\ndetails")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    monkeypatch.setattr(wandb, "teardown", lambda: None)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the suite's offline mode would win
+    trainer = scheduled("first_order")
+    trainer.run_dir = tmp_path / "run"
+    trainer.wandb = WandbLogger(mode="online")
+    with pytest.raises(ConfigError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert message.startswith("logger.wandb: wandb could not start its run (mode online): ")
+    assert "no such host" in message and "WANDB_MODE=offline" in message
+    assert "details" not in message
+    # nothing of the run is left: the folder can hold a new run (Hydra's files are the CLI's)
+    assert list((tmp_path / "run").iterdir()) == []
+    assert not run_dir.is_run_dir(tmp_path / "run")
+    again = scheduled("first_order")
+    again.run_dir = tmp_path / "run"
+    again.fit()
+    assert (tmp_path / "run" / "summary.json").is_file()
