@@ -18,6 +18,7 @@ and test sets are held-out sequences of the ``target`` domain, never in the trai
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ from bilevel.data.columns import Columns, chunks, domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
+
+log = logging.getLogger("bilevel.experiments")  # the run's terminal and cli.log
 
 __all__ = ["DOMAINS", "domain_texts", "lm_metrics", "lm_pretrained"]
 
@@ -173,6 +176,14 @@ def lm_pretrained(
             seqs = seqs[:per_domain]
         sizes[name] = len(seqs)
         parts.append(_columns(seqs))
+    short = {n: k for n, k in sizes.items() if n != "noise" and k < per_domain}
+    if short:
+        log.warning(
+            f"note: data.per_domain={per_domain} is more than "
+            + ", ".join(f"{n} holds ({k})" for n, k in short.items())
+            + f" in sequences of {seq_len + 1} tokens: those domains train on all they hold "
+            "(the summary's info.sequences has each domain's count)"
+        )
     return DomainData(
         names=list(DOMAINS),
         train=domain_columns(parts),

@@ -75,7 +75,7 @@ def test_study_builders_refuse_settings_that_would_run_as_another():
             text_domains(test_fraction=fraction)
 
 
-def test_lm_pretrained_refuses_a_meta_and_test_set_that_take_the_whole_target(monkeypatch):
+def test_lm_pretrained_refuses_a_meta_and_test_set_that_take_the_whole_target(monkeypatch, caplog):
     """The target's sequences go to the meta and test sets first: asking for more left the
     target with no training rows, reported as 'reviews has no training examples'."""
     from bilevel_experiments.lm_pretrained import builders, model
@@ -94,6 +94,13 @@ def test_lm_pretrained_refuses_a_meta_and_test_set_that_take_the_whole_target(mo
     monkeypatch.setattr(builders, "domain_texts", lambda: texts)
     data = builders.lm_pretrained(seq_len=7, per_domain=50, meta_size=20, test_size=30)
     assert data.domain_sizes()[builders.DOMAINS.index("news")] == 50  # 100 - 20 - 30
+    assert "per_domain" not in caplog.text
+    # more than a domain holds: it trains on all it has, and the run's first lines say so
+    with caplog.at_level("WARNING", logger="bilevel.experiments"):
+        data = builders.lm_pretrained(seq_len=7, per_domain=80, meta_size=20, test_size=30)
+    assert data.domain_sizes()[builders.DOMAINS.index("news")] == 50
+    assert "data.per_domain=80 is more than news holds (50)" in caplog.text
+    assert "encyclopedia" not in caplog.text  # 100 sequences: enough
     with pytest.raises(ConfigError, match=r"data.meta_size: the target 'news' holds 100 seq"):
         builders.lm_pretrained(seq_len=7, per_domain=50, meta_size=40, test_size=60)
 
