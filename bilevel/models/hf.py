@@ -121,6 +121,14 @@ class HFClassifier(nn.Module):
                 )
             if not (is_finite_number(lora_dropout) and 0 <= lora_dropout < 1):
                 raise ConfigError("model.lora_dropout", f"must lie in [0, 1), got {lora_dropout!r}")
+            if lora_targets is not None and (
+                isinstance(lora_targets, str)
+                or not all(isinstance(t, str) and t for t in lora_targets)
+            ):  # a string would reach peft as the set of its letters
+                raise ConfigError(
+                    "model.lora_targets",
+                    f"must be a list of module names, e.g. [query,value], got {lora_targets!r}",
+                )
         if gradient_checkpointing not in (True, False, "reentrant"):
             raise ConfigError(
                 "model.gradient_checkpointing",
@@ -152,6 +160,8 @@ class HFClassifier(nn.Module):
         if trainable == "lora":
             from peft import LoraConfig, get_peft_model
 
+            if lora_targets:
+                _check_targets(encoder, list(lora_targets))
             config = LoraConfig(
                 r=lora_r,
                 lora_alpha=lora_alpha,
@@ -200,3 +210,21 @@ class HFClassifier(nn.Module):
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def _check_targets(encoder: nn.Module, targets: list[str]) -> None:
+    """Every LoRA target names a module of ``encoder`` (peft matches a module whose name is the
+    target or ends with ``.target``); otherwise a ConfigError that lists the names of its
+    linear layers, which is what adapters go on."""
+    names = [name for name, _ in encoder.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return
+    linear = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in encoder.named_modules() if isinstance(m, nn.Linear)}
+    )
+    raise ConfigError(
+        "model.lora_targets",
+        f"no module named {', '.join(missing)} in this {type(encoder).__name__}; its linear "
+        f"layers are named {', '.join(linear)}",
+    )

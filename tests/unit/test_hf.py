@@ -231,6 +231,9 @@ def test_fused_kernels_need_finite_difference_products(tiny_checkpoint, kwargs, 
         ({"lora_r": 2.5}, "model.lora_r"),
         ({"lora_alpha": float("inf")}, "model.lora_alpha"),
         ({"lora_dropout": 1.0}, "model.lora_dropout"),
+        # a string reached peft as the set of its letters ({'o', 'n', 'p', 'e'} not found)
+        ({"lora_targets": "query"}, "model.lora_targets"),
+        ({"lora_targets": ["query", "nope"]}, "model.lora_targets"),
     ],
 )
 def test_bad_settings_are_refused_by_name(tiny_checkpoint, kwargs, field):
@@ -240,3 +243,15 @@ def test_bad_settings_are_refused_by_name(tiny_checkpoint, kwargs, field):
 
     with pytest.raises(ConfigError, match=rf"^{field}: "):
         HFClassifier(num_labels=4, path=str(tiny_checkpoint), **kwargs)
+
+
+def test_a_lora_target_the_model_lacks_is_named_with_the_ones_it_has(tiny_checkpoint):
+    from bilevel.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        HFClassifier(num_labels=4, path=str(tiny_checkpoint), lora_targets=["query", "nope"])
+    message = str(err.value)
+    assert message.startswith("model.lora_targets: no module named nope in this BertModel")
+    assert "linear layers are named dense, key, query, value" in message
+    # a full dotted name works as in peft
+    HFClassifier(num_labels=4, path=str(tiny_checkpoint), lora_targets=["attention.self.query"])
