@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from bilevel.errors import ConfigError, is_integer
 
-__all__ = ["check_counts"]
+__all__ = ["check_counts", "check_list", "check_names"]
 
 
 def check_counts(**fields: tuple[object, int]) -> None:
@@ -16,3 +18,24 @@ def check_counts(**fields: tuple[object, int]) -> None:
     for name, (value, minimum) in fields.items():
         if not is_integer(value) or value < minimum:
             raise ConfigError(f"data.{name}", f"must be an integer >= {minimum}, got {value!r}")
+
+
+def check_list(field: str, value: object, example: str) -> list:
+    """``value`` as a list, or a :class:`ConfigError` naming ``data.<field>``: a string would be
+    read letter by letter (``data.names=abcd`` made four domains a, b, c, d) and a number not
+    at all."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise ConfigError(f"data.{field}", f"must be a list, e.g. {example}, got {value!r}")
+    return list(value)
+
+
+def check_names(field: str, value: object, example: str) -> list[str]:
+    """:func:`check_list` of distinct names (the same name twice would make two domains or
+    classes of the same data)."""
+    names = [str(n) for n in check_list(field, value, example)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(
+            f"data.{field}", f"lists {', '.join(twice)} more than once; each must be distinct"
+        )
+    return names

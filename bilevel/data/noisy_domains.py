@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from bilevel.data.checks import check_counts
+from bilevel.data.checks import check_counts, check_list, check_names
 from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_finite_number
 
 __all__ = ["noisy_domains", "flip_labels"]
 
@@ -51,8 +51,11 @@ def noisy_domains(
     seed: int = 0,
 ) -> DomainData:
     """Build the data (see module doc). Raises :class:`ConfigError` naming the bad field."""
-    names = [str(n) for n in names]
-    noise = [float(r) for r in label_noise]
+    names = check_names("names", names, "[d0,d1,d2,d3]")
+    noise = check_list("label_noise", label_noise, "[0.0,0.0,0.4,0.4]")
+    if not all(is_finite_number(r) for r in noise):
+        raise ConfigError("data.label_noise", f"rates must be numbers in [0, 1), got {noise}")
+    noise = [float(r) for r in noise]
     if len(noise) != len(names):
         raise ConfigError(
             "data.label_noise",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bilevel.data.checks import check_counts
+from bilevel.data.checks import check_counts, check_names
 from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
@@ -75,7 +75,7 @@ def text_domains(
 
     check_counts(meta_per_topic=(meta_per_topic, 1), max_len=(max_len, 8))
     texts = corpus_texts()
-    topics = [str(t) for t in topics]
+    topics = check_names("topics", topics, "[ai,coding,trivia]")
     unknown = [t for t in topics if t not in texts]
     if unknown or len(topics) < 2:
         raise ConfigError(

@@ -55,6 +55,9 @@ CASES = [
     (["data.label_noise=[0.1,0.2]"], "data.label_noise"),
     (["data.label_noise=[0.0,0.0,1.2,0.0]"], "data.label_noise"),
     (["data.per_domain=0"], "data.per_domain"),
+    # a string was read letter by letter: four domains a, b, c, d, and a run that exited 0
+    (["data.names=abcd"], "data.names"),
+    (["data.label_noise=0.4"], "data.label_noise"),
     (["data._target_=builders.empty_domain"], "data"),
     (["data._target_=builders.no_meta"], "data.meta"),
     (["data._target_=builders.float64_inputs"], "data.train"),

@@ -73,6 +73,11 @@ def test_study_builders_refuse_settings_that_would_run_as_another():
     for fraction in (0.0, 1.0, float("nan")):
         with pytest.raises(ConfigError, match="data.test_fraction"):
             text_domains(test_fraction=fraction)
+    # the same topic twice was two classes of the same texts; a string, its letters
+    with pytest.raises(ConfigError, match="data.topics: lists ai more than once"):
+        text_domains(topics=["ai", "ai", "coding"])
+    with pytest.raises(ConfigError, match="data.topics: must be a list"):
+        text_domains(topics="ai")
 
 
 def test_lm_pretrained_refuses_a_meta_and_test_set_that_take_the_whole_target(monkeypatch, caplog):
