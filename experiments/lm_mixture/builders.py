@@ -27,7 +27,7 @@ from bilevel import modes
 from bilevel.data.checks import check_counts
 from bilevel.data.columns import Columns, chunks, domain_columns
 from bilevel.data.domain_data import DomainData
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_finite_number
 from bilevel.functional import forward_batch
 
 __all__ = ["LM_DOMAINS", "VOCAB", "lm_mixture", "lm_metrics"]
@@ -122,17 +122,30 @@ def lm_metrics(model: nn.Module, columns: Columns, device: torch.device) -> dict
 def lm_mixture(
     per_domain: int = 1500,
     seq_len: int = 32,
-    target: Mapping[str, float] | None = None,
+    target: Mapping[str, float] | str | None = None,
     meta_size: int = 128,
     test_size: int = 512,
     seed: int = 0,
 ) -> DomainData:
-    """Build the five text domains and target-mixture meta/test sets (see the module doc)."""
-    # an empty mapping is a mixture of nothing (refused below), not the default
-    target = dict({"markov_a": 0.5, "arithmetic": 0.5} if target is None else target)
+    """Build the five text domains and target-mixture meta/test sets (see the module doc).
+
+    ``target``: ``{domain: proportion}``, one domain's name (all of it), or ``None`` (half
+    ``markov_a``, half ``arithmetic``)."""
+    if target is None:  # an empty mapping is a mixture of nothing (refused below)
+        target = {"markov_a": 0.5, "arithmetic": 0.5}
+    elif isinstance(target, str):
+        target = {target: 1.0}
+    elif not isinstance(target, Mapping):
+        raise ConfigError(
+            "data.target",
+            f"must map domains to proportions, e.g. {{copy:1}}, or name one; got {target!r}",
+        )
+    target = dict(target)
     unknown = sorted(set(target) - set(LM_DOMAINS))
     if unknown:
         raise ConfigError("data.target", f"unknown domain(s) {unknown}; choose from {LM_DOMAINS}")
+    if not all(is_finite_number(v) for v in target.values()):
+        raise ConfigError("data.target", f"proportions must be numbers, got {target}")
     if any(v < 0 for v in target.values()) or sum(target.values()) <= 0:
         raise ConfigError("data.target", "mixture proportions must be >= 0 with a positive sum")
     check_counts(

@@ -267,3 +267,27 @@ def test_prm_text_solutions_and_labels_mean_what_they_say():
     assert errors["mc16"] < errors["mislabeled"]
     # no domain's labels are the meta target (final-answer correctness of the whole solution)
     assert "outcome" not in data.names
+
+
+def test_lm_mixture_target_from_the_command_line_replaces_the_default():
+    """The preset's target was a mapping, so data.target={copy:1} was refused with a
+    misleading 'did you mean data.target' and +data.target.copy=1 merged into the default."""
+    from bilevel_experiments.lm_mixture.builders import lm_mixture
+    from hydra import compose, initialize_config_dir
+
+    from bilevel.cli import config_dir
+    from bilevel.errors import ConfigError
+
+    def target(*overrides):
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=["experiment=lm_mixture", *overrides])
+        data = lm_mixture(per_domain=8, seq_len=8, target=cfg.data.target, meta_size=8)
+        return {k: v for k, v in data.info["target"].items() if v}
+
+    assert target() == {"markov_a": 0.5, "arithmetic": 0.5}
+    assert target("data.target={copy:1}") == {"copy": 1.0}
+    assert target("data.target={markov_a:3,copy:1}") == {"markov_a": 0.75, "copy": 0.25}
+    assert target("data.target=copy") == {"copy": 1.0}
+    for bad in ("[copy]", "{copy:abc}"):
+        with pytest.raises(ConfigError, match="data.target"):
+            target(f"data.target={bad}")
