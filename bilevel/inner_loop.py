@@ -54,6 +54,13 @@ OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 
 def make_optimizer(factory: OptimizerFactory, params: list, field: str) -> torch.optim.Optimizer:
     """``factory(params)``; a bad setting (e.g. a negative learning rate) becomes one line."""
+    if isinstance(factory, torch.optim.Optimizer):
+        raise ConfigError(
+            field,
+            f"takes a function of the parameters, e.g. functools.partial(torch.optim."
+            f"{type(factory).__name__}, lr=0.1), not an optimizer already built (the trainer "
+            "builds it over the tensors it trains)",
+        )
     try:
         optimizer = factory(params)
     except (ValueError, TypeError) as err:
@@ -72,6 +79,13 @@ def make_scheduler(factory: Callable[[torch.optim.Optimizer], Any] | None, optim
     if factory is None:
         return None
     field = "trainer.inner_scheduler"
+    if hasattr(factory, "optimizer") and callable(getattr(factory, "step", None)):
+        raise ConfigError(
+            field,
+            f"takes a function of the optimizer, e.g. functools.partial(torch.optim.lr_scheduler."
+            f"{type(factory).__name__}, ...), not a scheduler already built (the trainer builds "
+            "its own optimizer)",
+        )
     try:
         scheduler = factory(optimizer)
     except (TypeError, ValueError) as err:

@@ -1097,3 +1097,26 @@ def test_a_wandb_run_that_cannot_start_is_one_line_and_leaves_the_folder_unclaim
     again.run_dir = tmp_path / "run"
     again.fit()
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("key", ["inner_optimizer", "outer_optimizer", "inner_scheduler"])
+def test_an_optimizer_or_scheduler_already_built_is_one_line(key):
+    """The trainer takes factories; an instance failed with "'SGD' object is not callable"."""
+    data = noisy_domains(per_domain=16, meta_size=8, test_size=8, seed=0)
+    other = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    built = {
+        "inner_optimizer": other,
+        "outer_optimizer": torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.1),
+        "inner_scheduler": torch.optim.lr_scheduler.StepLR(other, step_size=1),
+    }[key]
+    with pytest.raises(ConfigError, match=rf"^trainer.{key}: takes a function of the "):
+        BilevelTrainer(
+            MLP(**data.model_kwargs, hidden=4),
+            DomainWeights(data.names),
+            build("first_order"),
+            per_example_cross_entropy,
+            cross_entropy,
+            data,
+            TrainerConfig(steps=5, progress=False),
+            **{key: built},
+        )
