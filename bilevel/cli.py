@@ -168,26 +168,6 @@ def _preset_hint(field: str, target: Any, message: str) -> str:
     return ""
 
 
-def check_loss_callable(field: str, fn: Any) -> None:
-    """A loss is called as ``fn(output, batch)``: say so before training when the built object
-    is not callable or its signature cannot take those two arguments (e.g. a ``_target_`` that
-    names another function), instead of a ``TypeError`` from inside the first step."""
-    expected = "a callable (output, batch) -> Tensor"
-    if not callable(fn):
-        raise ConfigError(field, f"must build {expected}, got {fn!r}")
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # some builtins have none: let the call decide
-        return
-    try:
-        signature.bind(None, None)
-    except TypeError as err:
-        name = getattr(getattr(fn, "func", fn), "__qualname__", repr(fn))
-        raise ConfigError(
-            field, f"{name} cannot take the two arguments (output, batch) of a loss: {err}"
-        ) from None
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -295,9 +275,7 @@ def make_trainer(
     weights = build(weights_cfg, "weights", **extra)
     solver = build(cfg.solver, "solver")
     inner_loss = build(cfg.inner_loss, "inner_loss")
-    outer_loss = build(cfg.outer_loss, "outer_loss")
-    for field, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
-        check_loss_callable(field, fn)
+    outer_loss = build(cfg.outer_loss, "outer_loss")  # the trainer checks both losses
     loop = {
         k: v
         for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()

@@ -9,6 +9,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -70,6 +71,26 @@ def check_arguments(model, weights, solver, data, config) -> tuple[Any, TrainerC
     return solver, config
 
 
+def check_loss_callable(field: str, fn: Any) -> None:
+    """A loss is called as ``fn(output, batch)``: say so before training when the built object
+    is not callable or its signature cannot take those two arguments (e.g. a ``_target_`` that
+    names another function), instead of a ``TypeError`` from inside the first step."""
+    expected = "a callable (output, batch) -> Tensor"
+    if not callable(fn):
+        raise ConfigError(field, f"must be {expected}, got {fn!r}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: let the call decide
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as err:
+        name = getattr(getattr(fn, "func", fn), "__qualname__", repr(fn))
+        raise ConfigError(
+            field, f"{name} cannot take the two arguments (output, batch) of a loss: {err}"
+        ) from None
+
+
 def check_losses(
     module: nn.Module, inner_loss: Loss, outer_loss: Loss, data: DomainData, device
 ) -> bool:
@@ -81,6 +102,8 @@ def check_losses(
     The inner loss must carry a gradient back to the model's output (detached, or built from
     ``argmax`` and comparisons, it would train nothing, silently). Returns whether the outer
     loss does: only the methods that differentiate it need that (:func:`outer_gradient`)."""
+    check_loss_callable("inner_loss", inner_loss)
+    check_loss_callable("outer_loss", outer_loss)
     with torch.no_grad(), buffers.kept(module):  # a check, not a training step
         batch = _first_rows(data.train, 4, device)
         rows = num_rows(batch)

@@ -1120,3 +1120,21 @@ def test_an_optimizer_or_scheduler_already_built_is_one_line(key):
             TrainerConfig(steps=5, progress=False),
             **{key: built},
         )
+
+
+@pytest.mark.parametrize("key", ["inner_loss", "outer_loss"])
+def test_a_loss_that_is_not_a_function_is_named_in_python_too(key):
+    """The command line said so; the Python trainer failed with "'str' object is not callable"."""
+    data = noisy_domains(per_domain=16, meta_size=8, test_size=8, seed=0)
+    losses = {"inner_loss": per_example_cross_entropy, "outer_loss": cross_entropy}
+    losses[key] = "cross_entropy"
+    with pytest.raises(ConfigError, match=rf"^{key}: must be a callable \(output, batch\)"):
+        BilevelTrainer(
+            MLP(**data.model_kwargs, hidden=4),
+            DomainWeights(data.names),
+            build("first_order"),
+            losses["inner_loss"],
+            losses["outer_loss"],
+            data,
+            TrainerConfig(steps=5, progress=False),
+        )
