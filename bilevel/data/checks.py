@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from bilevel.errors import ConfigError, is_integer
+from bilevel.errors import ConfigError, is_finite_number, is_integer
 
-__all__ = ["check_counts", "check_list", "check_names"]
+__all__ = ["check_counts", "check_fractions", "check_list", "check_names"]
 
 
 def check_counts(**fields: tuple[object, int]) -> None:
@@ -18,6 +18,19 @@ def check_counts(**fields: tuple[object, int]) -> None:
     for name, (value, minimum) in fields.items():
         if not is_integer(value) or value < minimum:
             raise ConfigError(f"data.{name}", f"must be an integer >= {minimum}, got {value!r}")
+
+
+def check_fractions(**fields: tuple[object, str]) -> None:
+    """``field=(value, interval)``, the interval one of ``[0, 1)``, ``(0, 1)``, ``[0, 1]``: each
+    value must be a finite number in it (a string failed with "'<=' not supported between
+    instances of 'int' and 'str'", naming neither the field nor the range)."""
+    for name, (value, interval) in fields.items():
+        inside = is_finite_number(value) and (
+            (value >= 0 if interval[0] == "[" else value > 0)
+            and (value <= 1 if interval[-1] == "]" else value < 1)
+        )
+        if not inside:
+            raise ConfigError(f"data.{name}", f"must lie in {interval}, got {value!r}")
 
 
 def check_list(field: str, value: object, example: str) -> list:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bilevel.data.checks import check_counts
+from bilevel.data.checks import check_counts, check_fractions
 from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
@@ -45,10 +45,7 @@ def digits(
     from sklearn.datasets import load_digits
 
     check_counts(per_domain=(per_domain, 1), meta_size=(meta_size, 1), test_size=(test_size, 1))
-    if not 0 <= label_noise < 1:
-        raise ConfigError("data.label_noise", f"must lie in [0, 1), got {label_noise}")
-    if not 0 <= imbalance <= 1:
-        raise ConfigError("data.imbalance", f"must lie in [0, 1], got {imbalance}")
+    check_fractions(label_noise=(label_noise, "[0, 1)"), imbalance=(imbalance, "[0, 1]"))
     if not (is_finite_number(pixel_noise) and pixel_noise >= 0):  # -1 would act as 1, silently
         raise ConfigError("data.pixel_noise", f"must be a finite number >= 0, got {pixel_noise!r}")
     x_all, y_all = load_digits(return_X_y=True)

@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 from bilevel import modes
-from bilevel.data.checks import check_counts
+from bilevel.data.checks import check_counts, check_fractions
 from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
-from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
 from bilevel.losses.prm import trajectory_logits
 
@@ -173,8 +172,7 @@ def prm_trajectories(
         test_problems=(test_problems, 1),
         candidates=(candidates, 1),
     )
-    if not 0 < error_rate < 1:
-        raise ConfigError("data.error_rate", f"must lie in (0, 1), got {error_rate}")
+    check_fractions(error_rate=(error_rate, "(0, 1)"))
     gen = torch.Generator().manual_seed(int(seed))
     parts = []
     for name in PRM_DOMAINS:

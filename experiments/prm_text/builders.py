@@ -39,10 +39,9 @@ import torch
 from torch import nn
 
 from bilevel import modes
-from bilevel.data.checks import check_counts
+from bilevel.data.checks import check_counts, check_fractions
 from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
-from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
 from bilevel.losses.prm import trajectory_logits
 
@@ -278,10 +277,7 @@ def prm_text(
     seed: int = 0,
 ) -> DomainData:
     """Build the five label-quality domains, the outcome-only meta set and the best-of-N test."""
-    if not 0 < error_rate < 1:
-        raise ConfigError("data.error_rate", f"must lie in (0, 1), got {error_rate}")
-    if not 0 <= trap_rate < 1:
-        raise ConfigError("data.trap_rate", f"must lie in [0, 1), got {trap_rate}")
+    check_fractions(error_rate=(error_rate, "(0, 1)"), trap_rate=(trap_rate, "[0, 1)"))
     check_counts(
         per_domain=(per_domain, 1),
         meta_problems=(meta_problems, 1),

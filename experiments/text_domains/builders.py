@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from bilevel.data.checks import check_counts, check_names
+from bilevel.data.checks import check_counts, check_fractions, check_names
 from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
 from bilevel.data.noisy_domains import flip_labels
-from bilevel.errors import ConfigError, is_finite_number
+from bilevel.errors import ConfigError
 
 __all__ = ["TOPICS", "corpus_texts", "text_domains"]
 
@@ -82,10 +82,7 @@ def text_domains(
             "data.topics",
             f"need >= 2 corpus categories, unknown: {unknown}; available: {sorted(texts)}",
         )
-    if not 0 <= label_noise < 1:
-        raise ConfigError("data.label_noise", f"must lie in [0, 1), got {label_noise}")
-    if not (is_finite_number(test_fraction) and 0 < test_fraction < 1):
-        raise ConfigError("data.test_fraction", f"must lie in (0, 1), got {test_fraction!r}")
+    check_fractions(label_noise=(label_noise, "[0, 1)"), test_fraction=(test_fraction, "(0, 1)"))
     gen = torch.Generator().manual_seed(int(seed))
 
     def shuffled(items: list[str]) -> list[str]:

@@ -58,6 +58,8 @@ CASES = [
     # a string was read letter by letter: four domains a, b, c, d, and a run that exited 0
     (["data.names=abcd"], "data.names"),
     (["data.label_noise=0.4"], "data.label_noise"),
+    # a rate that is not a number: "'<=' not supported between instances of 'int' and 'str'"
+    (["data=digits", "data.label_noise=abc"], "data.label_noise"),
     (["data._target_=builders.empty_domain"], "data"),
     (["data._target_=builders.no_meta"], "data.meta"),
     (["data._target_=builders.float64_inputs"], "data.train"),

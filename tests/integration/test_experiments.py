@@ -78,6 +78,10 @@ def test_study_builders_refuse_settings_that_would_run_as_another():
         text_domains(topics=["ai", "ai", "coding"])
     with pytest.raises(ConfigError, match="data.topics: must be a list"):
         text_domains(topics="ai")
+    from bilevel_experiments.prm_text.builders import prm_text
+
+    with pytest.raises(ConfigError, match=r"data.trap_rate: must lie in \[0, 1\), got 'x'"):
+        prm_text(trap_rate="x")
 
 
 def test_lm_pretrained_refuses_a_meta_and_test_set_that_take_the_whole_target(monkeypatch, caplog):
