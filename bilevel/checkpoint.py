@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, first_line
 from bilevel.files import write_atomic
 
 __all__ = ["capture_rng", "fingerprint", "load", "restore_rng", "save_atomic"]
@@ -59,7 +59,7 @@ def _why(err: BaseException, path: Path) -> str:
         return "the file is truncated or is not a torch.save archive"
     if "Weights only load failed" in text or "Unpickl" in type(err).__name__:
         return "it is not a file written by torch.save of tensors and plain containers"
-    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    first = first_line(text) or type(err).__name__
     return first[:160]
 
 

@@ -43,7 +43,7 @@ from bilevel import run_dir as run_dirs
 from bilevel import sweep_failures as sweeps
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed, leave_process_group
-from bilevel.errors import ConfigError, is_bool, is_finite_number
+from bilevel.errors import ConfigError, first_line, is_bool, is_finite_number
 from bilevel.files import write_text_atomic
 from bilevel.run_settings import check_device, check_seed
 from bilevel.stopping import StopRequested
@@ -140,7 +140,7 @@ def build(node: Any, field: str, **kwargs: Any) -> Any:
             raise cause from None
         if cause is not err and not isinstance(cause, ImportError | TypeError | ValueError):
             raise  # a bug inside the user's component: show where
-        message = _first_line(str(cause)) or type(cause).__name__
+        message = first_line(str(cause)) or type(cause).__name__
         message = _interpolation_hint(message)
         target = node.get("_target_") if isinstance(node, DictConfig) else None
         where = f"{field} ({target})" if target else field
@@ -148,7 +148,7 @@ def build(node: Any, field: str, **kwargs: Any) -> Any:
     except (ValueError, TypeError) as err:
         if isinstance(err, ConfigError):
             raise
-        message = _first_line(str(err)) or type(err).__name__
+        message = first_line(str(err)) or type(err).__name__
         raise ConfigError(field, _interpolation_hint(message)) from None
 
 
@@ -555,7 +555,7 @@ def app(cfg: DictConfig) -> float | sweeps.FailedJob:
         return _job_failed(f"bilevel: error: {err}", 2)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"
-        reason = _first_line(str(err))
+        reason = first_line(str(err))
         if "Missing mandatory value" in reason:
             reason = f"missing value (???): set it on the command line, e.g. {key}=..."
         reason = _interpolation_hint(reason)
@@ -572,12 +572,6 @@ def _seconds(value: float) -> str:
     if value >= 1:
         return f"{value:.1f} s"
     return f"{value:.2f} s" if value >= 0.01 else "< 0.01 s"
-
-
-def _first_line(text: str) -> str:
-    """The first line of ``text`` ('' for an empty message)."""
-    lines = text.strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def _interpolation_hint(message: str) -> str:
@@ -623,7 +617,7 @@ def preflight(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
     try:
         parsed = OverridesParser.create().parse_overrides(plain)
     except HydraException as err:
-        return _first_line(str(err)), None
+        return first_line(str(err)), None
     if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
         return None, None  # another config source: Hydra's to check
     swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
@@ -664,9 +658,9 @@ def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
         group, _, option = missing.rpartition("/")
         if err.options:
             return f"{group}: unknown option {option!r}; valid: {', '.join(err.options)}", None
-        return _first_line(str(err)), None
+        return first_line(str(err)), None
     except HydraException as err:
-        first = _first_line(str(err))
+        first = first_line(str(err))
         key = re.match(r"Could not override '([^']+)'", first)
         if key:
             name = key.group(1)
@@ -678,7 +672,7 @@ def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
             hint = f"did you mean {' or '.join(close)}? " if close else ""
             return f"{name}: no such config key; {hint}to add a new key write +{name}=...", None
         cause = _root_cause(err)
-        return (first if cause is err else f"{first} ({_first_line(str(cause))})"), None
+        return (first if cause is err else f"{first} ({first_line(str(cause))})"), None
     return None, OmegaConf.to_container(composed.hydra, resolve=False)
 
 

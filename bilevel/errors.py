@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["ConfigError", "NonFiniteError", "is_bool", "is_finite_number", "is_integer"]
+__all__ = [
+    "ConfigError",
+    "NonFiniteError",
+    "first_line",
+    "is_bool",
+    "is_finite_number",
+    "is_integer",
+]
 
 
 class ConfigError(ValueError):
@@ -46,3 +53,10 @@ def is_bool(value: object) -> bool:
     """True for ``True``/``False`` (numpy's too): a switch given as a string (``maybe``, a
     misspelt ``ture``) is truthy in Python and would silently turn the option on."""
     return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+def first_line(text: str) -> str:
+    """The first line of an error's text ('' for an empty message): what a one-line report
+    shows of a third party's multi-line message."""
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""

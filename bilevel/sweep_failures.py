@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bilevel import run_dir as run_dirs
+from bilevel.errors import first_line
 from bilevel.files import write_text_atomic
 
 __all__ = ["FailedJob", "codes", "exit_if_failed", "in_sweep", "record", "run_app"]
@@ -87,7 +88,7 @@ def run_app(app: Callable[[], object], args: list[str]) -> None:
         from hydra.errors import HydraException
 
         if isinstance(err, HydraException):  # the sweep's own setup, e.g. its search space
-            line = str(err).splitlines()[0]
+            line = first_line(str(err)) or type(err).__name__
             if "does not support sweep type" in line:
                 line += " (the basic sweeper takes lists a,b and range(); intervals need an "
                 line += "Optuna search: hparams_search=optuna)"

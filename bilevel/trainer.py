@@ -32,7 +32,7 @@ from bilevel import run_dir as run_dirs
 from bilevel import trainer_notes as notes
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext
-from bilevel.errors import ConfigError, NonFiniteError
+from bilevel.errors import ConfigError, NonFiniteError, first_line
 from bilevel.files import write_text_atomic
 from bilevel.functional import forward_batch
 from bilevel.guard import guarded_step
@@ -615,12 +615,12 @@ class BilevelTrainer:
                 state, self._resume_file, self.module, self.loop.inner_opt, self._trainable_keys
             )
         except (RuntimeError, KeyError, ValueError) as err:
-            first = str(err).strip().splitlines()
-            detail = next((line.strip() for line in first if "size mismatch" in line), None)
+            lines = str(err).splitlines()
+            detail = next((line.strip() for line in lines if "size mismatch" in line), None)
             raise ConfigError(
                 "resume",
                 "the checkpoint's model or optimizer does not fit this model "
-                f"({detail or (first[0] if first else type(err).__name__)})",
+                f"({detail or first_line(str(err)) or type(err).__name__})",
             ) from None
         self.weights.load_state_dict(state["weights"])
         self.outer_opt.load_state_dict(state["outer_optimizer"])

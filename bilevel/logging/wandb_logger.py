@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, first_line
 
 __all__ = ["WandbLogger"]
 
@@ -121,8 +121,7 @@ class WandbLogger:
                     teardown()
             if not existed:
                 shutil.rmtree(folder, ignore_errors=True)
-            lines = str(err).strip().splitlines()
-            why = lines[0] if lines else type(err).__name__
+            why = first_line(str(err)) or type(err).__name__
             hint = (
                 "; where this machine cannot reach wandb, log offline (WANDB_MODE=offline) and "
                 "upload later with `wandb sync <run dir>/wandb`"
