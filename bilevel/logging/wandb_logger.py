@@ -7,7 +7,6 @@ Offline unless the user is logged in: ``mode="auto"`` runs online only when an A
 from __future__ import annotations
 
 import contextlib
-import io
 import netrc
 import os
 import shutil
@@ -116,8 +115,8 @@ class WandbLogger:
             )
         except Exception as err:  # wandb's own (no network, a bad key): not the user's code
             teardown = getattr(wandb, "teardown", None)
-            if callable(teardown):  # now and quietly: at exit it points at logs removed below
-                with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()):
+            if callable(teardown):  # now: wandb's closing lines come before the error line,
+                with contextlib.suppress(Exception):  # not after it at exit
                     teardown()
             if not existed:
                 shutil.rmtree(folder, ignore_errors=True)
