@@ -20,8 +20,7 @@ device, and the learning rate is a Python number the optimizer already holds.
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from bilevel import buffers
 from bilevel.data.columns import to_device
 from bilevel.data.domain_data import DomainData
 from bilevel.data.samplers import APPLIES_WEIGHTS, DomainSampler, MetaSampler
-from bilevel.errors import ConfigError, is_bool, is_finite_number
+from bilevel.errors import ConfigError
 from bilevel.functional import (
     forward_batch,
     make_outer_loss,
@@ -40,151 +39,16 @@ from bilevel.functional import (
     segment_mean,
 )
 from bilevel.guard import SkipCounter, found_inf, guarded_step, is_plain_sgd, plain_sgd_step
+from bilevel.inner_optim import OptimizerFactory, default_sgd, make_optimizer, make_scheduler
 from bilevel.solvers.finite_difference import FiniteDifferenceProducts, ModulePoint, default_step
 from bilevel.solvers.products import InnerProducts, grad_of_outer_value, poison_nonfinite
 from bilevel.strategies.base import Strategy
 from bilevel.trainer_config import TrainerConfig
 from bilevel.weights import DomainWeights
 
-__all__ = ["InnerLoop", "make_optimizer"]
+__all__ = ["InnerLoop"]
 
 Loss = Callable[[Any, Any], Tensor]
-OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
-
-
-def make_optimizer(factory: OptimizerFactory, params: list, field: str) -> torch.optim.Optimizer:
-    """``factory(params)``; a bad setting (e.g. a negative learning rate) becomes one line."""
-    if isinstance(factory, torch.optim.Optimizer):
-        raise ConfigError(
-            field,
-            f"takes a function of the parameters, e.g. functools.partial(torch.optim."
-            f"{type(factory).__name__}, lr=0.1), not an optimizer already built (the trainer "
-            "builds it over the tensors it trains)",
-        )
-    try:
-        optimizer = factory(params)
-    except (ValueError, TypeError) as err:
-        message = not_a_number(factory) or str(err)
-        if "unexpected keyword argument 'fused'" in message:
-            message += f" (this optimizer has no fused kernel: drop the key, ~{field}.fused)"
-        raise ConfigError(field, message) from None
-    check_hyperparameters(optimizer, field)
-    return optimizer
-
-
-def make_scheduler(factory: Callable[[torch.optim.Optimizer], Any] | None, optimizer) -> Any:
-    """``factory(optimizer)``, checked: the trainer steps it once per inner step with no
-    argument, so a scheduler that steps on a metric (``ReduceLROnPlateau``) is refused at start
-    (it failed at the first step with ``step() missing 1 required positional argument``)."""
-    if factory is None:
-        return None
-    field = "trainer.inner_scheduler"
-    if hasattr(factory, "optimizer") and callable(getattr(factory, "step", None)):
-        raise ConfigError(
-            field,
-            f"takes a function of the optimizer, e.g. functools.partial(torch.optim.lr_scheduler."
-            f"{type(factory).__name__}, ...), not a scheduler already built (the trainer builds "
-            "its own optimizer)",
-        )
-    try:
-        scheduler = factory(optimizer)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(field, str(err)) from None
-    step = getattr(scheduler, "step", None)
-    if not callable(step):
-        raise ConfigError(
-            field, f"must build a learning-rate scheduler (with .step()), got {scheduler!r}"
-        )
-    try:
-        required = [
-            p.name
-            for p in inspect.signature(step).parameters.values()
-            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-    except (TypeError, ValueError):
-        required = []
-    if required:
-        raise ConfigError(
-            field,
-            f"{type(scheduler).__name__}.step needs {', '.join(required)}; the trainer steps "
-            "the scheduler once per inner step without arguments: use a schedule of steps "
-            "(e.g. trainer/inner_scheduler=cosine, or LinearLR, OneCycleLR)",
-        )
-    return scheduler
-
-
-def check_hyperparameters(optimizer: torch.optim.Optimizer, field: str) -> None:
-    """Refuse what torch's own checks let through: an ``inf`` or ``nan`` learning rate (torch
-    only refuses a negative one), a zero one (nothing would ever move), or another non-finite
-    number among the group's settings (momentum, betas, eps, weight decay). Each would train
-    to non-finite values and stop with exit 3 far from its cause. A switch (``fused``,
-    ``nesterov``, ...) given as anything but true, false or null is refused: torch takes
-    ``fused=maybe`` as on."""
-    for group in optimizer.param_groups:
-        for key, value in group.items():
-            if key == "params":
-                continue
-            if _not_a_switch(key, value):
-                raise ConfigError(f"{field}.{key}", f"must be true or false, got {value!r}")
-            values = value if isinstance(value, tuple | list) else [value]
-            for item in values:
-                number = (
-                    float(item) if isinstance(item, torch.Tensor) and item.numel() == 1 else item
-                )
-                if isinstance(number, float) and not is_finite_number(number):
-                    raise ConfigError(f"{field}.{key}", f"must be a finite number, got {item!r}")
-        lr = group.get("lr")
-        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
-        if isinstance(lr, int | float) and not lr > 0:
-            raise ConfigError(f"{field}.lr", f"must be > 0 (nothing would move), got {lr!r}")
-
-
-#: torch optimizers' switches: anything but true, false or null is truthy to torch
-_SWITCHES = (
-    "amsgrad",
-    "capturable",
-    "centered",
-    "decoupled_weight_decay",
-    "differentiable",
-    "foreach",
-    "fused",
-    "maximize",
-    "nesterov",
-)
-
-
-def _not_a_switch(key: str, value: Any, default: Any = None) -> bool:
-    """Whether ``value`` is given for an on/off setting (a known switch, or one whose default
-    is a bool) as anything but true, false or null."""
-    switch = key in _SWITCHES or isinstance(default, bool)
-    return switch and value is not None and not is_bool(value)
-
-
-def not_a_number(factory: OptimizerFactory) -> str | None:
-    """For a partial optimizer (what Hydra's ``_partial_`` builds) given a string where the
-    optimizer's own default is a number (``lr=abc``): say so, instead of the comparison error
-    torch raises from inside its checks. A switch given as anything but true/false/null
-    (``fused=maybe``, ``nesterov=1``) is refused too: torch reads it as truthy."""
-    keywords = getattr(factory, "keywords", None) or {}
-    try:
-        defaults = inspect.signature(factory.func).parameters  # type: ignore[attr-defined]
-    except (AttributeError, TypeError, ValueError):
-        return None
-    for key, value in keywords.items():
-        default = defaults[key].default if key in defaults else None
-        if (
-            isinstance(value, str)
-            and isinstance(default, (int, float))
-            and not isinstance(default, bool)
-        ):
-            return f"{key} must be a number, got {value!r}"
-        if _not_a_switch(key, value, default):
-            return f"{key} must be true or false, got {value!r}"
-    return None
-
-
-def default_sgd(fused: bool) -> OptimizerFactory:
-    return lambda params: torch.optim.SGD(params, lr=0.1, fused=fused)
 
 
 class InnerLoop:
@@ -230,7 +94,7 @@ class InnerLoop:
             # run fused on the local shards (below), other SGD steps use the foreach kernel
             for group in self.inner_opt.param_groups:
                 group["fused"] = False
-        self.scheduler = make_scheduler(inner_scheduler, self.inner_opt)
+        self.scheduler = make_scheduler(inner_scheduler, self.inner_opt, config.steps)
         self.train_sampler = DomainSampler(
             to_device(data.train, device),
             self.k,

@@ -15,13 +15,22 @@ from bilevel.errors import ConfigError, is_integer
 __all__ = ["check_device", "check_seed", "resolve_device"]
 
 
-def check_seed(value: Any) -> int:
-    """``value`` as an int (a string of digits from the command line is one); else one line."""
+SEED_LIMIT = 2**32
+
+
+def check_seed(value: Any, field: str = "seed") -> int:
+    """``value`` as an int in ``[0, 2**32)`` (a string of digits from the command line is one);
+    else one line naming ``field``. The range is the one every generator the runs seed accepts
+    (numpy's refuses a negative seed, torch's one beyond 64 bits) with room for the per-rank
+    streams derived from it; a float was truncated without a word."""
+    number = None
     if is_integer(value):
-        return int(value)
-    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-        return int(value)
-    raise ConfigError("seed", f"must be an integer, got {value!r}")
+        number = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        number = int(value)
+    if number is None or not 0 <= number < SEED_LIMIT:
+        raise ConfigError(field, f"must be an integer in [0, 2**32), got {value!r}")
+    return number
 
 
 def check_device(value: Any) -> str:

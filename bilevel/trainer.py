@@ -37,7 +37,8 @@ from bilevel.files import write_text_atomic
 from bilevel.functional import forward_batch
 from bilevel.guard import guarded_step
 from bilevel.hypergradient import chain_through_parametrization
-from bilevel.inner_loop import InnerLoop, make_optimizer
+from bilevel.inner_loop import InnerLoop
+from bilevel.inner_optim import make_optimizer
 from bilevel.logging import RunLog
 from bilevel.methods import OuterMethod, OuterUpdate, method_for
 from bilevel.methods.fixed import FixedWeights

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from bilevel.errors import ConfigError, is_finite_number, is_integer
+from bilevel.run_settings import check_seed as _check_seed
 
-__all__ = ["check_counts", "check_fractions", "check_list", "check_names"]
+__all__ = ["check_counts", "check_fractions", "check_list", "check_names", "check_seed"]
 
 
 def check_counts(**fields: tuple[object, int]) -> None:
@@ -52,3 +53,9 @@ def check_names(field: str, value: object, example: str) -> list[str]:
             f"data.{field}", f"lists {', '.join(twice)} more than once; each must be distinct"
         )
     return names
+
+
+def check_seed(value: object) -> int:
+    """``data.seed`` as an int in ``[0, 2**32)``, like the run's own seed (``int(seed)`` cut
+    ``1.5`` to 1 without a word, and numpy refused a negative one from inside a builder)."""
+    return _check_seed(value, "data.seed")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bilevel.data.checks import check_counts, check_list, check_names
+from bilevel.data.checks import check_counts, check_list, check_names, check_seed
 from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
@@ -72,7 +72,7 @@ def noisy_domains(
         dim=(dim, 1),
         num_classes=(num_classes, 2),
     )
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     label = _teacher(dim, num_classes, gen)
 
     def sample(n: int):

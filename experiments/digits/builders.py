@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bilevel.data.checks import check_counts, check_fractions
+from bilevel.data.checks import check_counts, check_fractions, check_seed
 from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
@@ -64,6 +64,7 @@ def digits(
             f"{imbalance} * per_domain needs more images of classes 0 and 1 than the split "
             "leaves; lower data.imbalance or data.per_domain",
         )
+    seed = check_seed(seed)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y_all))
     x = torch.tensor(x_all[order] / 16.0, dtype=torch.float32)

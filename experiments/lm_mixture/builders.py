@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel import modes
-from bilevel.data.checks import check_counts
+from bilevel.data.checks import check_counts, check_seed
 from bilevel.data.columns import Columns, chunks, domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError, is_finite_number
@@ -154,7 +154,7 @@ def lm_mixture(
         meta_size=(meta_size, 2),
         test_size=(test_size, 2),
     )
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     # The two chains are fixed by seed 0 so that "markov_a" means the same process in every run;
     # the text sampled from them follows the run's seed.
     chain_gen = torch.Generator().manual_seed(0)

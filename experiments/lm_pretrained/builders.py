@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel import modes
-from bilevel.data.checks import check_counts
+from bilevel.data.checks import check_counts, check_seed
 from bilevel.data.columns import Columns, chunks, domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
@@ -150,10 +150,11 @@ def lm_pretrained(
     )
     if target not in DOMAINS or target == "noise":
         raise ConfigError("data.target", f"must be one of {', '.join(DOMAINS[:-1])}")
+    seed = check_seed(seed)  # before the tokenizer loads (seconds)
     from bilevel_experiments.lm_pretrained.model import load_tokenizer
 
     tok = load_tokenizer()
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(seed)
     texts = domain_texts()
     parts, sizes, meta, test = [], {}, None, None
     for name in DOMAINS:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from bilevel import modes
-from bilevel.data.checks import check_counts, check_fractions
+from bilevel.data.checks import check_counts, check_fractions, check_seed
 from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.functional import forward_batch
@@ -173,7 +173,7 @@ def prm_trajectories(
         candidates=(candidates, 1),
     )
     check_fractions(error_rate=(error_rate, "(0, 1)"))
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     parts = []
     for name in PRM_DOMAINS:
         sol = sample_solutions(per_domain, steps, error_rate, gen)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from bilevel import modes
-from bilevel.data.checks import check_counts, check_fractions
+from bilevel.data.checks import check_counts, check_fractions, check_seed
 from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.functional import forward_batch
@@ -286,10 +286,11 @@ def prm_text(
         candidates=(candidates, 1),
         max_len=(max_len, 8),
     )
+    seed = check_seed(seed)  # before the tokenizer loads (seconds)
     from bilevel.models.hf import load_tokenizer
 
     tokens = _Tokens(load_tokenizer(tokenizer), max_len, max_steps=6)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(seed)
     parts, label_error = [], {}
     for name in DOMAINS:
         rows, errors = [], []

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bilevel.data.checks import check_counts, check_fractions, check_names
+from bilevel.data.checks import check_counts, check_fractions, check_names, check_seed
 from bilevel.data.columns import domain_columns
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics
@@ -83,7 +83,7 @@ def text_domains(
             f"need >= 2 corpus categories, unknown: {unknown}; available: {sorted(texts)}",
         )
     check_fractions(label_noise=(label_noise, "[0, 1)"), test_fraction=(test_fraction, "(0, 1)"))
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(check_seed(seed))
 
     def shuffled(items: list[str]) -> list[str]:
         return [items[i] for i in torch.randperm(len(items), generator=gen).tolist()]

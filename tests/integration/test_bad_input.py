@@ -153,6 +153,13 @@ CASES = [
     (["logger=wandb", "logger.wandb.mode=onlin"], "logger.wandb"),
     (["logger=wandb", "logger.wandb.tags=baseline"], "logger.wandb"),
     (["seed=abc"], "seed"),
+    (["seed=-1"], "seed"),  # numpy refused it inside the digits builder
+    (["seed=99999999999999999999"], "seed"),  # "Overflow when unpacking long long"
+    (["data.seed=1.5"], "data.seed"),  # int() cut it to 1
+    (  # divides by zero at the first step: a traceback once training had started
+        ["trainer/inner_scheduler=cosine", "trainer.inner_scheduler.T_max=0"],
+        "trainer.inner_scheduler",
+    ),
     (["device=gpu"], "device"),
     (["device=cuda:7"], "device"),
     (["resume=/nonexistent/run"], "resume"),
