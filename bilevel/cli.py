@@ -512,7 +512,7 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     test = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("test", {}).items())
     out.append(f"meta loss {summary['meta_loss']:.4f}" + (f" | test {test}" if test else ""))
     if summary.get("skipped_steps"):
-        out.append(f"skipped non-finite updates: {summary['skipped_steps']}")
+        out.append(f"skipped updates (non-finite or diverged): {summary['skipped_steps']}")
     out.append(f"run directory: {run_dir}")
     return "\n".join(out)
 

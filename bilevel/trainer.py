@@ -319,13 +319,18 @@ class BilevelTrainer:
             grad = update.grad.detach()
             if not update.wrt_logits and not wants_values(self.outer_opt):
                 grad = chain_through_parametrization(self.weights, grad)
+            grad = grad.to(logits.dtype)
             found = update.found
             if found is None:
                 found = (~torch.isfinite(grad).all()).float()
-            logits.grad = grad.to(logits.dtype)
+            # finite but so large that its square overflows (|g| > ~1e19 in float32, e.g. a
+            # diverging Neumann series): Adam's second moment became inf and every later step
+            # of the weights was exactly 0, silently; a step that size is no update anyway
+            found = torch.maximum(found, (~torch.isfinite(grad.square().sum())).to(found.dtype))
+            logits.grad = grad
             guarded_step(self.outer_opt, found)
             self._gradient_updates += 1
-            self._nonzero_updates += (grad != 0).any()
+            self._nonzero_updates += (grad != 0).any() & (found == 0)
         self.loop.skips.add(found, inner=False)
         self.outer_updates += 1
         self.loop.refresh_weights()
@@ -426,7 +431,17 @@ class BilevelTrainer:
             due = bool(self.strategy.reduce([flag])[0].item() > 0)
         return due
 
+    def _solver_notes(self) -> list[str]:
+        """The solver's own end-of-run notes (e.g. a Neumann series that diverged)."""
+        read = getattr(self.solver, "notes", None)
+        return list(read()) if callable(read) else []
+
     def _outer_message(self, count: int) -> str:
+        said = self._solver_notes()
+        if said:
+            return f"stopped at step {self.step}: {count} consecutive outer updates were " + (
+                f"skipped: {'; '.join(said)}; checkpoint written"
+            )
         meta = self.loop.last.get("meta_value")
         if meta is not None and not bool(torch.isfinite(meta)):
             what = (
@@ -434,7 +449,11 @@ class BilevelTrainer:
                 "and the outer loss"
             )
         else:
-            what = "the hypergradient is not finite"
+            what = (
+                "the hypergradient is not finite, or so large that its square overflows "
+                "(a diverging solver: neumann needs solver.alpha < 2 / the largest Hessian "
+                "eigenvalue; or a diverging inner training: lower its learning rate)"
+            )
         return (
             f"stopped at step {self.step}: {count} consecutive outer updates were skipped, "
             f"{what}; checkpoint written"
@@ -516,9 +535,11 @@ class BilevelTrainer:
         # on a large test set) costs no training, and `resume=` evaluates again
         self._checkpoint()
         unmoved = notes.unmoved(self._gradient_updates, int(self._nonzero_updates.item()))
-        if unmoved and self.strategy.is_main:
-            log.warning(f"note: {unmoved}")
-        self.notes += [unmoved] if unmoved else []
+        ending = [*self._solver_notes(), *([unmoved] if unmoved else [])]
+        if self.strategy.is_main:
+            for note in ending:
+                log.warning(f"note: {note}")
+        self.notes += ending
         test = self._evaluate() if record_test else self.evaluate()
         agree = self.strategy.all_equal(self.weights.logits.detach())
         summary = {

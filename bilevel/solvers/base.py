@@ -19,6 +19,11 @@ class Solver(Protocol):
     ``domain_grad`` returns dM/dw, shape ``[K]``; :func:`bilevel.hypergradient` chains it through
     the weight parametrization. Implementations are small frozen dataclasses holding only their
     own options, so ``dataclasses.asdict(solver)`` is their configuration.
+
+    Optional: ``state_dict()`` / ``load_state_dict(state)`` (checkpointed with the run, e.g. a
+    warm start's kept solution), and ``notes() -> list[str]``, read once when a run ends (and
+    when it stops because every outer update was skipped): what the user should be told, e.g.
+    :class:`~bilevel.solvers.neumann.Neumann`'s count of diverged series.
     """
 
     name: str

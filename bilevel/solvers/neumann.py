@@ -6,6 +6,10 @@ Implicit Differentiation"). The same vector is the Richardson iteration v <- v +
 run ``iters + 1`` times from v = 0 (the first step, alpha g, needs no product), which is how it is
 computed here: ``iters`` Hessian-vector products.
 
+A series that diverges (alpha above 2 / lambda_max, or strong negative curvature) is detected
+on the device from its last residual (:data:`GROWTH`): its hypergradient is NaN, which the
+trainer skips and reports at the end of the run (:meth:`Neumann.notes`).
+
 ``warm_start=True`` keeps v between calls and continues the Richardson iteration from it
 (``iters`` products per call), so repeated calls on one problem converge to H^-1 g: amortized
 implicit differentiation (Arbel & Mairal, 2022). ``damping`` solves (H + damping I) v = g
@@ -34,10 +38,17 @@ from torch import Tensor
 from bilevel.errors import is_bool, is_finite_number, is_integer
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.backends import check_products, solve_at_params
+from bilevel.solvers.counts import DeviceCount
 from bilevel.solvers.products import Reduce
 from bilevel.solvers.warm import WarmState
 
-__all__ = ["Neumann"]
+__all__ = ["GROWTH", "Neumann"]
+
+#: a cold series whose last residual |g - H v| ends over this many times |g| diverges: for a
+#: positive definite H and alpha < 2 / lambda_max(H) the residual only shrinks, and where the
+#: inner loss has some negative curvature it grows by (1 + alpha |lambda|) per product, far
+#: slower. Such a v is dominated by the diverging direction: its hypergradient is NaN, skipped
+GROWTH = 100.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,7 @@ class Neumann:
     fd_step: float | None = None
     name: str = "neumann"
     _warm: WarmState = field(default_factory=WarmState, repr=False, compare=False)
+    _diverged: DeviceCount = field(default_factory=DeviceCount, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not is_integer(self.iters) or self.iters < 0:
@@ -89,10 +101,11 @@ class Neumann:
         self._warm.reset()
 
     def state_dict(self) -> dict:
-        return self._warm.state_dict()
+        return {**self._warm.state_dict(), "diverged": self._diverged.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self._warm.load_state_dict(state)
+        self._diverged.load_state_dict(state.get("diverged"))
 
     def domain_grad(
         self,
@@ -139,13 +152,33 @@ class Neumann:
             torch._foreach_add_(v, residual, alpha=self.alpha)
             del residual
             steps -= 1
-        for _ in range(steps):
+        grew = None
+        for i in range(steps):
             residual = self._residual(products, g, v)
+            if i == steps - 1:  # the last residual, on the device
+                grew = products.dot(residual, residual) > GROWTH**2 * products.dot(g, g)
             torch._foreach_add_(v, residual, alpha=self.alpha)
             del residual
         if self.warm_start:
             self._warm.keep(v)
-        return -products.domain_jvp(v)
+        out = -products.domain_jvp(v)
+        if grew is not None:
+            self._diverged.add(grew)
+            out = torch.where(grew, torch.full_like(out, float("nan")), out)
+        return out
+
+    def notes(self) -> list[str]:
+        """What the run should be told at its end (one host read): in how many calls the
+        series diverged (:data:`GROWTH`), whose hypergradients were NaN and so skipped."""
+        count, calls = self._diverged.total(), self._diverged.calls
+        if not count:
+            return []
+        return [
+            f"the Neumann series diverged in {count} of {calls} hypergradients (its residual "
+            f"grew to over {GROWTH:g} times |grad M|), which were skipped: lower solver.alpha="
+            f"{self.alpha:g} (it needs alpha < 2 / the largest eigenvalue of the inner "
+            "Hessian), or raise solver.damping where the inner loss has negative curvature"
+        ]
 
     def _simultaneous(self, products, g: list[Tensor]) -> Tensor:
         """-J_L v with the kept v, and v moved one Richardson step: one product (module doc)."""

@@ -1,6 +1,7 @@
 """Trust at the edges: no silent wrong result (float64, schedulers, small batches, NaN meta
 sets, the H batch), and one line for every mistake."""
 
+import dataclasses
 import functools
 import json
 
@@ -760,6 +761,38 @@ def test_an_option_without_effect_on_the_solver_is_a_note():
     assert not any(
         "meta_batch_size" in n for n in small_trainer(TrainerConfig(meta_batch_size=8)).notes
     )
+
+
+def test_a_hypergradient_whose_square_overflows_is_skipped_not_a_frozen_adam():
+    """|dM/dw| ~ 1e30 (here from an absurd trainer.inner_lr; a diverging solver gives the
+    same) is finite, so it was applied: Adam's second moment became inf, every step of the
+    weights after it was exactly 0, and the run ended at its initial weights with exit 0."""
+    config = TrainerConfig(steps=20, outer_every=5, inner_lr=1e30, progress=False)
+    with pytest.raises(NonFiniteError, match="so large that its square overflows"):
+        small_trainer(config).fit()
+
+
+def test_a_diverging_neumann_series_stops_the_run_naming_solver_alpha():
+    """alpha=100 on the default problem: the series diverged in every outer update and the
+    weights moved at random (or, with Adam's second moment overflowed, not at all)."""
+    config = TrainerConfig(steps=20, outer_every=5, progress=False)
+    with pytest.raises(NonFiniteError, match=r"Neumann series diverged in \d+ of 4 .*solver.alpha"):
+        small_trainer(config, solver=build("neumann", alpha=100.0)).fit()
+
+
+def test_a_solvers_own_notes_end_the_run():
+    """A solver with ``notes()`` (any user solver too) is read once at the end: its notes
+    are logged and land in the summary's ``notes``."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Noting(type(build("first_order"))):
+        def notes(self):
+            return ["my solver has something to say"]
+
+    summary = small_trainer(
+        TrainerConfig(steps=10, outer_every=5, progress=False), solver=Noting()
+    ).fit()
+    assert summary["notes"][-1] == "my solver has something to say"
 
 
 def test_the_trainer_checks_device_and_seed_as_the_command_line_does():

@@ -118,6 +118,36 @@ def test_neumann_truncation_error_shrinks_with_iters():
     assert errs[0] > errs[1] > errs[2]
 
 
+def test_a_diverging_neumann_series_is_nan_and_counted_for_the_end_of_the_run():
+    """alpha = 3 / lambda_max doubles the top eigendirection of the residual at every product:
+    its v was 2^20 times too large and the hypergradient a large wrong number. It is NaN now
+    (the trainer skips it) and the solver's notes say why; alpha = 0.9 / lambda_max is not
+    touched. The count is part of the solver's state, so a resumed run reports it whole."""
+    problem = Ridge()
+    w = weights_for(problem, "softmax")
+    wv = w.value().detach()
+    lam_max = torch.linalg.eigvalsh(problem.hessian(wv)).max().item()
+    theta = {"theta": problem.solution(wv)}
+
+    def run(solver):
+        return bilevel.hypergradient(solver, problem.per_domain, problem.meta, theta, w)
+
+    fine = build("neumann", iters=20, alpha=0.9 / lam_max)
+    assert torch.isfinite(run(fine)).all() and fine.notes() == []
+    diverging = build("neumann", iters=20, alpha=3.0 / lam_max)
+    assert torch.isnan(run(diverging)).all()
+    (note,) = diverging.notes()
+    assert "diverged in 1 of 1 hypergradients" in note and "lower solver.alpha" in note
+    resumed = build("neumann", iters=20, alpha=3.0 / lam_max)
+    resumed.load_state_dict(diverging.state_dict())
+    run(resumed)
+    assert "diverged in 2 of 2 hypergradients" in resumed.notes()[0]
+    # a checkpoint from before the count existed holds only the warm start
+    older = build("neumann", iters=20, alpha=0.9 / lam_max)
+    older.load_state_dict({"v": None})
+    assert older.notes() == []
+
+
 @pytest.mark.parametrize("param", PARAMS)
 @pytest.mark.parametrize("backend", ["torch", "higher"])
 def test_unrolled_matches_explicit_sgd(param, backend):
