@@ -534,7 +534,9 @@ class BilevelTrainer:
         # the checkpoint first: a final evaluation that fails (a bug in data.evaluate, memory
         # on a large test set) costs no training, and `resume=` evaluates again
         self._checkpoint()
-        unmoved = notes.unmoved(self._gradient_updates, int(self._nonzero_updates.item()))
+        unmoved = notes.unmoved(
+            self._gradient_updates, int(self._nonzero_updates.item()), self.weights
+        )
         ending = [*self._solver_notes(), *([unmoved] if unmoved else [])]
         if self.strategy.is_main:
             for note in ending:

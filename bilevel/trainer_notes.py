@@ -16,6 +16,7 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from bilevel.trainer import BilevelTrainer
+    from bilevel.weights import DomainWeights
 
 __all__ = ["sampling", "schedule", "settings", "unmoved"]
 
@@ -52,7 +53,7 @@ def schedule(trainer: BilevelTrainer) -> list[str]:
             "noisier and slower than the whole set (trainer.meta_batch_size=null)"
         )
     weights = trainer.weights
-    if len(weights.names) == 1 and weights.parametrization == "softmax":
+    if _single_simplex(weights):
         notes.append(
             f"one domain ({weights.names[0]}) on the simplex: its weight is 1 whatever "
             "the hypergradient, so nothing is learned (train on several domains, or "
@@ -128,10 +129,18 @@ def _names_outer_optimizer(override: str) -> bool:
     return override.lstrip("+~").startswith(("trainer.outer_optimizer", "trainer/outer_optimizer"))
 
 
-def unmoved(updates: int, nonzero: int) -> str | None:
+def _single_simplex(weights: DomainWeights) -> bool:
+    """One domain on the simplex: its weight is 1, its logit's gradient always exactly 0."""
+    return len(weights.names) == 1 and weights.parametrization == "softmax"
+
+
+def unmoved(updates: int, nonzero: int, weights: DomainWeights | None = None) -> str | None:
     """The note for a run whose ``updates`` gradient steps of the weights all had an exactly
     zero gradient (``nonzero == 0``): the outer loss is flat in the model on the meta set, so
-    the weights kept their initial values; ``None`` otherwise."""
+    the weights kept their initial values; ``None`` otherwise, and for one domain on the
+    simplex (``weights``), whose zero gradient the first lines already explained."""
+    if weights is not None and _single_simplex(weights):
+        return None
     if updates == 0 or nonzero > 0:
         return None
     return (
