@@ -116,6 +116,16 @@ def settings(
             else f"{method.name} does not read the meta set"
         )
         notes.append(f"trainer.meta_batch_size={config.meta_batch_size} has no effect: {why}")
+    if config.inner_lr is not None:
+        why = (
+            "trainer.learn_weights=false runs no outer step"
+            if not config.learn_weights
+            else f"{method.name} computes no hypergradient"
+            if not differentiates
+            else getattr(method, "inner_lr_unused", None)
+        )
+        if why:
+            notes.append(f"trainer.inner_lr={config.inner_lr} has no effect: {why}")
     if config.hessian_batch == "independent" and not getattr(method, "uses_hessian", False):
         notes.append(
             f"trainer.hessian_batch=independent has no effect on {method.name} (it "

@@ -48,6 +48,22 @@ class HypergradientMethod:
         self.solver = solver
         self.name = solver.name
         self.path = "api"
+        self._preconditioned = False
+
+    @property
+    def inner_lr_unused(self) -> str | None:
+        """Why ``trainer.inner_lr`` does not enter this solver's hypergradient (``None``: it
+        does, as first_order's v = inner_lr grad M and SAMA's fallback P = inner_lr I)."""
+        if not getattr(self.solver, "uses_inner_lr", True):
+            return f"{self.name} does not use it"
+        if self.name in ("cg", "neumann"):
+            return (
+                f"{self.name} solves with the inner Hessian itself, where first_order assumes "
+                "one inner step of that size"
+            )
+        if getattr(self.solver, "uses_optimizer", False) and self._preconditioned:
+            return "sama takes its step from the inner optimizer's own update (its state and lr)"
+        return None
 
     @property
     def uses_hessian(self) -> bool:
@@ -88,7 +104,8 @@ class HypergradientMethod:
             check(loop)
         if getattr(solver, "uses_optimizer", False):
             loop.keep_last_grads = True
-            if not preconditionable(loop.inner_opt):
+            self._preconditioned = preconditionable(loop.inner_opt)
+            if not self._preconditioned:
                 notes.append(
                     f"sama cannot precondition {type(loop.inner_opt).__name__} (it knows SGD, "
                     f"Adam, AdamW): it falls back to the identity times inner_lr="

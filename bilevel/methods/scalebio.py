@@ -57,6 +57,7 @@ class ScaleBiO:
     _state: dict = field(default_factory=dict, repr=False, compare=False)
 
     uses_meta = True
+    inner_lr_unused = "scalebio's penalty method assumes no inner step"
 
     def __post_init__(self) -> None:
         if not (is_finite_number(self.alpha) and self.alpha > 0):

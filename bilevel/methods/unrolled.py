@@ -26,6 +26,7 @@ class UnrolledMethod:
     """:class:`~bilevel.solvers.Unrolled` run on the trainer's own inner steps."""
 
     uses_meta = True
+    inner_lr_unused = "unrolled differentiates the real SGD steps at their own learning rate"
 
     def __init__(self, solver: Any) -> None:
         self.solver = solver
@@ -62,13 +63,7 @@ class UnrolledMethod:
                 f"unrolled differentiates the weighted loss of its steps; with "
                 f"sampling={loop.config.sampling} the sampler applies the weights instead",
             )
-        notes = []
-        if loop.config.inner_lr is not None:
-            notes.append(
-                f"trainer.inner_lr={loop.config.inner_lr} is not used by unrolled: it "
-                "differentiates the real SGD steps at the optimizer's own learning rate"
-            )
-        return notes
+        return []
 
     def window(self, loop, n: int, update: bool) -> OuterUpdate | None:
         unroll = self.solver.steps if update else 0

@@ -115,6 +115,35 @@ def test_the_scheduler_steps_once_per_inner_step_in_every_path(solver):
     assert trainer.inner_opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.9**10)
 
 
+@pytest.mark.parametrize(
+    ("solver", "learn", "said"),
+    [
+        ("first_order", True, None),  # v = inner_lr grad M
+        ("doge", True, None),  # eta = lr * inner_lr
+        ("cg", True, "cg solves with the inner Hessian itself"),
+        ("neumann", True, "neumann solves with the inner Hessian itself"),
+        ("sama", True, "sama takes its step from the inner optimizer's own update"),
+        ("unrolled", True, "unrolled differentiates the real SGD steps"),
+        ("scalebio", True, "scalebio's penalty method assumes no inner step"),
+        ("odm", True, "odm computes no hypergradient"),
+        ("first_order", False, "trainer.learn_weights=false runs no outer step"),
+    ],
+)
+def test_an_inner_lr_that_changes_nothing_is_a_note(solver, learn, said):
+    """trainer.inner_lr is the step first_order assumes; the solvers that assume none
+    ignored it without a word (only unrolled said so)."""
+    config = TrainerConfig(steps=5, progress=False, inner_lr=0.3, learn_weights=learn)
+    options = {"steps": 2} if solver == "unrolled" else {}
+    notes = [
+        n for n in small_trainer(config, solver=build(solver, **options)).notes if "inner_lr" in n
+    ]
+    if said is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and notes[0].startswith("trainer.inner_lr=0.3 has no effect: ")
+        assert said in notes[0]
+
+
 def test_the_cosine_preset_decays_over_the_run_and_is_not_extended_on_resume(tmp_path):
     out = tmp_path / "run"
     proc = cli("experiment=tiny", "trainer/inner_scheduler=cosine", f"hydra.run.dir={out}")
