@@ -24,7 +24,14 @@ from bilevel.functional import forward_batch
 from bilevel.losses import classification, lm
 from bilevel.trainer_config import TrainerConfig
 
-__all__ = ["CLASS_LOSSES", "check_arguments", "check_labels", "check_losses", "outer_gradient"]
+__all__ = [
+    "CLASS_LOSSES",
+    "check_arguments",
+    "check_labels",
+    "check_losses",
+    "check_token_ids",
+    "outer_gradient",
+]
 
 Loss = Callable[[Any, Any], Tensor]
 
@@ -104,6 +111,7 @@ def check_losses(
     loss does: only the methods that differentiate it need that (:func:`outer_gradient`)."""
     check_loss_callable("inner_loss", inner_loss)
     check_loss_callable("outer_loss", outer_loss)
+    check_token_ids(module, data)
     with torch.no_grad(), buffers.kept(module):  # a check, not a training step
         batch = _first_rows(data.train, 4, device)
         rows = num_rows(batch)
@@ -258,6 +266,55 @@ def _loss(
     if leaf is None:
         return value, None
     return value, isinstance(value, Tensor) and value.requires_grad
+
+
+def input_embedding(module: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding, where it names one the Hugging Face way
+    (``get_input_embeddings()``, on the model or on the ``encoder`` / ``lm`` it wraps);
+    ``None`` for a model that does not (its inputs are not checked: which of several
+    embeddings reads ``x`` is the model's business)."""
+    for candidate in (module, getattr(module, "encoder", None), getattr(module, "lm", None)):
+        get = getattr(candidate, "get_input_embeddings", None)
+        if not callable(get):
+            continue
+        try:
+            embedding = get()
+        except (AttributeError, NotImplementedError):
+            continue
+        if isinstance(embedding, nn.Embedding):
+            return embedding
+    return None
+
+
+def check_token_ids(module: nn.Module, data: DomainData) -> None:
+    """Token ids (an integer ``x``, or ``x["input_ids"]``) of the train, meta and test sets
+    must index the model's input embedding: an id out of range failed only when a batch drew
+    it, as an IndexError on the CPU and as a device-side assert that ends the process on a
+    GPU (a tokenizer other than the model's, e.g. ``data.tokenizer`` set apart from
+    ``model.path``). One host read per column, before training."""
+    embedding = input_embedding(module)
+    if embedding is None:
+        return
+    size = embedding.num_embeddings
+    for field, columns in (
+        ("data.train", data.train),
+        ("data.meta", data.meta),
+        ("data.test", data.test),
+    ):
+        x = columns.get("x") if isinstance(columns, Mapping) else None
+        ids, name = (x.get("input_ids"), "x['input_ids']") if isinstance(x, Mapping) else (x, "x")
+        if not isinstance(ids, Tensor) or ids.numel() == 0 or ids.is_floating_point():
+            continue
+        if ids.dtype == torch.bool:
+            continue
+        bad = (ids < 0) | (ids >= size)
+        if bool(bad.any()):
+            raise ConfigError(
+                field,
+                f"column {name} holds token ids outside [0, {size}) (e.g. {int(ids[bad][0])}) "
+                f"but the model's input embedding has {size} rows: tokenize with the model's "
+                "own tokenizer (data.tokenizer, model.path), or fix the model's vocabulary size",
+            )
 
 
 def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> None:

@@ -68,6 +68,10 @@ class TinyGPT(nn.Module):
         causal = torch.triu(torch.full((max_len, max_len), float("-inf")), 1)
         self.register_buffer("causal", causal, persistent=False)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (Hugging Face's name: the trainer checks token ids against it)."""
+        return self.tok
+
     def forward(self, x: Tensor) -> Tensor:
         t = x.shape[1]
         h = self.tok(x) + self.pos(torch.arange(t, device=x.device))

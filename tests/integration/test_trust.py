@@ -1043,6 +1043,59 @@ def test_labels_outside_the_models_outputs_are_one_line_before_training():
     small_trainer(TrainerConfig(steps=10, progress=False), data=data)
 
 
+def test_token_ids_outside_the_models_embedding_are_one_line_before_training():
+    """The same for token ids: an id past the embedding (another tokenizer's) failed when a
+    batch drew it. Checked for a model that names its input embedding the Hugging Face way
+    (TinyGPT, the HF wrappers): a plain integer x, or x['input_ids']."""
+    from bilevel_experiments.lm_mixture.builders import lm_mixture
+
+    from bilevel.losses import per_sequence_token_cross_entropy, token_cross_entropy
+    from bilevel.models import TinyGPT
+
+    data = lm_mixture(per_domain=16, meta_size=8, test_size=8, seq_len=8, seed=0)
+    data.test["x"] = data.test["x"].clone()
+    data.test["x"][2, 5] = data.model_kwargs["vocab_size"]  # one past the last token
+    with pytest.raises(ConfigError, match=r"^data.test: column x holds token ids outside \[0, "):
+        small_trainer(
+            TrainerConfig(steps=2, progress=False),
+            data=data,
+            model=TinyGPT(**data.model_kwargs, d_model=8, heads=2, layers=1),
+            inner_loss=per_sequence_token_cross_entropy,
+            outer_loss=token_cross_entropy,
+        )
+
+    class Wrapped(nn.Module):  # an HF-style encoder inside a classifier, ids in a mapping
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Module()
+            self.encoder.get_input_embeddings = lambda: self.embed
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, input_ids, attention_mask):
+            return self.head(self.embed(input_ids).mean(1))
+
+    def texts(n, top):
+        ids = torch.randint(0, top, (n, 5), generator=torch.Generator().manual_seed(n))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def mixture(top):
+        return DomainData(
+            names=["a", "b"],
+            train={
+                "x": texts(16, top),
+                "y": torch.arange(16) % 2,
+                "domain": torch.arange(16) // 8,
+            },
+            meta={"x": texts(8, 10), "y": torch.arange(8) % 2},
+        )
+
+    config = TrainerConfig(steps=2, batch_size=4, progress=False)
+    small_trainer(config, data=mixture(10), model=Wrapped())
+    with pytest.raises(ConfigError, match=r"^data.train: column x\['input_ids'\] holds token"):
+        small_trainer(config, data=mixture(12), model=Wrapped())
+
+
 def test_a_loss_without_a_gradient_is_refused_where_a_method_differentiates_it():
     """An accuracy as meta loss (argmax and ==) or a detached loss gave a zero hypergradient:
     the run ended with exit 0 and the weights at their start, silently. The trainer now
