@@ -268,12 +268,21 @@ def _loss(
     return value, isinstance(value, Tensor) and value.requires_grad
 
 
+def _wrapped(module: nn.Module) -> list[Any]:
+    """The model and the Hugging Face model it may wrap (as ``encoder`` or ``lm``)."""
+    return [
+        m
+        for m in (module, getattr(module, "encoder", None), getattr(module, "lm", None))
+        if m is not None
+    ]
+
+
 def input_embedding(module: nn.Module) -> nn.Embedding | None:
     """The model's token embedding, where it names one the Hugging Face way
     (``get_input_embeddings()``, on the model or on the ``encoder`` / ``lm`` it wraps);
     ``None`` for a model that does not (its inputs are not checked: which of several
     embeddings reads ``x`` is the model's business)."""
-    for candidate in (module, getattr(module, "encoder", None), getattr(module, "lm", None)):
+    for candidate in _wrapped(module):
         get = getattr(candidate, "get_input_embeddings", None)
         if not callable(get):
             continue
@@ -286,16 +295,38 @@ def input_embedding(module: nn.Module) -> nn.Embedding | None:
     return None
 
 
+def max_positions(module: nn.Module) -> int | None:
+    """How many positions the model has learned embeddings for: a ``max_positions`` attribute
+    (TinyGPT), else the rows of an embedding table of positions (BERT's
+    ``position_embeddings``, GPT-2's ``wpe``), capped by the Hugging Face config's
+    ``max_position_embeddings``. ``None`` for a model without such a table (rotary positions,
+    as in Llama-like models, go past their training length without failing)."""
+    for candidate in _wrapped(module):
+        limit = getattr(candidate, "max_positions", None)
+        if isinstance(limit, int):
+            return limit
+    configured = [
+        getattr(getattr(c, "config", None), "max_position_embeddings", None)
+        for c in _wrapped(module)
+    ]
+    configured = [n for n in configured if isinstance(n, int)]
+    for name, child in module.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(child, nn.Embedding) and ("position" in leaf or leaf == "wpe"):
+            return min([child.num_embeddings, *configured])
+    return None
+
+
 def check_token_ids(module: nn.Module, data: DomainData) -> None:
     """Token ids (an integer ``x``, or ``x["input_ids"]``) of the train, meta and test sets
-    must index the model's input embedding: an id out of range failed only when a batch drew
-    it, as an IndexError on the CPU and as a device-side assert that ends the process on a
-    GPU (a tokenizer other than the model's, e.g. ``data.tokenizer`` set apart from
-    ``model.path``). One host read per column, before training."""
-    embedding = input_embedding(module)
-    if embedding is None:
+    must index the model's input embedding, and their sequences must fit its position
+    embeddings: either failed only when a batch drew it, as an IndexError or a shape error on
+    the CPU and as a device-side assert that ends the process on a GPU (a tokenizer other than
+    the model's, e.g. ``data.tokenizer`` set apart from ``model.path``; a ``data.max_len``
+    past the model's 512 positions). One host read per column, before training."""
+    embedding, limit = input_embedding(module), max_positions(module)
+    if embedding is None and limit is None:
         return
-    size = embedding.num_embeddings
     for field, columns in (
         ("data.train", data.train),
         ("data.meta", data.meta),
@@ -303,10 +334,19 @@ def check_token_ids(module: nn.Module, data: DomainData) -> None:
     ):
         x = columns.get("x") if isinstance(columns, Mapping) else None
         ids, name = (x.get("input_ids"), "x['input_ids']") if isinstance(x, Mapping) else (x, "x")
-        if not isinstance(ids, Tensor) or ids.numel() == 0 or ids.is_floating_point():
+        if not isinstance(ids, Tensor) or ids.numel() == 0 or ids.dtype in _NOT_IDS:
             continue
-        if ids.dtype == torch.bool:
+        if ids.is_floating_point() or ids.is_complex():
             continue
+        if limit is not None and ids.dim() >= 2 and ids.shape[-1] > limit:
+            raise ConfigError(
+                field,
+                f"column {name} holds sequences of {ids.shape[-1]} tokens but the model has "
+                f"position embeddings for {limit}: shorten them (e.g. data.max_len<={limit})",
+            )
+        if embedding is None:
+            continue
+        size = embedding.num_embeddings
         bad = (ids < 0) | (ids >= size)
         if bool(bad.any()):
             raise ConfigError(
@@ -315,6 +355,9 @@ def check_token_ids(module: nn.Module, data: DomainData) -> None:
                 f"but the model's input embedding has {size} rows: tokenize with the model's "
                 "own tokenizer (data.tokenizer, model.path), or fix the model's vocabulary size",
             )
+
+
+_NOT_IDS = (torch.bool,)
 
 
 def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> None:

@@ -68,6 +68,11 @@ class TinyGPT(nn.Module):
         causal = torch.triu(torch.full((max_len, max_len), float("-inf")), 1)
         self.register_buffer("causal", causal, persistent=False)
 
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence it has position embeddings for (the trainer checks the data)."""
+        return self.pos.num_embeddings
+
     def get_input_embeddings(self) -> nn.Embedding:
         """The token embedding (Hugging Face's name: the trainer checks token ids against it)."""
         return self.tok

@@ -255,3 +255,37 @@ def test_a_lora_target_the_model_lacks_is_named_with_the_ones_it_has(tiny_checkp
     assert "linear layers are named dense, key, query, value" in message
     # a full dotted name works as in peft
     HFClassifier(num_labels=4, path=str(tiny_checkpoint), lora_targets=["attention.self.query"])
+
+
+def test_token_ids_and_lengths_a_bert_cannot_read_are_one_line(tiny_checkpoint):
+    """Ids of another tokenizer (>= its 40-token vocabulary) and sequences past its 16
+    absolute positions failed when a batch drew them: an IndexError, a shape error from the
+    position buffer, a process-ending device assert on a GPU."""
+    from bilevel import BilevelTrainer, TrainerConfig
+    from bilevel.data import DomainData
+    from bilevel.errors import ConfigError
+
+    def trainer(train):
+        _, meta = batches()
+        data = DomainData(["a", "b", "c"], train, meta)
+        model = HFClassifier(num_labels=4, path=str(tiny_checkpoint), trainable="lora", lora_r=2)
+        return BilevelTrainer(
+            model,
+            DomainWeights(data.names),
+            build("first_order"),
+            per_example,
+            mean_ce,
+            data,
+            TrainerConfig(steps=2, batch_size=6, progress=False),
+        )
+
+    train, _ = batches()
+    trainer(train)  # ids in [0, 40), 8 positions: accepted
+    wide = {**train, "x": {**train["x"], "input_ids": train["x"]["input_ids"].clone()}}
+    wide["x"]["input_ids"][4, 2] = 45
+    with pytest.raises(ConfigError, match=r"^data.train: column x\['input_ids'\] holds token ids "):
+        trainer(wide)
+    ids = torch.zeros(12, 20, dtype=torch.int64)
+    long = {**train, "x": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}}
+    with pytest.raises(ConfigError, match=r"sequences of 20 tokens but the model has position "):
+        trainer(long)
