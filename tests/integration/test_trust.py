@@ -171,7 +171,7 @@ def test_the_cosine_preset_decays_over_the_run_and_is_not_extended_on_resume(tmp
 
 def test_inner_lr_never_changes_how_unrolled_trains():
     a, b = scheduled("unrolled"), scheduled("unrolled", inner_lr=0.05)
-    assert b.notes and "not used by unrolled" in b.notes[0]
+    assert b.notes and "has no effect: unrolled differentiates" in b.notes[0]
     sa, sb = a.fit(), b.fit()
     assert sa["weights"] == sb["weights"]
     for p, q in zip(a.module.parameters(), b.module.parameters()):
