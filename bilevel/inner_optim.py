@@ -105,9 +105,17 @@ def shadow_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """The optimizer's parameter groups with one CPU scalar each in place of the parameters
     and no kernel choice (``fused``, ``foreach``, ``capturable``: they do not change a
     schedule), to build a shadow optimizer of the same class from."""
+
+    def copy(value: Any) -> Any:  # a tensor lr is filled in place by torch's schedulers
+        if isinstance(value, Tensor):
+            return value.detach().clone()
+        if isinstance(value, tuple):
+            return tuple(copy(v) for v in value)
+        return value
+
     groups = []
     for group in optimizer.param_groups:
-        shadow = {k: v for k, v in group.items() if k != "params"}
+        shadow = {k: copy(v) for k, v in group.items() if k != "params"}
         shadow["params"] = [torch.zeros(1)]
         for key, off in (("fused", None), ("foreach", None), ("capturable", False)):
             if key in shadow:

@@ -88,3 +88,11 @@ def test_the_rehearsal_leaves_the_real_schedule_as_built_alone(factory):
             seen.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["momentum"]))
         lrs.append(seen)
     assert lrs[0] == lrs[1]
+
+
+def test_the_rehearsal_leaves_a_tensor_learning_rate_alone():
+    """torch's schedulers fill a tensor lr in place: a shadow sharing it would have moved the
+    real optimizer's learning rate to the end of the schedule before the first step."""
+    optimizer = torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=torch.tensor(0.1))
+    make_scheduler(functools.partial(lr_scheduler.StepLR, step_size=1, gamma=0.5), optimizer, 30)
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.1)
