@@ -48,7 +48,12 @@ from bilevel.run_settings import check_seed, resolve_device
 from bilevel.solvers.base import Solver
 from bilevel.stopping import StopRequested, stop_requests
 from bilevel.strategies import DDPStrategy, Strategy, build_strategy
-from bilevel.trainer_checks import check_arguments, check_losses, outer_gradient
+from bilevel.trainer_checks import (
+    check_arguments,
+    check_batch_sizes,
+    check_losses,
+    outer_gradient,
+)
 from bilevel.trainer_config import TrainerConfig
 from bilevel.weights import DomainWeights
 
@@ -144,6 +149,7 @@ class BilevelTrainer:
                 "--nproc_per_node=N (N >= 2), or use trainer.strategy=ddp",
             )
         self.strategy = strategy
+        check_batch_sizes(self.config, strategy.world_size)
         self.module = model.to(self.device)
         self.weights = weights.to(self.device)
         self.names = list(weights.names)

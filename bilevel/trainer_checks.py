@@ -27,6 +27,7 @@ from bilevel.trainer_config import TrainerConfig
 __all__ = [
     "CLASS_LOSSES",
     "check_arguments",
+    "check_batch_sizes",
     "check_labels",
     "check_losses",
     "check_token_ids",
@@ -96,6 +97,18 @@ def check_loss_callable(field: str, fn: Any) -> None:
         raise ConfigError(
             field, f"{name} cannot take the two arguments (output, batch) of a loss: {err}"
         ) from None
+
+
+def check_batch_sizes(config: TrainerConfig, world_size: int) -> None:
+    """Under torchrun each rank draws ``batch_size // world_size`` training rows: a batch
+    smaller than the number of ranks would leave every rank with none (the sampler's
+    ValueError, raised on every rank with a traceback each)."""
+    if config.batch_size < world_size:
+        raise ConfigError(
+            "trainer.batch_size",
+            f"{config.batch_size} is smaller than the {world_size} ranks, which each draw "
+            f"batch_size // {world_size} rows: use at least {world_size}",
+        )
 
 
 def check_losses(

@@ -83,6 +83,15 @@ def settings(
             f"({train.n} rows): rows repeat within every batch (each domain's rows are "
             "drawn with replacement)"
         )
+    world = trainer.strategy.world_size
+    for name in ("batch_size", "meta_batch_size"):
+        value = getattr(config, name)
+        if world > 1 and value is not None and value % world:
+            each = max(1, value // world)
+            notes.append(
+                f"trainer.{name}={value} is not a multiple of the {world} ranks: each rank "
+                f"draws {each} rows, {each * world} in all"
+            )
     if config.learn_weights and not getattr(method, "uses_outer_optimizer", True):
         chosen = (
             any(_names_outer_optimizer(o) for o in trainer.overrides)

@@ -100,10 +100,31 @@ def test_fsdp_resume_equals_an_uninterrupted_run(runs):
 
 
 def test_fsdp_with_cg_runs(tmp_path):
+    """Also: batch sizes that the 2 ranks cannot split evenly are said in the first lines
+    (each rank draws batch_size // 2 rows: 33 trained on 32 in all, silently)."""
     extra = ["trainer.strategy=fsdp", "solver=cg", "solver.iters=3"]
+    extra += ["trainer.batch_size=33", "trainer.meta_batch_size=9"]
     torchrun(*COMMON, *extra, "solver.products=finite_difference", f"hydra.run.dir={tmp_path}")
     summary = read_summary(tmp_path)
     assert summary["skipped_steps"] == 0 and summary["ranks_agree"]
+    uneven = [n for n in summary["notes"] if "is not a multiple of the 2 ranks" in n]
+    assert uneven == [
+        "trainer.batch_size=33 is not a multiple of the 2 ranks: each rank draws 16 rows, "
+        "32 in all",
+        "trainer.meta_batch_size=9 is not a multiple of the 2 ranks: each rank draws 4 rows, "
+        "8 in all",
+    ]
+
+
+def test_a_batch_smaller_than_the_ranks_is_one_line():
+    """It left every rank without rows: the sampler's ValueError on each rank."""
+    from bilevel import TrainerConfig
+    from bilevel.errors import ConfigError
+    from bilevel.trainer_checks import check_batch_sizes
+
+    with pytest.raises(ConfigError, match="^trainer.batch_size: 3 is smaller than the 4 ranks"):
+        check_batch_sizes(TrainerConfig(batch_size=3), 4)
+    check_batch_sizes(TrainerConfig(batch_size=4), 4)
 
 
 @pytest.mark.parametrize(
