@@ -58,6 +58,15 @@ def check_arguments(model, weights, solver, data, config) -> tuple[Any, TrainerC
             "weights must be a bilevel.DomainWeights (or a MetaWeightNet), got "
             f"{type(weights).__name__}"
         )
+    half = [p for p in weights.parameters() if p.dtype == torch.float16]
+    if half:
+        # Adam's eps (1e-8) is 0 in float16 and squared gradients underflow: on the default
+        # problem two domains went to weight 0.0 where float32 and bfloat16 agree on 0.04/0.09
+        raise ConfigError(
+            "weights",
+            "float16 weights train wrong (Adam's eps and squared hypergradients round to 0 in "
+            "float16): keep them float32 (the default) or bfloat16, whatever the model's dtype",
+        )
     if not isinstance(data, DomainData):
         raise TypeError(
             f"data must be a bilevel.data.DomainData (train, meta, test columns and domain "
