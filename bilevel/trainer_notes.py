@@ -107,6 +107,17 @@ def settings(
             notes.append(
                 f"trainer.outer_optimizer has no effect on solver={method.name}: it {rule}"
             )
+    half = sorted(
+        {str(p.dtype).removeprefix("torch.") for p in trainer.loop.params} & {"float16", "bfloat16"}
+    )
+    if half:
+        notes.append(
+            f"the model's trainable parameters are {' and '.join(half)}: with no float32 copy, "
+            "an inner step smaller than half their last digit is rounded away (a bfloat16 MLP "
+            "on a small noisy_domains problem stayed at test accuracy 0.22 where float32 reached "
+            "0.77); "
+            "keep the model float32 and use trainer.precision=bf16 (autocast) instead"
+        )
     floating = {p.dtype for p in trainer.module.parameters() if p.is_floating_point()}
     if config.precision == "bf16" and floating == {torch.float64}:
         notes.append(

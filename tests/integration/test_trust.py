@@ -841,6 +841,19 @@ def test_float16_weights_are_refused_with_one_line():
     small_trainer(config, weights=DomainWeights(data.names, dtype=torch.bfloat16)).fit()
 
 
+def test_a_half_precision_model_is_told_to_use_autocast_instead():
+    """A bfloat16 MLP trained with exit 0 and stayed at chance: its SGD steps were smaller
+    than half a unit in the last place of its parameters, rounded away."""
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    for columns in (data.train, data.meta, data.test):
+        columns["x"] = columns["x"].bfloat16()
+    model = MLP(**data.model_kwargs, hidden=8).bfloat16()
+    notes = small_trainer(TrainerConfig(steps=5, progress=False), data=data, model=model).notes
+    assert any("trainable parameters are bfloat16" in n and "precision=bf16" in n for n in notes)
+    plain = small_trainer(TrainerConfig(steps=5, progress=False)).notes
+    assert not any("trainable parameters are" in n for n in plain)
+
+
 def test_the_trainer_checks_device_and_seed_as_the_command_line_does():
     """From Python these failed inside torch ('Torch not compiled with CUDA enabled', a list
     of every device type) or at the first batch (a TypeError from the sampler's seed)."""
