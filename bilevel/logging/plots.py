@@ -12,6 +12,26 @@ from bilevel.files import write_atomic
 __all__ = ["plot_weights"]
 
 
+#: up to this many domains the legend sits inside the axes; beyond, beside them
+INSIDE = 8
+#: beyond this many domains only the NAMED largest final weights get a colour and a legend
+#: entry (the rest are grey lines): 40 entries in ten repeated colours told nothing apart
+NAMED = 12
+
+
+def _named(series: dict[str, list[float]]) -> list[str]:
+    """The domains that get a colour and a legend entry: all of them up to :data:`NAMED`,
+    else the :data:`NAMED` with the largest final (last finite) weight, largest first."""
+    if len(series) <= NAMED:
+        return list(series)
+
+    def final(name: str) -> float:
+        finite = [v for v in series[name] if v == v]
+        return finite[-1] if finite else float("-inf")
+
+    return sorted(series, key=final, reverse=True)[:NAMED]
+
+
 def _legend(name: str, info: dict[str, Any] | None) -> str:
     """``name`` plus what the data builder knows about the domain (e.g. its label noise)."""
     extras = []
@@ -40,22 +60,46 @@ def plot_weights(
     names = list(rows[0]["weights"])
     steps = [r["step"] for r in rows]
     meta = [(r["step"], r["meta_loss"]) for r in rows if isinstance(r.get("meta_loss"), float)]
+    series = {n: [float(r["weights"].get(n, float("nan"))) for r in rows] for n in names}
+    named = _named(series)
+    wide = len(names) > INSIDE  # the legend goes beside the axes, not over the lines
     fig, (ax, bx) = plt.subplots(
-        2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]}
+        2,
+        1,
+        figsize=(9.5 if wide else 7, 5.5),
+        sharex=True,
+        gridspec_kw={"height_ratios": [3, 1.4]},
     )
-    for name in names:
-        values = [float(r["weights"].get(name, float("nan"))) for r in rows]
-        ax.plot(steps, values, label=_legend(name, info))
+    colors = plt.get_cmap("tab10" if len(named) <= 10 else "tab20").colors
+    for name in names:  # the unnamed first and thin, so that the named lines stay on top
+        if name not in named:
+            ax.plot(steps, series[name], color="0.75", lw=0.8)
+    for i, name in enumerate(named):
+        ax.plot(steps, series[name], color=colors[i % len(colors)], label=_legend(name, info))
     ax.set_ylabel("weight")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small", ncol=max(1, len(names) // 8))
+    if not wide:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        heading = (
+            None
+            if len(named) == len(names)
+            else f"the {len(named)} largest final weights of {len(names)} (others grey)"
+        )
+        ax.legend(
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            fontsize="x-small",
+            title=heading,
+            title_fontsize="x-small",
+        )
     if meta:
         bx.plot([m[0] for m in meta], [m[1] for m in meta], color="black", lw=1.2)
     bx.set_ylabel("meta loss")
     bx.set_xlabel("inner step")
     bx.grid(alpha=0.3)
     fig.tight_layout()
-    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return Path(path)

@@ -64,3 +64,27 @@ def test_an_unreadable_summary_costs_its_row_not_the_sweep_table(tmp_path):
     rows = collect(tmp_path)
     assert [r["status"] for r in rows] == ["ok", "unreadable"]
     assert rows[0]["meta_loss"] == 0.5 and rows[1]["error"].startswith("summary.json: ")
+
+
+def test_a_weights_plot_of_many_domains_names_the_largest_and_keeps_the_legend_beside(tmp_path):
+    """40 domains put a 40-entry legend over the lines in ten repeated colours: now the 12
+    largest final weights are named, beside the axes, and the rest are grey."""
+    import matplotlib.image
+
+    from bilevel.logging import plots
+
+    names = [f"domain_{i}" for i in range(40)]
+    records = [
+        {"step": s, "weights": {n: 0.025 + 1e-5 * s * (i - 20) for i, n in enumerate(names)}}
+        for s in (0, 10, 20)
+    ]
+    assert plots._named({n: [r["weights"][n] for r in records] for n in names}) == [
+        f"domain_{i}" for i in range(39, 27, -1)
+    ]
+    few = {n: [0.1] for n in names[:5]}
+    assert plots._named(few) == names[:5]
+    for count, path in ((40, tmp_path / "many.png"), (4, tmp_path / "few.png")):
+        picked = [{**r, "weights": dict(list(r["weights"].items())[:count])} for r in records]
+        assert plots.plot_weights(picked, path) == path
+    wide, narrow = (matplotlib.image.imread(tmp_path / f).shape[1] for f in ("many.png", "few.png"))
+    assert wide > narrow  # the legend beside the axes widens the figure
