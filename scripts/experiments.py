@@ -31,7 +31,10 @@ from hydra import compose, initialize_config_dir
 
 from bilevel import run_dir as run_dirs
 from bilevel.cli import config_dir, quiet_third_parties, run
+from bilevel.errors import ConfigError
+from bilevel.files import write_atomic
 from bilevel.logging import read_jsonl
+from bilevel.run_settings import check_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLVERS = ["first_order", "unrolled", "neumann", "cg"]
@@ -569,28 +572,31 @@ def best_of_n_plot(results: dict[str, list[dict]], path: Path, name: str = "prm"
     plt.close(fig)
 
 
-def make_plots(study: Study, results: dict, folder: Path, base: list[str]) -> list[str]:
-    """The study's figures; returns the file names written."""
+def make_plots(
+    study: Study, results: dict, folder: Path, base: list[str], suffix: str = ""
+) -> list[str]:
+    """The study's figures; returns the file names written. ``suffix`` (``_quick``,
+    ``_partial``) keeps a smoke test's or a partial rerun's figures off the study's own."""
     images = []
     if "weights" in study.plots:
-        plot_weights(study, results, folder / "weights.png")
-        images.append("weights.png")
+        plot_weights(study, results, folder / f"weights{suffix}.png")
+        images.append(f"weights{suffix}.png")
     if "perplexity" in study.plots:
         with initialize_config_dir(config_dir(), version_base="1.3"):
             cfg = compose("config", overrides=[f"experiment={study.name}", *base])
         tokens = cfg.trainer.batch_size * cfg.data.seq_len
         plot_curve(
             results,
-            folder / "perplexity.png",
+            folder / f"perplexity{suffix}.png",
             f"{study.name}: target perplexity",
             "tokens seen",
             "test perplexity (target)",
             lambda r: perplexity_series(r, tokens),
         )
-        images.append("perplexity.png")
+        images.append(f"perplexity{suffix}.png")
     if "best_of_n" in study.plots:
-        best_of_n_plot(results, folder / "best_of_n.png", study.name)
-        images.append("best_of_n.png")
+        best_of_n_plot(results, folder / f"best_of_n{suffix}.png", study.name)
+        images.append(f"best_of_n{suffix}.png")
     return images
 
 
@@ -604,11 +610,25 @@ def update_readme(readme: Path, body: str) -> None:
     readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
 
 
+def seed_argument(text: str) -> int:
+    """``--seeds`` values: integers in [0, 2**32), refused by argparse before any run (a
+    negative one stopped the study with a traceback from its first run)."""
+    try:
+        return check_seed(text, "--seeds")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("study", choices=list(STUDIES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", default="", help="comma-separated labels to run")
+    parser.add_argument("--seeds", type=seed_argument, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated labels to run: a partial rerun, written to results_partial.* "
+        "(the study's results.json, results.md and README stay as they are)",
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps, seed 0, no README")
     parser.add_argument("--out", help="folder for results (default experiments/<study>)")
     parser.add_argument(
@@ -624,8 +644,19 @@ def main() -> None:
     runs = folder / "runs"
     base = study.quick if args.quick else []
     seeds = [args.seeds[0]] if args.quick else args.seeds
-    wanted = [m for m in args.methods.split(",") if m]
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    labels = [m.label for m in study.methods]
+    unknown = [m for m in wanted if m not in labels]
+    if unknown or (args.methods and not wanted):
+        parser.error(
+            f"--methods: {', '.join(map(repr, unknown)) or 'no label'} is not a method of "
+            f"{study.name}; its methods: {', '.join(labels)}"
+        )
     methods = [m for m in study.methods if not wanted or m.label in wanted]
+    # a partial rerun (some methods, or other seeds) must not replace the study's full table,
+    # its figures and its README section with the few rows it has: it writes beside them
+    partial = bool(wanted) or sorted(seeds) != [0, 1, 2]
+    suffix = "_quick" if args.quick else "_partial" if partial else ""
     if any(m.kind == "doremi" for m in methods) and not any(m.label == "uniform" for m in methods):
         methods.insert(0, next(m for m in study.methods if m.label == "uniform"))
     torch.set_num_threads(int(os.environ.get("BILEVEL_THREADS", "2")))
@@ -646,17 +677,16 @@ def main() -> None:
     total = sum(r["time_s"] for rs in results.values() for r in rs)
     folder.mkdir(parents=True, exist_ok=True)
     # the numbers first: a figure that fails to draw must not cost the runs' results
-    (folder / ("results_quick.json" if args.quick else "results.json")).write_text(
-        json.dumps(
-            {
-                label: [{k: v for k, v in r.items() if k != "records"} for r in rs]
-                for label, rs in results.items()
-            },
-            indent=1,
-            default=str,
-        )
+    numbers = json.dumps(
+        {
+            label: [{k: v for k, v in r.items() if k != "records"} for r in rs]
+            for label, rs in results.items()
+        },
+        indent=1,
+        default=str,
     )
-    images = make_plots(study, results, folder, base)
+    write_atomic(folder / f"results{suffix}.json", lambda fh: fh.write(numbers.encode()))
+    images = make_plots(study, results, folder, base, suffix)
     command = f"python scripts/experiments.py {study.name}" + (" --quick" if args.quick else "")
     report = "\n".join(
         [
@@ -670,10 +700,16 @@ def main() -> None:
             *(f"![{img}]({img})" for img in images),
         ]
     )
-    (folder / ("results_quick.md" if args.quick else "results.md")).write_text(report + "\n")
-    if not args.quick:
+    write_atomic(folder / f"results{suffix}.md", lambda fh: fh.write(f"{report}\n".encode()))
+    if not suffix:
         update_readme(folder / "README.md", report)
     print(report)
+    if partial and not args.quick:
+        print(
+            f"a partial rerun: wrote {folder / f'results{suffix}.json'} and .md; the study's "
+            "results.json, results.md, figures and README are unchanged (rerun every method "
+            "with --reuse to update them from the runs on disk)"
+        )
 
 
 if __name__ == "__main__":

@@ -193,7 +193,9 @@ def test_experiments_script_quick(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "results_quick.md").exists() and (tmp_path / "best_of_n.png").exists()
+    # a smoke test's table and figures are named apart from the study's own
+    assert (tmp_path / "results_quick.md").exists() and (tmp_path / "best_of_n_quick.png").exists()
+    assert not (tmp_path / "best_of_n.png").exists() and not (tmp_path / "results.json").exists()
 
 
 # -- the studies on pretrained transformers --------------------------------------------------------

@@ -48,3 +48,21 @@ def test_bench_hypergrad_quick_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for solver in ["first_order", "unrolled(5)", "neumann(10)", "cg(10)"]:
         assert f"| {solver} |" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--methods", "nope"], "--methods: 'nope' is not a method of digits; its methods: "),
+        (["--methods", ","], "--methods: no label is not a method"),
+        (["--seeds", "-1"], "argument --seeds: must be an integer in [0, 2**32), got '-1'"),
+    ],
+)
+def test_the_study_runner_refuses_bad_arguments_before_writing(tmp_path, args, said):
+    """An unknown method label ran nothing and then wrote an empty results.json over the
+    study's (its 1,760 lines), then failed with StopIteration; a negative seed stopped with a
+    traceback from the first run."""
+    proc = run_script("scripts/experiments.py", "digits", "--out", str(tmp_path), *args)
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
