@@ -383,7 +383,11 @@ def main() -> None:
         return
     if args.quick:
         args.size, args.rounds, args.block, args.warmup, args.memory = "tiny", 2, 2, 2, False
-    names = [n for n in args.methods.split(",") if n] or list(registry(Problem()))
+    known = list(registry(Problem()))
+    names = [n.strip() for n in args.methods.split(",") if n.strip()] or known
+    unknown = [n for n in names if n not in known]
+    if unknown:  # was a table row "not run: KeyError" after minutes of the other methods
+        parser.error(f"--methods: unknown {', '.join(unknown)}; the methods: {', '.join(known)}")
     report = [
         f"Machine: {os.cpu_count()} CPU cores, {args.threads} torch threads, device {args.device}, "
         f"torch {torch.__version__}, Python {sys.version.split()[0]}.",
