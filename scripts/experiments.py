@@ -7,7 +7,8 @@
 
 Every run goes through the same code path as ``bilevel-run`` (Hydra compose + ``bilevel.cli.run``)
 with the study's preset ``experiment=<study>`` plus the method's overrides; run directories go to
-``experiments/<study>/runs/`` (not versioned). Tables report mean ± std over seeds.
+``experiments/<study>/runs/`` (``runs_quick/`` for ``--quick``; not versioned). Tables report mean
+± std over seeds.
 """
 
 from __future__ import annotations
@@ -257,20 +258,42 @@ def slug(label: str) -> str:
 REUSE = False  # set by --reuse: take finished runs from disk instead of running them again
 
 
+#: the overrides a run of the study runner was made with, beside its summary.json
+RUNNER_FILE = "runner_overrides.json"
+
+
+def reusable(out: Path, overrides: list[str], steps: int) -> bool:
+    """Whether ``--reuse`` may take the finished run in ``out`` for these ``overrides``: it
+    was made with the same ones (a ``--quick`` run of 4 steps in the same folder was taken
+    as the full run's result, silently). A run from before the runner kept its overrides
+    counts only if it trained the same number of steps."""
+    if not (out / "summary.json").is_file():
+        return False
+    kept = out / RUNNER_FILE
+    if kept.is_file():
+        same = json.loads(kept.read_text()) == list(overrides)
+    else:
+        same = json.loads((out / "summary.json").read_text()).get("steps") == steps
+    if not same:
+        print(f"--reuse: {relative(out)} was made with other settings: running it again")
+    return same
+
+
 def run_once(overrides: list[str], out: Path) -> dict:
     """One run of the study into ``out``, a folder of the study's own ``runs/``: with
     ``--reuse`` a finished run there is read back; otherwise the study runs it again, in place
     of the earlier one (the library never overwrites a run by itself, so the runner removes
     its own run folder first)."""
-    if REUSE and (out / "summary.json").is_file():
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "trainer.progress=false"])
+    if REUSE and reusable(out, overrides, cfg.trainer.steps):
         summary = json.loads((out / "summary.json").read_text())
     else:
         if run_dirs.is_run_dir(out):
             shutil.rmtree(out)
-        with initialize_config_dir(config_dir(), version_base="1.3"):
-            cfg = compose("config", overrides=[*overrides, "trainer.progress=false"])
         with contextlib.redirect_stdout(io.StringIO()):
             summary = run(cfg, output_dir=out, overrides=[*overrides, "trainer.progress=false"])
+        write_atomic(out / RUNNER_FILE, lambda fh: fh.write(json.dumps(overrides).encode()))
     summary["records"] = read_jsonl(out / "metrics.jsonl")
     summary["run_dir"] = relative(out)
     return summary
@@ -641,7 +664,9 @@ def main() -> None:
     REUSE = args.reuse
     study = STUDIES[args.study]
     folder = Path(args.out) if args.out else ROOT / "experiments" / study.name
-    runs = folder / "runs"
+    # a smoke test's runs apart from the study's: run_once replaces the run in its folder, so
+    # a --quick run of 4 steps deleted the full run of the same method and seed
+    runs = folder / ("runs_quick" if args.quick else "runs")
     base = study.quick if args.quick else []
     seeds = [args.seeds[0]] if args.quick else args.seeds
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]

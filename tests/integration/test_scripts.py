@@ -66,3 +66,30 @@ def test_the_study_runner_refuses_bad_arguments_before_writing(tmp_path, args, s
     assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_study_runner_reuses_only_runs_made_with_the_same_settings(tmp_path, capsys):
+    """--reuse took any finished run in the folder: a --quick run of 4 steps (same folder)
+    became the full study's result, silently."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("study_runner", REPO / "scripts/experiments.py")
+    runner = importlib.util.module_from_spec(spec)
+    sys.modules["study_runner"] = runner  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(runner)
+    finally:
+        del sys.modules["study_runner"]
+    out = tmp_path / "seed0"
+    out.mkdir()
+    assert not runner.reusable(out, ["seed=0"], 3000)  # nothing finished there
+    (out / "summary.json").write_text(json.dumps({"steps": 4}))
+    assert not runner.reusable(out, ["seed=0"], 3000)  # an older quick run
+    assert "was made with other settings" in capsys.readouterr().out
+    (out / "summary.json").write_text(json.dumps({"steps": 3000}))
+    assert runner.reusable(out, ["seed=0"], 3000)  # an older run of the same length
+    (out / runner.RUNNER_FILE).write_text(json.dumps(["seed=0", "trainer.steps=4"]))
+    assert not runner.reusable(out, ["seed=0"], 3000)  # its overrides were kept: they differ
+    (out / runner.RUNNER_FILE).write_text(json.dumps(["seed=0"]))
+    assert runner.reusable(out, ["seed=0"], 3000)
