@@ -516,7 +516,7 @@ def plot_weights(study: Study, results: dict[str, list[dict]], path: Path) -> No
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{study.name}: domain weights (mean over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -548,7 +548,7 @@ def plot_curve(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -591,7 +591,7 @@ def best_of_n_plot(results: dict[str, list[dict]], path: Path, name: str = "prm"
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -630,7 +630,8 @@ def update_readme(readme: Path, body: str) -> None:
         text += f"\n{start}\n{end}\n"
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
-    readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+    text = f"{head}{start}\n{body}\n{end}{tail}"
+    write_atomic(readme, lambda fh: fh.write(text.encode()))
 
 
 def seed_argument(text: str) -> int:
