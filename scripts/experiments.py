@@ -634,6 +634,27 @@ def update_readme(readme: Path, body: str) -> None:
     write_atomic(readme, lambda fh: fh.write(text.encode()))
 
 
+def parse_methods(text: str, labels: list[str]) -> tuple[list[str], list[str]]:
+    """``--methods`` as (known labels, unknown pieces). Labels hold commas themselves
+    ("first_order, aggregation BCE (DreamPRM uses MSE)"), so the comma-separated pieces are
+    joined back into the longest label they spell; a piece that spells none is unknown (it
+    was dropped without a word, and the rerun ran the other methods only)."""
+    pieces = text.split(",")
+    wanted, unknown, i = [], [], 0
+    while i < len(pieces):
+        for j in range(len(pieces), i, -1):
+            candidate = ",".join(pieces[i:j]).strip()
+            if candidate in labels:
+                wanted.append(candidate)
+                i = j
+                break
+        else:
+            if pieces[i].strip():
+                unknown.append(pieces[i].strip())
+            i += 1
+    return wanted, unknown
+
+
 def seed_argument(text: str) -> int:
     """``--seeds`` values: integers in [0, 2**32), refused by argparse before any run (a
     negative one stopped the study with a traceback from its first run)."""
@@ -670,13 +691,12 @@ def main() -> None:
     runs = folder / ("runs_quick" if args.quick else "runs")
     base = study.quick if args.quick else []
     seeds = [args.seeds[0]] if args.quick else args.seeds
-    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     labels = [m.label for m in study.methods]
-    unknown = [m for m in wanted if m not in labels]
+    wanted, unknown = parse_methods(args.methods, labels)
     if unknown or (args.methods and not wanted):
         parser.error(
             f"--methods: {', '.join(map(repr, unknown)) or 'no label'} is not a method of "
-            f"{study.name}; its methods: {', '.join(labels)}"
+            f"{study.name}; its methods: {' | '.join(labels)}"
         )
     methods = [m for m in study.methods if not wanted or m.label in wanted]
     # a partial rerun (some methods, or other seeds) must not replace the study's full table,

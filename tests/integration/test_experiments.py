@@ -1,5 +1,7 @@
 """The studies' presets run end to end (tiny variants); their builders make sense."""
 
+import json
+
 import pytest
 import torch
 
@@ -185,7 +187,9 @@ def test_experiments_script_quick(tmp_path):
             "--out",
             str(tmp_path),
             "--methods",
-            "uniform,DreamPRM (first_order, aggregation BCE)",
+            # labels hold commas: the runner joins the pieces back into labels (this test
+            # named a label that no longer existed, and ran uniform alone without a word)
+            "uniform,first_order, aggregation BCE (DreamPRM uses MSE)",
         ],
         capture_output=True,
         text=True,
@@ -195,6 +199,8 @@ def test_experiments_script_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     # a smoke test's table and figures are named apart from the study's own
     assert (tmp_path / "results_quick.md").exists() and (tmp_path / "best_of_n_quick.png").exists()
+    ran = json.loads((tmp_path / "results_quick.json").read_text())
+    assert list(ran) == ["uniform", "first_order, aggregation BCE (DreamPRM uses MSE)"]
     assert not (tmp_path / "best_of_n.png").exists() and not (tmp_path / "results.json").exists()
 
 
