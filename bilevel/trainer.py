@@ -458,7 +458,8 @@ class BilevelTrainer:
             what = (
                 "the hypergradient is not finite, or so large that its square overflows "
                 "(a diverging solver: neumann needs solver.alpha < 2 / the largest Hessian "
-                "eigenvalue; or a diverging inner training: lower its learning rate)"
+                "eigenvalue; a trainer.inner_lr far too large; or a diverging inner training: "
+                "lower trainer.inner_optimizer.lr)"
             )
         return (
             f"stopped at step {self.step}: {count} consecutive outer updates were skipped, "
