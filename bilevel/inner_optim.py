@@ -157,8 +157,7 @@ def rehearse_schedule(
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
         for step in range(1, steps + 1):
             for group in shadow.param_groups:
-                lr = group["lr"]
-                lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+                lr = _learning_rate(group)
                 if not is_finite_number(lr) or lr < 0:
                     raise ConfigError(
                         field,
@@ -203,10 +202,15 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer, field: str) -> None:
                 )
                 if isinstance(number, float) and not is_finite_number(number):
                     raise ConfigError(f"{field}.{key}", f"must be a finite number, got {item!r}")
-        lr = group.get("lr")
-        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+        lr = _learning_rate(group)
         if isinstance(lr, int | float) and not lr > 0:
             raise ConfigError(f"{field}.lr", f"must be > 0 (nothing would move), got {lr!r}")
+
+
+def _learning_rate(group: dict[str, Any]) -> Any:
+    """A parameter group's ``lr`` as a number (a tensor lr read to the host; before training)."""
+    lr = group.get("lr")
+    return float(lr) if isinstance(lr, torch.Tensor) else lr
 
 
 #: torch optimizers' switches: anything but true, false or null is truthy to torch

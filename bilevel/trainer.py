@@ -444,25 +444,23 @@ class BilevelTrainer:
 
     def _outer_message(self, count: int) -> str:
         said = self._solver_notes()
-        if said:
-            return f"stopped at step {self.step}: {count} consecutive outer updates were " + (
-                f"skipped: {'; '.join(said)}; checkpoint written"
-            )
         meta = self.loop.last.get("meta_value")
-        if meta is not None and not bool(torch.isfinite(meta)):
+        if said:
+            what = f": {'; '.join(said)}"
+        elif meta is not None and not bool(torch.isfinite(meta)):
             what = (
-                f"the meta loss is not finite ({float(meta)}): check the meta set (data.meta) "
+                f", the meta loss is not finite ({float(meta)}): check the meta set (data.meta) "
                 "and the outer loss"
             )
         else:
             what = (
-                "the hypergradient is not finite, or so large that its square overflows "
+                ", the hypergradient is not finite, or so large that its square overflows "
                 "(a diverging solver: neumann needs solver.alpha < 2 / the largest Hessian "
                 "eigenvalue; a trainer.inner_lr far too large; or a diverging inner training: "
                 "lower trainer.inner_optimizer.lr)"
             )
         return (
-            f"stopped at step {self.step}: {count} consecutive outer updates were skipped, "
+            f"stopped at step {self.step}: {count} consecutive outer updates were skipped"
             f"{what}; checkpoint written"
         )
 

@@ -290,6 +290,11 @@ def _loss(
     return value, isinstance(value, Tensor) and value.requires_grad
 
 
+def _sets(data: DomainData) -> list[tuple[str, Any]]:
+    """The data's train, meta and test columns, each with the field that names it."""
+    return [("data.train", data.train), ("data.meta", data.meta), ("data.test", data.test)]
+
+
 def _wrapped(module: nn.Module) -> list[Any]:
     """The model and the Hugging Face model it may wrap (as ``encoder`` or ``lm``)."""
     return [
@@ -349,14 +354,10 @@ def check_token_ids(module: nn.Module, data: DomainData) -> None:
     embedding, limit = input_embedding(module), max_positions(module)
     if embedding is None and limit is None:
         return
-    for field, columns in (
-        ("data.train", data.train),
-        ("data.meta", data.meta),
-        ("data.test", data.test),
-    ):
+    for field, columns in _sets(data):
         x = columns.get("x") if isinstance(columns, Mapping) else None
         ids, name = (x.get("input_ids"), "x['input_ids']") if isinstance(x, Mapping) else (x, "x")
-        if not isinstance(ids, Tensor) or ids.numel() == 0 or ids.dtype in _NOT_IDS:
+        if not isinstance(ids, Tensor) or ids.numel() == 0 or ids.dtype == torch.bool:
             continue
         if ids.is_floating_point() or ids.is_complex():
             continue
@@ -379,9 +380,6 @@ def check_token_ids(module: nn.Module, data: DomainData) -> None:
             )
 
 
-_NOT_IDS = (torch.bool,)
-
-
 def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> None:
     """With the library's cross-entropy losses, every integer label ``y`` of the train, meta
     and test sets must index one of the model's outputs (or be -100, ignored): a label out of
@@ -393,11 +391,7 @@ def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> Non
     if not used & CLASS_LOSSES or not isinstance(output, Tensor) or output.dim() < 2:
         return
     classes = output.shape[-1]
-    for field, columns in (
-        ("data.train", data.train),
-        ("data.meta", data.meta),
-        ("data.test", data.test),
-    ):
+    for field, columns in _sets(data):
         y = columns.get("y") if isinstance(columns, Mapping) else None
         if not isinstance(y, Tensor) or y.numel() == 0:
             continue

@@ -115,8 +115,7 @@ def settings(
             f"the model's trainable parameters are {' and '.join(half)}: with no float32 copy, "
             "an inner step smaller than half their last digit is rounded away (a bfloat16 MLP "
             "on a small noisy_domains problem stayed at test accuracy 0.22 where float32 reached "
-            "0.77); "
-            "keep the model float32 and use trainer.precision=bf16 (autocast) instead"
+            "0.77); keep the model float32 and use trainer.precision=bf16 (autocast) instead"
         )
     floating = {p.dtype for p in trainer.module.parameters() if p.is_floating_point()}
     if config.precision == "bf16" and floating == {torch.float64}:

@@ -33,12 +33,13 @@ from hydra import compose, initialize_config_dir
 from bilevel import run_dir as run_dirs
 from bilevel.cli import config_dir, quiet_third_parties, run
 from bilevel.errors import ConfigError
-from bilevel.files import write_atomic
+from bilevel.files import write_atomic, write_text_atomic
 from bilevel.logging import read_jsonl
 from bilevel.run_settings import check_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLVERS = ["first_order", "unrolled", "neumann", "cg"]
+SEEDS = [0, 1, 2]  # the seeds of a study's table; others make a partial rerun
 
 
 @dataclass
@@ -293,7 +294,7 @@ def run_once(overrides: list[str], out: Path) -> dict:
             shutil.rmtree(out)
         with contextlib.redirect_stdout(io.StringIO()):
             summary = run(cfg, output_dir=out, overrides=[*overrides, "trainer.progress=false"])
-        write_atomic(out / RUNNER_FILE, lambda fh: fh.write(json.dumps(overrides).encode()))
+        write_text_atomic(out / RUNNER_FILE, json.dumps(overrides))
     summary["records"] = read_jsonl(out / "metrics.jsonl")
     summary["run_dir"] = relative(out)
     return summary
@@ -630,8 +631,7 @@ def update_readme(readme: Path, body: str) -> None:
         text += f"\n{start}\n{end}\n"
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
-    text = f"{head}{start}\n{body}\n{end}{tail}"
-    write_atomic(readme, lambda fh: fh.write(text.encode()))
+    write_text_atomic(readme, f"{head}{start}\n{body}\n{end}{tail}")
 
 
 def parse_methods(text: str, labels: list[str]) -> tuple[list[str], list[str]]:
@@ -661,13 +661,13 @@ def seed_argument(text: str) -> int:
     try:
         return check_seed(text, "--seeds")
     except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+        raise argparse.ArgumentTypeError(err.message) from None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("study", choices=list(STUDIES))
-    parser.add_argument("--seeds", type=seed_argument, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=seed_argument, nargs="+", default=SEEDS)
     parser.add_argument(
         "--methods",
         default="",
@@ -701,7 +701,7 @@ def main() -> None:
     methods = [m for m in study.methods if not wanted or m.label in wanted]
     # a partial rerun (some methods, or other seeds) must not replace the study's full table,
     # its figures and its README section with the few rows it has: it writes beside them
-    partial = bool(wanted) or sorted(seeds) != [0, 1, 2]
+    partial = bool(wanted) or sorted(seeds) != SEEDS
     suffix = "_quick" if args.quick else "_partial" if partial else ""
     if any(m.kind == "doremi" for m in methods) and not any(m.label == "uniform" for m in methods):
         methods.insert(0, next(m for m in study.methods if m.label == "uniform"))
@@ -731,7 +731,7 @@ def main() -> None:
         indent=1,
         default=str,
     )
-    write_atomic(folder / f"results{suffix}.json", lambda fh: fh.write(numbers.encode()))
+    write_text_atomic(folder / f"results{suffix}.json", numbers)
     images = make_plots(study, results, folder, base, suffix)
     command = f"python scripts/experiments.py {study.name}" + (" --quick" if args.quick else "")
     report = "\n".join(
@@ -746,7 +746,7 @@ def main() -> None:
             *(f"![{img}]({img})" for img in images),
         ]
     )
-    write_atomic(folder / f"results{suffix}.md", lambda fh: fh.write(f"{report}\n".encode()))
+    write_text_atomic(folder / f"results{suffix}.md", f"{report}\n")
     if not suffix:
         update_readme(folder / "README.md", report)
     print(report)

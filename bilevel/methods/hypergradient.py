@@ -56,7 +56,7 @@ class HypergradientMethod:
         does, as first_order's v = inner_lr grad M and SAMA's fallback P = inner_lr I)."""
         if not getattr(self.solver, "uses_inner_lr", True):
             return f"{self.name} does not use it"
-        if self.name in ("cg", "neumann"):
+        if self.uses_hessian:
             return (
                 f"{self.name} solves with the inner Hessian itself, where first_order assumes "
                 "one inner step of that size"

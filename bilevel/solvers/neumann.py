@@ -164,7 +164,7 @@ class Neumann:
         out = -products.domain_jvp(v)
         if grew is not None:
             self._diverged.add(grew)
-            out = torch.where(grew, torch.full_like(out, float("nan")), out)
+            out = out.masked_fill(grew, float("nan"))
         return out
 
     def notes(self) -> list[str]:
