@@ -26,13 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bilevel import buffers, modes
-from bilevel import checkpoint as ckpt
+from bilevel import buffers, modes, trainer_state
 from bilevel import run_dir as run_dirs
 from bilevel import trainer_notes as notes
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext
-from bilevel.errors import ConfigError, NonFiniteError, first_line
+from bilevel.errors import ConfigError, NonFiniteError
 from bilevel.files import write_text_atomic
 from bilevel.functional import forward_batch
 from bilevel.guard import guarded_step
@@ -51,6 +50,7 @@ from bilevel.strategies import DDPStrategy, Strategy, build_strategy
 from bilevel.trainer_checks import (
     check_arguments,
     check_batch_sizes,
+    check_fsdp_solver,
     check_losses,
     outer_gradient,
 )
@@ -64,8 +64,6 @@ progress = logging.getLogger("bilevel.progress")
 
 Loss = Callable[[Any, Any], Tensor]
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
-
-CHECKPOINT_VERSION = 2
 
 
 class BilevelTrainer:
@@ -167,7 +165,7 @@ class BilevelTrainer:
         outer_has_grad = check_losses(self.module, inner_loss, outer_loss, data, self.device)
         for p in self.weights.parameters():
             strategy.broadcast_(p.data)
-        self._trainable_keys, self._frozen = _checkpoint_keys(self.module)
+        self.trainable_keys, self.frozen = trainer_state.checkpoint_keys(self.module)
         self.loop = InnerLoop(
             self.module,
             self.weights,
@@ -221,9 +219,9 @@ class BilevelTrainer:
         self._gradient_updates = 0
         self._nonzero_updates = torch.zeros((), dtype=torch.int64, device=self.device)
         self._resumed_from: str | None = None
-        self._wandb_id: str | None = None
+        self.wandb_id: str | None = None
         self._last_checkpoint = time.monotonic()
-        self._resume_file: Path | None = None
+        self.resume_file: Path | None = None
         #: a branch of another run (resumed into a new folder) starts from that run's metrics
         self.history_from: Path | None = None
 
@@ -349,8 +347,8 @@ class BilevelTrainer:
         try:
             with contextlib.ExitStack() as stack:
                 if self.run_dir is not None and self.strategy.is_main:
-                    continuing = self._resume_file is not None and (
-                        self.run_dir.resolve() in self._resume_file.resolve().parents
+                    continuing = self.resume_file is not None and (
+                        self.run_dir.resolve() in self.resume_file.resolve().parents
                     )
                     if not continuing:
                         run_dirs.check_new_run(self.run_dir, "run_dir")
@@ -384,9 +382,9 @@ class BilevelTrainer:
             self.step,
             self.step if self._resumed_from else None,
             self.run_config,
-            self._wandb_id,
+            self.wandb_id,
         )
-        self._wandb_id = self.log.wandb_id
+        self.wandb_id = self.log.wandb_id
         if self.step == 0 and self.run_dir is not None:
             self.log.write(self._weights_record())
         started = time.perf_counter()
@@ -418,7 +416,7 @@ class BilevelTrainer:
                 self.outer_updates
             ):
                 self._checkpoint()
-                raise NonFiniteError(self._outer_message(self.outer_updates))
+                raise NonFiniteError(notes.outer_skipped(self, self.outer_updates))
             # a finished run resumed with nothing to train has its test record already
             return self._finish(record_test=self.step > first or not self.log.tested_at(first))
         finally:
@@ -437,33 +435,6 @@ class BilevelTrainer:
             due = bool(self.strategy.reduce([flag])[0].item() > 0)
         return due
 
-    def _solver_notes(self) -> list[str]:
-        """The solver's own end-of-run notes (e.g. a Neumann series that diverged)."""
-        read = getattr(self.solver, "notes", None)
-        return list(read()) if callable(read) else []
-
-    def _outer_message(self, count: int) -> str:
-        said = self._solver_notes()
-        meta = self.loop.last.get("meta_value")
-        if said:
-            what = f": {'; '.join(said)}"
-        elif meta is not None and not bool(torch.isfinite(meta)):
-            what = (
-                f", the meta loss is not finite ({float(meta)}): check the meta set (data.meta) "
-                "and the outer loss"
-            )
-        else:
-            what = (
-                ", the hypergradient is not finite, or so large that its square overflows "
-                "(a diverging solver: neumann needs solver.alpha < 2 / the largest Hessian "
-                "eigenvalue; a trainer.inner_lr far too large; or a diverging inner training: "
-                "lower trainer.inner_optimizer.lr)"
-            )
-        return (
-            f"stopped at step {self.step}: {count} consecutive outer updates were skipped"
-            f"{what}; checkpoint written"
-        )
-
     def _stop_if_not_finite(self, record: dict[str, Any]) -> None:
         inner, outer = self.loop.skips.consecutive()
         limit = self.config.max_skipped
@@ -476,7 +447,7 @@ class BilevelTrainer:
             )
         if outer >= limit:
             self._checkpoint()
-            raise NonFiniteError(self._outer_message(outer))
+            raise NonFiniteError(notes.outer_skipped(self, outer))
 
     # -- outputs --------------------------------------------------------------------------------
 
@@ -542,7 +513,7 @@ class BilevelTrainer:
         unmoved = notes.unmoved(
             self._gradient_updates, int(self._nonzero_updates.item()), self.weights
         )
-        ending = [*self._solver_notes(), *([unmoved] if unmoved else [])]
+        ending = [*notes.solver_notes(self.solver), *([unmoved] if unmoved else [])]
         if self.strategy.is_main:
             for note in ending:
                 log.warning(f"note: {note}")
@@ -583,91 +554,14 @@ class BilevelTrainer:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: the trainable part of the model (and its
-        buffers), optimizers, logits, RNG, samplers, the method's state (warm starts), step."""
-        local = {
-            "rng": ckpt.capture_rng(),
-            "samplers": {
-                "train": self.loop.train_sampler.state_dict(),
-                "meta": self.loop.meta_sampler.state_dict(),
-            },
-        }
-        per_rank = self.strategy.gather_objects(local)
-        state = {
-            "version": CHECKPOINT_VERSION,
-            "step": self.step,
-            "elapsed_s": self.elapsed,
-            "outer_updates": self.outer_updates,
-            "names": self.names,
-            "parametrization": self.weights.parametrization,
-            "model": self.strategy.model_state(self.module, self._trainable_keys),
-            "frozen": self._frozen_record(),
-            "weights": self.weights.state_dict(),
-            "inner_optimizer": self.strategy.optimizer_state(self.module, self.loop.inner_opt),
-            "outer_optimizer": self.outer_opt.state_dict(),
-            "scheduler": self.loop.scheduler.state_dict() if self.loop.scheduler else None,
-            "counters": self.loop.skips.state_dict(),
-            "last": dict(self.loop.last),
-            "method": self.method.state_dict(),
-            "ranks": per_rank,
-            "wandb_id": self._wandb_id,
-            "world_size": self.strategy.world_size,
-            "config": self.run_config,
-            "overrides": self.overrides,
-        }
-        return state
-
-    def _frozen_record(self) -> dict[str, Any]:
-        if not self._frozen:
-            return {}
-        if "fingerprint" not in self._frozen:
-            named = [(n, p) for n, p in self.module.named_parameters() if not p.requires_grad]
-            local = ckpt.fingerprint(named)
-            self._frozen["fingerprint"] = "+".join(self.strategy.gather_objects(local))
-        return dict(self._frozen)
+        """Everything needed to continue exactly (:func:`bilevel.trainer_state.capture`): the
+        trainable part of the model (and its buffers), optimizers, logits, RNG, samplers, the
+        method's state (warm starts), step."""
+        return trainer_state.capture(self)
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
-        _check_compatible(state, self)
-        frozen = state.get("frozen") or {}
-        mine = self._frozen_record()
-        if frozen.get("fingerprint") != mine.get("fingerprint"):
-            raise ConfigError(
-                "resume",
-                f"the checkpoint was trained on another frozen base model "
-                f"({frozen.get('source', 'none')}, fingerprint "
-                f"{str(frozen.get('fingerprint'))[:12]}) than this one "
-                f"({mine.get('source', 'none')}, {str(mine.get('fingerprint'))[:12]}); resume "
-                "with the same model.path",
-            )
-        try:
-            self.strategy.restore(
-                state, self._resume_file, self.module, self.loop.inner_opt, self._trainable_keys
-            )
-        except (RuntimeError, KeyError, ValueError) as err:
-            lines = str(err).splitlines()
-            detail = next((line.strip() for line in lines if "size mismatch" in line), None)
-            raise ConfigError(
-                "resume",
-                "the checkpoint's model or optimizer does not fit this model "
-                f"({detail or first_line(str(err)) or type(err).__name__})",
-            ) from None
-        self.weights.load_state_dict(state["weights"])
-        self.outer_opt.load_state_dict(state["outer_optimizer"])
-        if self.loop.scheduler is not None and state["scheduler"] is not None:
-            self.loop.scheduler.load_state_dict(state["scheduler"])
-        local = state["ranks"][self.strategy.rank]
-        ckpt.restore_rng(local["rng"])
-        self.loop.train_sampler.load_state_dict(local["samplers"]["train"])
-        self.loop.meta_sampler.load_state_dict(local["samplers"]["meta"])
-        self.loop.skips.load_state_dict(state["counters"])
-        self.loop.last = {k: v.to(self.device) for k, v in state["last"].items()}
-        method_state = state.get("method") or {}
-        self.method.load_state_dict(_to_device(method_state, self.device))
-        self.step = int(state["step"])
-        self.elapsed = float(state["elapsed_s"])
-        self.outer_updates = int(state.get("outer_updates", 0))
-        self.loop.refresh_weights()
-        self._wandb_id = state.get("wandb_id")
+        """Continue from ``state`` (checked first: :func:`bilevel.trainer_state.restore`)."""
+        trainer_state.restore(self, state)
         self._resumed_from = source
 
     def resume(self, path: str | Path) -> None:
@@ -678,7 +572,7 @@ class BilevelTrainer:
             raise ConfigError(
                 "resume", f"no checkpoint at {file} (expected <run dir>/checkpoints/last.pt)"
             )
-        self._resume_file = file
+        self.resume_file = file
         state = self.strategy.load(file)
         if int(state["step"]) > self.config.steps:
             raise ConfigError(
@@ -698,76 +592,6 @@ class BilevelTrainer:
         if self.run_dir is not None:
             self.strategy.save(state, self.run_dir / "checkpoints")
         self._last_checkpoint = time.monotonic()
-
-
-def check_fsdp_solver(solver: Any) -> None:
-    """FSDP needs forward/backward-only products: refuse what cannot run sharded."""
-    from bilevel.solvers.unrolled import Unrolled
-
-    if isinstance(solver, Unrolled):
-        raise ConfigError(
-            "solver",
-            "unrolled differentiates through the inner steps (double backward), which sharded "
-            "parameters do not allow: under trainer.strategy=fsdp use first_order, sama, "
-            "neumann or cg with solver.products=finite_difference",
-        )
-    products = getattr(solver, "products", None)
-    if products is not None and products != "finite_difference":
-        raise ConfigError(
-            "solver.products",
-            f"trainer.strategy=fsdp shards the parameters, where double backward is not "
-            f"available: use solver.products=finite_difference (got {products!r})",
-        )
-
-
-def _checkpoint_keys(module: nn.Module) -> tuple[set[str], dict[str, Any]]:
-    """The state-dict entries a checkpoint holds (trainable parameters and every buffer) and a
-    record of the frozen rest (where it came from; its fingerprint is added when first saved)."""
-    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
-    keys = {n for n, p in module.named_parameters() if p.requires_grad}
-    keys |= {n for n, _ in module.named_buffers()}
-    if not frozen:
-        return keys, {}
-    source = str(getattr(module, "path", None) or type(module).__qualname__)
-    return keys, {"source": source, "parameters": len(frozen)}
-
-
-def _check_compatible(state: dict[str, Any], trainer: BilevelTrainer) -> None:
-    if list(state["names"]) != trainer.names:
-        raise ConfigError(
-            "resume",
-            f"the checkpoint's domain names {list(state['names'])} differ from "
-            f"the config's {trainer.names}",
-        )
-    if state["parametrization"] != trainer.weights.parametrization:
-        raise ConfigError(
-            "resume",
-            f"the checkpoint's parametrization {state['parametrization']!r} differs "
-            f"from the config's {trainer.weights.parametrization!r}",
-        )
-    if len(state["ranks"]) != trainer.strategy.world_size:
-        raise ConfigError(
-            "resume",
-            f"the checkpoint was written by {len(state['ranks'])} rank(s), this run "
-            f"has {trainer.strategy.world_size}",
-        )
-    missing = trainer._trainable_keys - set(state["model"]) if "shards" not in state else set()
-    if missing:
-        raise ConfigError(
-            "resume",
-            f"the checkpoint lacks {len(missing)} trainable tensor(s) of this model "
-            f"(e.g. {sorted(missing)[0]}): it was written for another model",
-        )
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
 
 
 def _crossed(every: int, before: int, after: int) -> bool:

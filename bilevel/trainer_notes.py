@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from bilevel.trainer import BilevelTrainer
     from bilevel.weights import DomainWeights
 
-__all__ = ["sampling", "schedule", "settings", "unmoved"]
+__all__ = ["outer_skipped", "sampling", "schedule", "settings", "solver_notes", "unmoved"]
 
 
 def sampling(trainer: BilevelTrainer) -> list[str]:
@@ -177,4 +177,37 @@ def unmoved(updates: int, nonzero: int, weights: DomainWeights | None = None) ->
         "never moved from weights.init: the outer loss does not change with the model on the "
         "meta set (e.g. a ranking loss whose meta set has no problem with both a right and a "
         "wrong solution, as with data.meta_candidates=1)"
+    )
+
+
+def solver_notes(solver: object) -> list[str]:
+    """The solver's own end-of-run notes (e.g. a Neumann series that diverged); solvers may
+    offer them through a ``notes()`` method."""
+    read = getattr(solver, "notes", None)
+    return list(read()) if callable(read) else []
+
+
+def outer_skipped(trainer: BilevelTrainer, count: int) -> str:
+    """Why a run stops (exit 3) after ``count`` outer updates in a row were skipped: the
+    solver's own word where it has one, else a meta loss that is not finite, else a
+    hypergradient that is not finite or overflows (and what usually causes that)."""
+    said = solver_notes(trainer.solver)
+    meta = trainer.loop.last.get("meta_value")
+    if said:
+        what = f": {'; '.join(said)}"
+    elif meta is not None and not bool(torch.isfinite(meta)):
+        what = (
+            f", the meta loss is not finite ({float(meta)}): check the meta set (data.meta) "
+            "and the outer loss"
+        )
+    else:
+        what = (
+            ", the hypergradient is not finite, or so large that its square overflows "
+            "(a diverging solver: neumann needs solver.alpha < 2 / the largest Hessian "
+            "eigenvalue; a trainer.inner_lr far too large; or a diverging inner training: "
+            "lower trainer.inner_optimizer.lr)"
+        )
+    return (
+        f"stopped at step {trainer.step}: {count} consecutive outer updates were skipped"
+        f"{what}; checkpoint written"
     )
