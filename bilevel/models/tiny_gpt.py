@@ -65,8 +65,6 @@ class TinyGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
-        causal = torch.triu(torch.full((max_len, max_len), float("-inf")), 1)
-        self.register_buffer("causal", causal, persistent=False)
 
     @property
     def max_positions(self) -> int:
@@ -80,7 +78,9 @@ class TinyGPT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         t = x.shape[1]
         h = self.tok(x) + self.pos(torch.arange(t, device=x.device))
-        mask = self.causal[:t, :t]
+        # built per call at the batch's length: a kept max_len x max_len table took
+        # max_len^2 floats (40 GB at max_len 100k) before the first batch was seen
+        mask = torch.full((t, t), float("-inf"), device=x.device, dtype=h.dtype).triu_(1)
         for block in self.blocks:
             h = block(h, mask)
         return self.head(self.norm(h))

@@ -32,6 +32,19 @@ def test_good_sizes_build():
     TinyGPT(16, 8, layers=0)  # a bigram model: no blocks is allowed
 
 
+def test_tiny_gpt_is_causal_and_its_size_does_not_grow_with_max_len_squared():
+    torch.manual_seed(0)
+    model = TinyGPT(16, 4096, d_model=8, heads=2, layers=1)
+    # parameters and buffers: no max_len x max_len table (16M floats here)
+    assert sum(t.numel() for t in [*model.parameters(), *model.buffers()]) < 100_000
+    x = torch.randint(0, 16, (2, 6))
+    changed = x.clone()
+    changed[:, 4:] = (x[:, 4:] + 1) % 16
+    # logits at positions 0..3 do not see tokens 4 and 5
+    torch.testing.assert_close(model(x)[:, :4], model(changed)[:, :4])
+    assert not torch.allclose(model(x)[:, 4:], model(changed)[:, 4:])
+
+
 @pytest.mark.parametrize(
     "model,x,match",
     [
