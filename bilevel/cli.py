@@ -41,6 +41,7 @@ from bilevel import checkpoint as ckpt
 from bilevel import cli_folders as folders
 from bilevel import run_dir as run_dirs
 from bilevel import sweep_failures as sweeps
+from bilevel.cli_resume import harmless, override_key, refused_on_resume, resumed_config
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed, leave_process_group
 from bilevel.errors import ConfigError, first_line, is_bool, is_finite_number
@@ -54,21 +55,6 @@ __all__ = ["main", "run"]
 log = logging.getLogger("bilevel")
 
 _OPTIMIZER_KEYS = ("inner_optimizer", "outer_optimizer", "inner_scheduler")
-
-#: overrides a resumed run accepts: they change how the run is watched, not what it trains
-RESUME_HARMLESS = (
-    "logger",
-    "trainer.progress",
-    "trainer.log_every",
-    "trainer.eval_every",
-    "trainer.checkpoint_every",
-    "trainer.checkpoint_seconds",
-    "trainer.max_skipped",
-    "device",
-    "print_config",
-    "resume",
-    "trainer.steps",
-)
 
 
 def config_dir() -> str:
@@ -313,110 +299,6 @@ def make_trainer(
     )
 
 
-# -- resume ---------------------------------------------------------------------------------------
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out or {prefix.rstrip("."): {}}
-    return {prefix.rstrip("."): value}
-
-
-def _compose(overrides: list[str]) -> dict[str, Any]:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        cfg = compose("config", overrides=overrides)
-    else:
-        with initialize_config_dir(config_dir(), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-def _override_key(override: str) -> str:
-    """The key an override sets: ``trainer.steps`` for ``+trainer.steps=80``."""
-    return override.lstrip("+~").split("=", 1)[0]
-
-
-def _harmless(key: str) -> bool:
-    return any(key == h or key.startswith(h + ".") for h in RESUME_HARMLESS)
-
-
-def refused_on_resume(keys: list[str]) -> str:
-    shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
-    return (
-        f"these overrides would change what the run trains: {shown}; a resumed run accepts "
-        "only trainer.steps (to extend it), logging, progress, evaluation and checkpoint "
-        "cadence and device (start a new run to change anything else)"
-    )
-
-
-def resumed_config(
-    state: dict[str, Any], new_overrides: list[str], current: DictConfig
-) -> DictConfig:
-    """The config a resumed run continues with: the one saved in its checkpoint, plus the
-    harmless changes that ``new_overrides`` make. Overrides that change what is trained are
-    refused with one line naming them."""
-    saved = state.get("config")
-    if not saved:  # a checkpoint from before configs were saved: trust the command line
-        log.warning("the checkpoint holds no saved config: using this command's config as is")
-        return current
-    from hydra.errors import HydraException
-
-    old_overrides = list(state.get("overrides") or [])
-    before = _flatten(_compose(old_overrides))
-    try:
-        after = _flatten(_compose([*old_overrides, *new_overrides]))
-    except HydraException:
-        # the new overrides do not even compose with the run's own (e.g. another solver
-        # whose keys differ): every one that is not harmless changes what is trained
-        after = None
-    if after is None:
-        refused = [o for o in new_overrides if not _harmless(_override_key(o))]
-        changed = []
-    else:
-        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-        refused = [k for k in changed if not _harmless(k)]
-    if refused:
-        # a group choice (trainer/inner_scheduler=cosine) names the keys under its path
-        named = {_override_key(o).replace("/", ".") for o in new_overrides}
-        derived = [k for k in refused if not any(k == n or k.startswith(n + ".") for n in named)]
-        why = ""
-        if derived:  # e.g. a cosine schedule's T_max: ${trainer.steps}
-
-            def moves(override: str) -> bool:
-                try:
-                    alone = _flatten(_compose([*old_overrides, override]))
-                except HydraException:  # it composes only with the others: not named
-                    return False
-                return any(alone.get(k) != before.get(k) for k in derived)
-
-            causes = [
-                _override_key(o) for o in new_overrides if _override_key(o) != "resume" and moves(o)
-            ]
-            length = (
-                ": a setting tied to the run's length cannot be extended"
-                if "trainer.steps" in causes
-                else ""
-            )
-            why = (
-                f" ({', '.join(derived)} follow{'s' if len(derived) == 1 else ''} from "
-                f"{', '.join(causes) or 'the overrides'} through an interpolation in the "
-                f"config{length})"
-            )
-        raise ConfigError("resume", refused_on_resume(refused) + why)
-    merged = OmegaConf.create(saved)
-    for key in changed:
-        if key in after:
-            OmegaConf.update(merged, key, after[key], force_add=True)
-    OmegaConf.update(merged, "resume", current.get("resume"), force_add=True)
-    return merged
-
-
 def _task_overrides() -> list[str]:
     try:
         return list(HydraConfig.get().overrides.task)
@@ -436,7 +318,7 @@ def run(
     are the command-line overrides (default: Hydra's record of them).
     """
     overrides = _task_overrides() if overrides is None else list(overrides)
-    own = [o for o in overrides if _override_key(o) != "resume"]
+    own = [o for o in overrides if override_key(o) != "resume"]
     seed = check_seed(cfg.seed)
     device_name = check_device(cfg.device)
     if not is_bool(cfg.get("print_config", False)):
@@ -449,7 +331,7 @@ def run(
     if resume:
         file, resumed_dir = run_dirs.resolve_resume(str(resume))
         state = ckpt.load(file)
-        cfg = resumed_config(state, own, cfg)
+        cfg = resumed_config(state, own, cfg, config_dir())
         own = list(state.get("overrides") or own)
         seed = check_seed(cfg.seed)
         device_name = check_device(cfg.device)
@@ -664,10 +546,10 @@ def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
         key = re.match(r"Could not override '([^']+)'", first)
         if key:
             name = key.group(1)
-            if any(a.startswith("resume=") for a in args) and not _harmless(name):
+            if any(a.startswith("resume=") for a in args) and not harmless(name):
                 # the key may exist in the resumed run's config; either way it is refused there
                 return f"resume: {refused_on_resume([name])}", None
-            others = [a for a in args if _override_key(a) != name]
+            others = [a for a in args if override_key(a) != name]
             close = _close_keys(name, others)
             hint = f"did you mean {' or '.join(close)}? " if close else ""
             return f"{name}: no such config key; {hint}to add a new key write +{name}=...", None
