@@ -145,6 +145,15 @@ def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> Non
                     f"are a {output.dim()}-d column of probabilities, one per output)",
                 )
             continue
+        if y.dim() != output.dim() - 1:  # e.g. [N, 1] labels from a table: torch's 0D/1D error
+            want = ("N", *(["T"] * (output.dim() - 2)))
+            hint = " (e.g. y.squeeze(-1))" if y.dim() == output.dim() and y.shape[-1] == 1 else ""
+            raise ConfigError(
+                field,
+                f"column 'y' has shape {tuple(y.shape)} but the cross-entropy losses read one "
+                f"class index per output row, shape [{', '.join(want)}] for the model's "
+                f"{output.dim()}-d output: reshape the labels{hint}",
+            )
         bad = ((y < 0) | (y >= classes)) & (y != -100)
         if bool(bad.any()):
             raise ConfigError(

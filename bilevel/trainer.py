@@ -30,6 +30,7 @@ from bilevel import buffers, modes, trainer_state
 from bilevel import run_dir as run_dirs
 from bilevel import trainer_notes as notes
 from bilevel.data.domain_data import DomainData
+from bilevel.data.evaluate import checked_metrics
 from bilevel.distributed import DistContext
 from bilevel.errors import ConfigError, NonFiniteError
 from bilevel.files import write_text_atomic
@@ -350,6 +351,7 @@ class BilevelTrainer:
                     continuing = self.resume_file is not None and (
                         self.run_dir.resolve() in self.resume_file.resolve().parents
                     )
+                    run_dirs.check_creatable(self.run_dir, "run_dir", key="run_dir")
                     if not continuing:
                         run_dirs.check_new_run(self.run_dir, "run_dir")
                     fresh = not run_dirs.is_run_dir(self.run_dir)
@@ -498,7 +500,7 @@ class BilevelTrainer:
         # an evaluator that leaves the model in eval mode (or moves running statistics) must
         # not change the training that follows: both are put back
         with modes.kept(self.module), buffers.kept(self.module):
-            return self.data.evaluate(self.module, self.test, self.device)
+            return checked_metrics(self.data.evaluate(self.module, self.test, self.device))
 
     def _evaluate(self) -> dict[str, float]:
         metrics = self.evaluate()

@@ -84,6 +84,12 @@ class DomainData:
                     f"must be a dict of columns (name -> tensor, e.g. x, y, domain), got "
                     f"{type(columns).__name__}",
                 )
+        for where, columns in (
+            ("data.train", self.train),
+            ("data.meta", self.meta),
+            ("data.test", self.test),
+        ):
+            _check_column_types(where, columns or {})
         k = len(self.names)
         if k == 0:
             raise ConfigError("data.names", "no domains: at least one domain is needed")
@@ -121,6 +127,23 @@ class DomainData:
             _check_finite("data.test", self.test)
 
 
+def _check_column_types(field: str, columns: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise :class:`ConfigError` for a column that is not a tensor (or a dict of them): a
+    batch takes rows of tensors only and hands any other value whole to every batch, so a list
+    or an array of per-example values would reach the model or the loss unaligned with the
+    batch's rows (a TypeError deep inside, or a silent mismatch in a loss of one's own)."""
+    for key, value in columns.items():
+        if isinstance(value, Mapping):
+            _check_column_types(field, value, f"{prefix}{key}.")
+        elif not isinstance(value, torch.Tensor):
+            raise ConfigError(
+                field,
+                f"column {prefix + key!r} is a {type(value).__name__}, not a tensor: columns "
+                "hold one row per example as tensors (e.g. torch.as_tensor(values)); a "
+                "batch takes rows of tensors only",
+            )
+
+
 def _check_finite(field: str, columns: Mapping[str, Any], prefix: str = "") -> None:
     """Raise :class:`ConfigError` when a floating column holds NaN or inf (one host read per
     column, before training)."""
@@ -132,6 +155,6 @@ def _check_finite(field: str, columns: Mapping[str, Any], prefix: str = "") -> N
             if bad:
                 raise ConfigError(
                     field,
-                    f"column {prefix}{key!r} holds {bad} non-finite value(s) (NaN/inf); "
+                    f"column {prefix + key!r} holds {bad} non-finite value(s) (NaN/inf); "
                     "clean or drop those rows: they would make every loss on them NaN",
                 )

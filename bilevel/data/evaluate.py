@@ -1,6 +1,10 @@
-"""Test-set metrics for the shipped tasks."""
+"""Test-set metrics: the shipped tasks' evaluator, and the check every evaluator's answer passes."""
 
 from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -8,9 +12,10 @@ from torch import nn
 
 from bilevel import modes
 from bilevel.data.columns import Columns, chunks
+from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
 
-__all__ = ["classification_metrics"]
+__all__ = ["checked_metrics", "classification_metrics"]
 
 
 @torch.no_grad()
@@ -28,3 +33,29 @@ def classification_metrics(
             loss += F.cross_entropy(logits, batch["y"], reduction="sum").double()
             n += len(batch["y"])
     return {"accuracy": correct.item() / n, "loss": loss.item() / n}
+
+
+def checked_metrics(value: Any) -> dict[str, float]:
+    """An evaluator's answer as ``{metric: float}``: one-element tensors and numpy scalars are
+    read as numbers (a tensor in the summary failed its JSON write after the whole run had
+    trained); any other kind of answer or value is a :class:`ConfigError` naming
+    ``data.evaluate``."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            "data.evaluate",
+            f"must return a dict {{metric name: number}}, got {type(value).__name__}",
+        )
+    metrics: dict[str, float] = {}
+    for name, item in value.items():
+        if isinstance(item, torch.Tensor) and item.numel() == 1:
+            item = item.item()
+        elif hasattr(item, "item") and getattr(item, "size", None) == 1:  # a numpy scalar
+            item = item.item()
+        if not isinstance(item, numbers.Real):
+            raise ConfigError(
+                "data.evaluate",
+                f"metric {name!r} must be a number (or a one-element tensor), got "
+                f"{type(item).__name__}",
+            )
+        metrics[str(name)] = float(item)
+    return metrics

@@ -1068,6 +1068,47 @@ def test_labels_outside_the_models_outputs_are_one_line_before_training():
     small_trainer(TrainerConfig(steps=10, progress=False), data=data)
 
 
+def test_labels_with_an_extra_dimension_are_one_line_before_training():
+    """[N, 1] labels (a column cut from a table) reached torch's cross entropy as '0D or 1D
+    target tensor expected, multi-target not supported', a traceback from inside the step."""
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    data.train["y"] = data.train["y"].unsqueeze(1)
+    with pytest.raises(ConfigError, match=r"data.train: column 'y' has shape \(128, 1\).*squeeze"):
+        small_trainer(TrainerConfig(steps=10, progress=False), data=data)
+
+
+@pytest.mark.parametrize("value", [[0.5] * 16, (1,) * 16, "abc"])
+def test_a_column_that_is_not_a_tensor_is_refused_by_name(value):
+    """A batch takes rows of tensors only and handed any other value whole to every batch:
+    a list of features met the model as a TypeError, a per-example list read by one's own
+    loss would have been silently out of step with the batch."""
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    data.meta["extra"] = value
+    with pytest.raises(ConfigError, match=r"data.meta: column 'extra' is a \w+, not a tensor"):
+        data.validate()
+    data.meta["extra"] = {"nested": value}
+    with pytest.raises(ConfigError, match=r"column 'extra.nested' is a"):
+        data.validate()
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    trainer = small_trainer(TrainerConfig(steps=10, progress=False), run_dir=tmp_path / "file")
+    with pytest.raises(ConfigError, match="run_dir: cannot create .* is a file, not a directory"):
+        trainer.fit()
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_an_evaluator_answering_tensors_finishes_its_run(tmp_path):
+    """A metric returned as a one-element tensor reached the summary as a Tensor, whose JSON
+    write failed after the whole run had trained."""
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    data.evaluate = lambda model, columns, device: {"acc": torch.tensor(0.75)}
+    trainer = small_trainer(TrainerConfig(steps=10, progress=False), data=data, run_dir=tmp_path)
+    assert trainer.fit()["test"] == {"acc": 0.75}
+    assert read_summary(tmp_path)["test"] == {"acc": 0.75}
+
+
 def test_token_ids_outside_the_models_embedding_are_one_line_before_training():
     """The same for token ids: an id past the embedding (another tokenizer's) failed when a
     batch drew it. Checked for a model that names its input embedding the Hugging Face way
