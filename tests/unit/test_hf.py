@@ -289,3 +289,31 @@ def test_token_ids_and_lengths_a_bert_cannot_read_are_one_line(tiny_checkpoint):
     long = {**train, "x": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}}
     with pytest.raises(ConfigError, match=r"sequences of 20 tokens but the model has position "):
         trainer(long)
+
+
+def test_a_checkpoint_folder_without_weights_or_vocabulary_is_one_line(tiny_checkpoint, tmp_path):
+    """A folder with only a config.json: the model's load failed with transformers' OSError
+    and traceback, and its tokenizer loaded as one of special tokens only, which made every
+    word [UNK] in a run that then exited 0."""
+    from bilevel.errors import ConfigError
+    from bilevel.models.hf import load_tokenizer
+
+    (tmp_path / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    with pytest.raises(ConfigError, match=r"model.path: cannot load a checkpoint from .*"):
+        HFClassifier(num_labels=2, path=str(tmp_path), trainable="head")
+    with pytest.raises(ConfigError, match=r"data.tokenizer: .* has no tokenizer vocabulary"):
+        load_tokenizer(tmp_path)
+    assert load_tokenizer()("hello world")["input_ids"]  # the bundled model's own is fine
+
+
+def test_flash_attention_without_its_package_is_one_line(tiny_checkpoint):
+    import importlib.util
+
+    from bilevel.errors import ConfigError
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: .*FlashAttention2"):
+        HFClassifier(
+            num_labels=2, path=str(tiny_checkpoint), attn_implementation="flash_attention_2"
+        )
