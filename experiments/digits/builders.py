@@ -52,8 +52,10 @@ def digits(
     need = test_size + meta_size + per_domain * len(DIGITS_DOMAINS)
     if need > len(y_all):
         raise ConfigError(
-            "data.per_domain",
-            f"test_size + meta_size + 5 * per_domain = {need} exceeds the {len(y_all)} images",
+            "data",
+            f"test_size + meta_size + 5 * per_domain = {test_size} + {meta_size} + 5 * "
+            f"{per_domain} = {need} exceeds the {len(y_all)} images: lower data.per_domain, "
+            "data.meta_size or data.test_size",
         )
     # The imbalanced domain is drawn last, from what the other domains left: classes 0 and 1
     # must still hold enough images for it.
