@@ -84,12 +84,6 @@ class DomainData:
                     f"must be a dict of columns (name -> tensor, e.g. x, y, domain), got "
                     f"{type(columns).__name__}",
                 )
-        for where, columns in (
-            ("data.train", self.train),
-            ("data.meta", self.meta),
-            ("data.test", self.test),
-        ):
-            _check_column_types(where, columns or {})
         k = len(self.names)
         if k == 0:
             raise ConfigError("data.names", "no domains: at least one domain is needed")
@@ -106,6 +100,7 @@ class DomainData:
             ("data.meta", self.meta),
             ("data.test", self.test),  # used only at the end: checked now all the same
         ):
+            _check_column_types(where, columns or {})
             try:
                 num_rows(columns or {})
             except ValueError as err:
