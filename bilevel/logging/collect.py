@@ -212,6 +212,23 @@ class CollectResults(_Callback):
                 print(f"sweep results: {path} (and results.md)", flush=True)
 
 
+def _no_runs(folder: Path) -> str:
+    """Why ``folder`` gave no table, and where the runs are when they are one level off: the
+    folder is a run itself, or it holds folders of runs (``runs/multirun/<date>``)."""
+    if (folder / "summary.json").is_file() or (folder / ".hydra").is_dir():
+        return (
+            f"{folder} is one run; give the folder that holds the runs to compare (e.g. "
+            f"{folder.parent})"
+        )
+    below = sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and collect(p)
+    )  # e.g. the sweeps of one day
+    if below:
+        shown = ", ".join(below[:5]) + (" ..." if len(below) > 5 else "")
+        return f"no runs directly under {folder}; these folders in it hold runs: {shown}"
+    return f"no runs under {folder}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """``bilevel-collect <folder>``: rebuild a sweep folder's results.csv and results.md."""
     parser = argparse.ArgumentParser(
@@ -231,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bilevel-collect: error: {err}", file=sys.stderr)
         sys.exit(2)
     if path is None:
-        print(f"bilevel-collect: error: no runs under {folder}", file=sys.stderr)
+        print(f"bilevel-collect: error: {_no_runs(folder)}", file=sys.stderr)
         sys.exit(2)
     print((folder / "results.md").read_text(), end="")
     print(f"written: {path} and {folder / 'results.md'}")

@@ -1,5 +1,7 @@
 """Files written by the library are never half-written."""
 
+import re
+
 import pytest
 
 from bilevel.files import write_atomic, write_text_atomic
@@ -64,6 +66,29 @@ def test_an_unreadable_summary_costs_its_row_not_the_sweep_table(tmp_path):
     rows = collect(tmp_path)
     assert [r["status"] for r in rows] == ["ok", "unreadable"]
     assert rows[0]["meta_loss"] == 0.5 and rows[1]["error"].startswith("summary.json: ")
+
+
+@pytest.mark.parametrize(
+    "where,said",
+    [
+        ("day/sweep/0", r"is one run; give the folder that holds the runs to compare \(e.g. "),
+        ("day", "no runs directly under .*day; these folders in it hold runs: sweep"),
+    ],
+)
+def test_collect_pointed_one_level_off_says_where_the_runs_are(tmp_path, capsys, where, said):
+    """A run folder, or a day's folder of sweeps, gave 'no runs under X' and nothing else."""
+    import json
+
+    from bilevel.logging.collect import main
+
+    job = tmp_path / "day" / "sweep" / "0"
+    job.mkdir(parents=True)
+    (job / "summary.json").write_text(json.dumps({"meta_loss": 0.5, "weights": {"a": 1.0}}))
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / where)])
+    assert stop.value.code == 2
+    assert re.search(said, capsys.readouterr().err)
+    assert not (tmp_path / where / "results.csv").exists()
 
 
 def test_a_weights_plot_of_many_domains_names_the_largest_and_keeps_the_legend_beside(tmp_path):
