@@ -235,6 +235,10 @@ def resolve_resume(path: str | Path) -> tuple[Path, Path | None]:
     directory of ours (``<run>/checkpoints/last.pt``: continue in that run), or anywhere else
     (its folder is not ours: the run continues in a new directory, ``None``).
     """
+    if not str(path).strip():  # Path("") is ".": `resume=$RUN` with RUN unset read the cwd
+        raise ConfigError(
+            "resume", "is empty: give the run directory to continue (resume=<run dir>)"
+        )
     path = Path(path)
     if not path.exists():
         raise ConfigError("resume", f"{path} does not exist")

@@ -53,6 +53,17 @@ def check_device(value: Any) -> str:
             )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device", "'mps' requested but it is not available here")
+    if device.type == "meta":
+        raise ConfigError(
+            "device", "'meta' tensors hold shapes but no data, so nothing can train on them"
+        )
+    if device.type not in ("cpu", "cuda", "mps"):  # xpu, hpu, ...: where torch has them
+        try:
+            available = bool(torch.get_device_module(device.type).is_available())
+        except (AttributeError, RuntimeError, ValueError):
+            available = False
+        if not available:
+            raise ConfigError("device", f"{text!r} requested but it is not available here")
     return text
 
 

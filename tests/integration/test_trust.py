@@ -866,6 +866,27 @@ def test_the_trainer_checks_device_and_seed_as_the_command_line_does():
     with pytest.raises(ConfigError, match=r"seed: must be an integer in \[0, 2\*\*32\), got 'abc'"):
         small_trainer(config, seed="abc")
     assert small_trainer(config, device="auto", seed=3).device.type in ("cpu", "cuda")
+    # 'meta' (and a device type torch knows but this machine lacks) failed at the first tensor
+    # moved there, with a traceback from inside the model
+    with pytest.raises(ConfigError, match="device: 'meta' tensors hold shapes but no data"):
+        small_trainer(config, device="meta")
+    if not torch.xpu.is_available():
+        with pytest.raises(ConfigError, match="device: 'xpu' requested but it is not available"):
+            small_trainer(config, device="xpu")
+
+
+def test_an_empty_resume_is_refused_not_read_as_the_current_folder():
+    """``resume=$RUN`` with RUN unset: Path('') is '.', and the line spoke of the current folder
+    as if it had been named."""
+    from bilevel.run_dir import resolve_resume
+
+    with pytest.raises(ConfigError, match="resume: is empty"):
+        resolve_resume("")
+    (proc,) = cli_batch([["experiment=tiny", "resume="]])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "bilevel: error: resume: is empty: give the run directory to continue (resume=<run dir>)"
+    )
 
 
 def test_an_outer_optimizer_for_a_method_with_its_own_rule_is_a_note():
