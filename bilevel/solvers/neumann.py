@@ -16,7 +16,9 @@ implicit differentiation (Arbel & Mairal, 2022). ``damping`` solves (H + damping
 instead; warm starts accumulate the solve over outer steps, so along near-zero or negative
 curvature (a non-convex inner loss) v can grow where a short cold series never reaches; the
 iteration restarts from zero whenever the kept v makes the residual larger than starting from
-zero would (|g - (H + damping I) v| > |g|).
+zero would (|g - (H + damping I) v| > |g|, or not finite). A v that is not finite (a call on a
+non-finite batch) is not kept: the next call starts afresh (see
+:class:`~bilevel.solvers.warm.WarmState`).
 
 ``simultaneous=True`` (with ``warm_start`` and ``iters=1``) makes each call ONE product: the
 gradient of <grad F, v> over the kept graph gives H v and J_L v together, the call returns
@@ -39,7 +41,7 @@ from bilevel.errors import is_bool, is_finite_number, is_integer
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.backends import check_products, solve_at_params
 from bilevel.solvers.counts import DeviceCount
-from bilevel.solvers.products import Reduce
+from bilevel.solvers.products import Reduce, poison_nonfinite
 from bilevel.solvers.warm import WarmState
 
 __all__ = ["GROWTH", "Neumann"]
@@ -159,9 +161,9 @@ class Neumann:
                 grew = products.dot(residual, residual) > GROWTH**2 * products.dot(g, g)
             torch._foreach_add_(v, residual, alpha=self.alpha)
             del residual
-        if self.warm_start:
-            self._warm.keep(v)
         out = -products.domain_jvp(v)
+        if self.warm_start:
+            self._warm.keep(v)  # after J_L v: a non-finite v is zeroed in place
         if grew is not None:
             self._diverged.add(grew)
             out = out.masked_fill(grew, float("nan"))
@@ -195,14 +197,17 @@ class Neumann:
         _restart_if_worse(products, g, v, residual)
         torch._foreach_add_(v, residual, alpha=self.alpha)
         self._warm.keep(v)
-        return -jl
+        # the returned -J_L v does not read this call's grad M: mark it NaN where grad M is
+        # (its smallest tensor carries the mark of a non-finite meta loss), so that a
+        # non-finite meta loss is seen (and skipped) in the call that met it
+        return poison_nonfinite(-jl, min(g, key=lambda t: t.numel()))
 
 
 def _restart_if_worse(products, g: list[Tensor], v: list[Tensor], residual: list[Tensor]) -> None:
     """Restart from zero where the kept v is worse than nothing (|r| > |g|): the curvature
     turned, or v grew along a direction the problem no longer supports. In place and on the
     device: v becomes 0 and the residual g."""
-    worse = products.dot(residual, residual) > products.dot(g, g)
+    worse = ~(products.dot(residual, residual) <= products.dot(g, g))  # NaN: worse
     for vi, ri, gi in zip(v, residual, g):
         vi.mul_((~worse).to(vi.dtype))
         ri.copy_(torch.where(worse, gi, ri))

@@ -36,7 +36,17 @@ class WarmState:
         return self.v
 
     def keep(self, v: Sequence[Tensor]) -> None:
-        self.v = [t.detach() for t in v]
+        """Keep ``v`` (in place, no copy) for the next call; a ``v`` with any non-finite entry
+        is kept as zeros, so the next call starts afresh. A solve on a non-finite batch (its
+        hypergradient is skipped by the trainer) left NaN in v, and every later warm call
+        returned NaN: one bad batch stopped the run. On the device, no host read."""
+        v = [t.detach() for t in v]
+        if v:
+            finite = torch.isfinite(torch.stack(torch._foreach_norm(v)).sum())
+            for t in v:
+                t.nan_to_num_(0.0, 0.0, 0.0)
+            torch._foreach_mul_(v, finite.to(v[0].dtype))
+        self.v = v
 
     def reset(self) -> None:
         self.v = None

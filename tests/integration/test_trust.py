@@ -1120,6 +1120,41 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     assert (tmp_path / "file").read_text() == "mine"
 
 
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"iters": 1, "warm_start": True, "alpha": 0.1},
+        {"iters": 1, "warm_start": True, "alpha": 0.1, "simultaneous": True},
+    ],
+)
+def test_a_warm_neumann_run_outlives_one_non_finite_meta_loss(opts):
+    """One window whose meta loss is NaN (a transient overflow) left NaN in the kept solution:
+    every later hypergradient was NaN and skipped, so the weights froze and the run stopped
+    after trainer.max_skipped windows. Now only that window's update is skipped."""
+    poisoned = {"on": False}
+
+    def outer(output, batch):
+        value = cross_entropy(output, batch)
+        return value * float("nan") if poisoned["on"] else value
+
+    trainer = small_trainer(
+        TrainerConfig(steps=200, progress=False),
+        solver=build("neumann", **opts),
+        outer_loss=outer,
+    )
+    for _ in range(5):
+        trainer.step_window()
+    poisoned["on"] = True
+    trainer.step_window()
+    poisoned["on"] = False
+    before = trainer.weights.logits.detach().clone()
+    for _ in range(5):
+        trainer.step_window()
+    assert trainer.loop.skips.totals()["skipped_outer"] == 1
+    assert torch.isfinite(trainer.weights.logits).all()
+    assert not torch.equal(trainer.weights.logits, before)  # the weights move again
+
+
 def test_an_evaluator_answering_tensors_finishes_its_run(tmp_path):
     """A metric returned as a one-element tensor reached the summary as a Tensor, whose JSON
     write failed after the whole run had trained."""
