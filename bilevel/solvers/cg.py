@@ -10,12 +10,18 @@ inner loss can make H indefinite, where plain CG steps would diverge.
 Each iteration takes H p and J_L p from ONE product (:meth:`hvp_jvp`), and J_L v is accumulated
 as sum_i alpha_i J_L p_i alongside v, so ``iters`` iterations cost ``iters`` products in all.
 
-``warm_start=True`` restarts CG from the last call's solution (amortized implicit
-differentiation, Arbel & Mairal, 2022): the first product then forms the residual g - A v0, so a
-call costs ``iters + 1`` products, and repeated calls on one problem converge to the solution.
-Because a warm start accumulates the solve across outer steps, two guards keep it safe on
-non-convex inner problems: the kept v is dropped (restart from zero) when it makes the residual
-larger than zero would, and it is forgotten after a call that met non-positive curvature.
+``warm_start=True`` starts from the last call's solution x0 (amortized implicit
+differentiation, Arbel & Mairal, 2022): the first product gives A x0, and the call costs
+``iters + 1`` products. Between two outer steps the system changes (H, grad M, the weights), so
+x0 is first rescaled to the best multiple of itself, a = <g, x0> / <x0, A x0>, and the first
+search direction is made A-conjugate to x0: the first iteration then lands on the minimum of the
+quadratic over span{x0, g - a A x0}, whatever the scale or sign x0 came with (restarting from x0
+as it stood, one iteration was steepest descent from a point off by the change of scale: on the
+compute-size peer problem its cosine to a cold cg(20) had a median of 0.88 and a 10th percentile
+below 0; now 0.997 and 0.96). Repeated calls on one problem converge to the solution. Because a
+warm start accumulates the solve across outer steps, two guards keep it safe on non-convex inner
+problems: a kept x0 along which the curvature is not positive is dropped (a cold start), and the
+solution is forgotten after a call that met non-positive curvature.
 """
 
 from __future__ import annotations
@@ -99,6 +105,28 @@ class ConjugateGradient:
             hu = torch._foreach_add(hu, u, alpha=self.damping)
         return hu, jl
 
+    def _warm_start(self, products, g: list[Tensor], start: list[Tensor]):
+        """(r, p, x, J_L x) to start CG from the kept ``start`` x0 at one product, A x0: x0
+        rescaled by a = <g, x0> / <x0, A x0> (0, a cold start, where <x0, A x0> <= 0), the
+        residual r = g - A x, and the first direction p = r - (<r, A x0> / <x0, A x0>) x0,
+        A-conjugate to x0. Since <r, x0> = 0 at the best a, CG's usual steps from here keep
+        every step an exact line search. All on the device: no host read."""
+        ax, jl_x = self._apply(products, start)
+        curvature = products.dot(start, ax)
+        gx, gax, axax = products.dot(g, start), products.dot(g, ax), products.dot(ax, ax)
+        # not usable: no positive curvature along x0, or a non-finite x0 or A x0
+        usable = (curvature > 0) & torch.isfinite(torch.stack([curvature, gx, gax, axax])).all()
+        denominator = torch.where(usable, curvature, 1)
+        scale = torch.where(usable, gx / denominator, 0)
+        coupling = torch.where(usable, gax - scale * axax, 0)  # <r, A x0>
+        conjugate = -coupling / denominator
+        # torch.where, not a product with 0: a non-finite x0 must not reach r, p or x
+        r = [torch.where(usable, gi - ai * scale.to(ai.dtype), gi) for gi, ai in zip(g, ax)]
+        del ax
+        p = [torch.where(usable, ri + xi * conjugate.to(xi.dtype), ri) for ri, xi in zip(r, start)]
+        x = [torch.where(usable, xi * scale.to(xi.dtype), 0) for xi in start]
+        return r, p, x, torch.where(usable, jl_x * scale, 0)
+
     def solve(self, products, g_outer: list[Tensor], inner_lr: float) -> Tensor:
         """dM/dw given the products and grad M (``inner_lr`` is not used).
 
@@ -113,21 +141,12 @@ class ConjugateGradient:
         jl_x = None
         if start is None:
             r = g  # the residual of x = 0, updated in place from here on
+            p = [t.clone() for t in r]
             if self.warm_start:
                 x = [torch.zeros_like(t) for t in g]
         else:
-            x = [t.clone() for t in start]
-            r, jl_x = self._apply(products, x)  # A x0, turned into g - A x0 in place
-            torch._foreach_neg_(r)
-            torch._foreach_add_(r, g)
-            # A kept v that is worse than starting from zero is dropped (on the device).
-            keep = products.dot(r, r) <= gg
-            for xi, ri, gi in zip(x, r, g):
-                xi.mul_(keep.to(xi.dtype))
-                ri.copy_(torch.where(keep, ri, gi))
-            jl_x = torch.where(keep, jl_x, torch.zeros_like(jl_x))
+            r, p, x, jl_x = self._warm_start(products, g, start)
             del g
-        p = [t.clone() for t in r]
         rr = products.dot(r, r)
         threshold = (self.tol**2) * gg
         done = torch.zeros((), dtype=torch.bool, device=rr.device)
@@ -154,8 +173,8 @@ class ConjugateGradient:
             torch._foreach_add_(p, r)
             rr = torch.where(active, rr_new, rr)
         if self.warm_start:
-            # After non-positive curvature the kept v restarts from zero next time.
-            for xi in x:
-                xi.mul_((~curved).to(xi.dtype))
-            self._warm.keep(x)
+            # After non-positive curvature (or a non-finite step) the next call starts cold.
+            finite = torch.stack([torch.isfinite(xi).all() for xi in x]).all()
+            keep = finite & ~curved
+            self._warm.keep([torch.where(keep, xi, 0) for xi in x])
         return -jl_x

@@ -185,6 +185,33 @@ def test_repeated_warm_calls_converge_to_the_cold_answer(name, opts):
     assert ((got - cold).norm() / cold.norm()).item() <= 1e-4
 
 
+@pytest.mark.parametrize(
+    "name,opts",
+    [("cg", {}), ("neumann", {"alpha": 0.05}), ("neumann", {"alpha": 0.05, "simultaneous": True})],
+)
+def test_one_non_finite_call_does_not_poison_a_warm_solver(name, opts):
+    """A call on a non-finite meta loss (one bad batch, whose update the trainer skips) left
+    NaN in the kept solution, and every later warm neumann call returned NaN: the run went on
+    skipping until it stopped. Now that call is NaN (simultaneous too, though it returns the
+    previous v's product), the kept solution is forgotten, and later calls converge again."""
+    problem = Ridge()
+    cold_opts = {k: v for k, v in opts.items() if k != "simultaneous"}
+    cold = ridge_call(build(name, iters=400, **cold_opts), problem)
+    warm = build(name, iters=1, warm_start=True, **opts)
+    for _ in range(3):
+        ridge_call(warm, problem)
+    w = DomainWeights(["a", "b", "c"], init=[0.5, 0.3, 0.2], dtype=torch.float64)
+    theta = {"theta": problem.solution(w.value().detach())}
+    nan_meta = lambda p: problem.meta(p) * float("nan")  # noqa: E731
+    assert torch.isnan(
+        bilevel.hypergradient(warm, problem.per_domain, nan_meta, theta, w, 0.1)
+    ).all()
+    assert all(torch.isfinite(t).all() for t in warm._warm.v)
+    for _ in range(200):
+        got = ridge_call(warm, problem)
+    assert ((got - cold).norm() / cold.norm()).item() <= 1e-4
+
+
 def test_simultaneous_neumann_takes_one_product_per_call_and_lags_one_update(monkeypatch):
     """SOBA's order: J_L of the kept v and H v from one backward pass, then v moves. Its
     hypergradient is the default's of the previous call (same problem, same v sequence)."""
@@ -231,13 +258,55 @@ def test_a_fresh_or_reset_warm_solver_starts_cold(name):
     torch.testing.assert_close(ridge_call(other, problem), ridge_call(warm, problem))
 
 
-def test_warm_cg_forgets_a_solution_that_is_worse_than_zero():
+def test_warm_cg_takes_the_kept_solution_at_its_best_scale():
+    """The kept x0 is rescaled to the best multiple of itself and the first direction made
+    A-conjugate to it, so a kept solution of the wrong size or sign (the system changed since,
+    e.g. the weights moved) costs nothing: x0 and -50 x0 give the same answer. Before, x0 was
+    taken as it stood (a residual larger than |g| dropped it for a cold start)."""
     problem = Ridge()
     warm = build("cg", iters=1, warm_start=True)
     ridge_call(warm, problem)
-    warm._warm.v = [t * -50.0 for t in warm._warm.v]  # a kept v far off: residual > |g|
+    kept = [t.clone() for t in warm._warm.v]
+    first = ridge_call(warm, problem)
+    warm._warm.v = [t * -50.0 for t in kept]
+    torch.testing.assert_close(ridge_call(warm, problem), first, rtol=1e-10, atol=0)
+
+
+def test_warm_cg_lands_on_the_minimum_over_the_kept_solution_and_the_residual():
+    """One iteration from any kept x0 (here random) reaches the minimum of the quadratic
+    q(x) = x'Ax/2 - g'x over span{x0, r}: below q(0) and q(a x0) for every a."""
+    problem = Ridge()
+    w = DomainWeights(["a", "b", "c"], init=[0.5, 0.3, 0.2], dtype=torch.float64)
+    values = w.value().detach()
+    theta = problem.solution(values).requires_grad_(True)
+    (g,) = torch.autograd.grad(problem.meta({"theta": theta}), theta)
+    hessian = problem.hessian(values)
+    x0 = torch.randn(problem.d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def q(x):
+        return (0.5 * x @ hessian @ x - g @ x).item()
+
+    warm = build("cg", iters=1, warm_start=True)
+    warm._warm.v = [x0.clone()]
+    ridge_call(warm, problem)
+    (x,) = warm._warm.v
+    r = g - (g @ x0) / (x0 @ hessian @ x0) * (hessian @ x0)
+    basis = torch.stack([x0, r], 1)  # the minimum over span{x0, r}, solved densely
+    coef = torch.linalg.solve(basis.T @ hessian @ basis, basis.T @ g)
+    torch.testing.assert_close(x, basis @ coef, rtol=1e-10, atol=1e-12)
+    assert q(x) <= min(q(torch.zeros_like(x0)), q((g @ x0) / (x0 @ hessian @ x0) * x0))
+
+
+def test_warm_cg_starts_cold_from_a_non_finite_kept_solution_and_recovers():
+    """A NaN kept x0 (e.g. from a step on a non-finite batch) must not reach the residual:
+    the call equals a cold one, and the solution kept after it is finite again."""
+    problem = Ridge()
     cold = ridge_call(build("cg", iters=1), problem)
-    torch.testing.assert_close(ridge_call(warm, problem), cold)
+    warm = build("cg", iters=1, warm_start=True)
+    ridge_call(warm, problem)
+    warm._warm.v = [torch.full_like(t, float("nan")) for t in warm._warm.v]
+    torch.testing.assert_close(ridge_call(warm, problem), cold, rtol=1e-12, atol=0)
+    assert all(torch.isfinite(t).all() for t in warm._warm.v)
 
 
 def _peak_mb(fn) -> float:
