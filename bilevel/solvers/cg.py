@@ -173,8 +173,7 @@ class ConjugateGradient:
             torch._foreach_add_(p, r)
             rr = torch.where(active, rr_new, rr)
         if self.warm_start:
-            # After non-positive curvature (or a non-finite step) the next call starts cold.
-            finite = torch.stack([torch.isfinite(xi).all() for xi in x]).all()
-            keep = finite & ~curved
-            self._warm.keep([torch.where(keep, xi, 0) for xi in x])
+            # After non-positive curvature the next call starts cold (and after a non-finite
+            # step: WarmState.keep zeroes a solution that is not finite).
+            self._warm.keep([torch.where(curved, 0, xi) for xi in x])
         return -jl_x
