@@ -42,6 +42,7 @@ from bilevel import modes
 from bilevel.data.checks import check_counts, check_fractions, check_seed
 from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
+from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
 from bilevel.losses.prm import trajectory_logits
 
@@ -179,6 +180,8 @@ class _Tokens:
     def __init__(self, tokenizer, max_len: int, max_steps: int) -> None:
         self.tok, self.max_len, self.max_steps = tokenizer, max_len, max_steps
         self.cache: dict[str, list[int]] = {}
+        #: solutions whose last step ends past max_len, and the longest length needed
+        self.cut, self.longest = 0, 0
 
     def ids(self, text: str) -> list[int]:
         if text not in self.cache:
@@ -194,7 +197,19 @@ class _Tokens:
         for s, (stated, op, a, result, _) in enumerate(solution["steps"]):
             ids += self.ids(_step_text(s, stated, op, a, result, solution["templates"][s]))
             positions.append(min(len(ids), self.max_len) - 1)
+        self.cut += len(ids) > self.max_len
+        self.longest = max(self.longest, len(ids))
         return ids[: self.max_len], positions
+
+    def check_fits(self) -> None:
+        """A step cut off by max_len would be scored at the last token kept, from a text that
+        does not hold it, and trained against its label all the same: refuse instead."""
+        if self.cut:
+            raise ConfigError(
+                "data.max_len",
+                f"{self.max_len} tokens cut the steps of {self.cut} solutions (the longest needs "
+                f"{self.longest}): use data.max_len>={self.longest}",
+            )
 
 
 def _columns(rows: list[tuple], tokens: _Tokens) -> Columns:
@@ -325,6 +340,7 @@ def prm_text(
 
     meta = candidate_set(meta_problems, meta_candidates)
     test = candidate_set(test_problems, candidates)
+    tokens.check_fits()
     return DomainData(
         names=list(DOMAINS),
         train=domain_columns(parts),

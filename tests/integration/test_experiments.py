@@ -281,6 +281,18 @@ def test_prm_text_solutions_and_labels_mean_what_they_say():
     assert "outcome" not in data.names
 
 
+def test_prm_text_refuses_a_max_len_that_cuts_steps():
+    """A step past data.max_len was scored at the last token kept (a text without it) and
+    trained against its label all the same, silently."""
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from bilevel_experiments.prm_text.builders import prm_text
+
+    from bilevel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.max_len: 24 tokens cut the steps of \d+ sol"):
+        prm_text(per_domain=8, test_problems=2, meta_problems=2, max_len=24, seed=0)
+
+
 def test_lm_mixture_target_from_the_command_line_replaces_the_default():
     """The preset's target was a mapping, so data.target={copy:1} was refused with a
     misleading 'did you mean data.target' and +data.target.copy=1 merged into the default."""
