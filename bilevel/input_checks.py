@@ -18,7 +18,14 @@ from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
 from bilevel.losses import classification, lm
 
-__all__ = ["CLASS_LOSSES", "check_labels", "check_token_ids", "input_embedding", "max_positions"]
+__all__ = [
+    "CLASS_LOSSES",
+    "check_labels",
+    "check_step_positions",
+    "check_token_ids",
+    "input_embedding",
+    "max_positions",
+]
 
 Loss = Callable[[Any, Any], Tensor]
 
@@ -118,6 +125,27 @@ def check_token_ids(module: nn.Module, data: DomainData) -> None:
                 f"column {name} holds token ids outside [0, {size}) (e.g. {int(ids[bad][0])}) "
                 f"but the model's input embedding has {size} rows: tokenize with the model's "
                 "own tokenizer (data.tokenizer, model.path), or fix the model's vocabulary size",
+            )
+
+
+def check_step_positions(data: DomainData) -> None:
+    """``x["step_positions"]`` (where a step head reads each step's score) must index a token of
+    ``x["input_ids"]``: a position past the sequence failed only when a batch drew it (an
+    IndexError from ``gather`` on the CPU, a device-side assert on a GPU). Negative positions
+    are padding (the step head reads them at 0 and the step mask drops them)."""
+    for field, columns in _sets(data):
+        x = columns.get("x") if isinstance(columns, Mapping) else None
+        if not isinstance(x, Mapping):
+            continue
+        positions, ids = x.get("step_positions"), x.get("input_ids")
+        if not isinstance(positions, Tensor) or not isinstance(ids, Tensor) or ids.dim() < 2:
+            continue
+        if positions.numel() and int(positions.max()) >= ids.shape[-1]:
+            raise ConfigError(
+                field,
+                f"column x['step_positions'] holds position {int(positions.max())} but the "
+                f"sequences in x['input_ids'] have {ids.shape[-1]} tokens: each step's position "
+                "must index a token of its sequence",
             )
 
 

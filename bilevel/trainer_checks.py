@@ -22,7 +22,7 @@ from bilevel.data.columns import Columns, num_rows, take, tensors, to_device
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
-from bilevel.input_checks import check_labels, check_token_ids
+from bilevel.input_checks import check_labels, check_step_positions, check_token_ids
 from bilevel.trainer_config import TrainerConfig
 
 __all__ = [
@@ -125,6 +125,7 @@ def check_losses(
     check_loss_callable("inner_loss", inner_loss)
     check_loss_callable("outer_loss", outer_loss)
     check_token_ids(module, data)
+    check_step_positions(data)
     with torch.no_grad(), buffers.kept(module):  # a check, not a training step
         batch = _first_rows(data.train, 4, device)
         rows = num_rows(batch)

@@ -1165,6 +1165,22 @@ def test_an_evaluator_answering_tensors_finishes_its_run(tmp_path):
     assert read_summary(tmp_path)["test"] == {"acc": 0.75}
 
 
+def test_step_positions_past_the_sequence_are_one_line_before_training():
+    """A step head gathers each step's score at x['step_positions']: a position past the
+    sequence failed only when a batch drew it (an IndexError, a device assert on a GPU)."""
+    from bilevel.input_checks import check_step_positions
+
+    ids = torch.zeros(6, 10, dtype=torch.int64)
+    positions = torch.tensor([[3, 7, -1]] * 6)  # -1: a padded step
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "step_positions": positions}
+    meta = {"x": dict(x), "outcome": torch.ones(6)}
+    data = DomainData(["a"], {"x": x, "domain": torch.zeros(6, dtype=torch.int64)}, meta)
+    check_step_positions(data)  # within the 10 tokens: accepted
+    meta["x"]["step_positions"] = torch.tensor([[3, 10, -1]] * 6)
+    with pytest.raises(ConfigError, match=r"data.meta: column x\['step_positions'\] holds posit"):
+        check_step_positions(data)
+
+
 def test_token_ids_outside_the_models_embedding_are_one_line_before_training():
     """The same for token ids: an id past the embedding (another tokenizer's) failed when a
     batch drew it. Checked for a model that names its input embedding the Hugging Face way
