@@ -16,6 +16,7 @@ __all__ = [
     "chunks",
     "concat",
     "domain_columns",
+    "leaves",
     "num_rows",
     "take",
     "tensors",
@@ -25,30 +26,32 @@ __all__ = [
 Columns = dict[str, Any]
 
 
+def leaves(columns: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(name, value)`` of every column that is not a dict, nested dicts included and named
+    by their path (``x.input_ids``)."""
+    for key, value in columns.items():
+        if isinstance(value, Mapping):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def tensors(columns: Mapping[str, Any]) -> Iterator[Tensor]:
     """Every tensor in ``columns``, nested dicts included."""
-    for value in columns.values():
-        if isinstance(value, Mapping):
-            yield from tensors(value)
-        elif isinstance(value, Tensor):
-            yield value
+    return (value for _, value in leaves(columns) if isinstance(value, Tensor))
 
 
 def num_rows(columns: Mapping[str, Any]) -> int:
     """Length of dim 0 shared by every tensor (``ValueError`` if they disagree)."""
     sizes = {t.shape[0] for t in tensors(columns)}
     if len(sizes) > 1:
-        lengths = ", ".join(f"{name} {n}" for name, n in _lengths(columns))
+        lengths = ", ".join(
+            f"{name} {value.shape[0]}"
+            for name, value in leaves(columns)
+            if isinstance(value, Tensor)
+        )
         raise ValueError(f"columns have different lengths ({lengths}): one row per example")
     return sizes.pop() if sizes else 0
-
-
-def _lengths(columns: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, int]]:
-    for key, value in columns.items():
-        if isinstance(value, Mapping):
-            yield from _lengths(value, f"{prefix}{key}.")
-        elif isinstance(value, Tensor):
-            yield f"{prefix}{key}", value.shape[0]
 
 
 def take(columns: Mapping[str, Any], index: Tensor) -> Columns:

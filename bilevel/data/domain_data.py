@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bilevel.data.columns import Columns, num_rows, take
+from bilevel.data.columns import Columns, leaves, num_rows, take
 from bilevel.errors import ConfigError
 
 __all__ = ["DomainData", "Evaluator"]
@@ -122,34 +122,30 @@ class DomainData:
             _check_finite("data.test", self.test)
 
 
-def _check_column_types(field: str, columns: Mapping[str, Any], prefix: str = "") -> None:
+def _check_column_types(field: str, columns: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` for a column that is not a tensor (or a dict of them): a
     batch takes rows of tensors only and hands any other value whole to every batch, so a list
     or an array of per-example values would reach the model or the loss unaligned with the
     batch's rows (a TypeError deep inside, or a silent mismatch in a loss of one's own)."""
-    for key, value in columns.items():
-        if isinstance(value, Mapping):
-            _check_column_types(field, value, f"{prefix}{key}.")
-        elif not isinstance(value, torch.Tensor):
+    for name, value in leaves(columns):
+        if not isinstance(value, torch.Tensor):
             raise ConfigError(
                 field,
-                f"column {prefix + key!r} is a {type(value).__name__}, not a tensor: columns "
+                f"column {name!r} is a {type(value).__name__}, not a tensor: columns "
                 "hold one row per example as tensors (e.g. torch.as_tensor(values)); a "
                 "batch takes rows of tensors only",
             )
 
 
-def _check_finite(field: str, columns: Mapping[str, Any], prefix: str = "") -> None:
+def _check_finite(field: str, columns: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` when a floating column holds NaN or inf (one host read per
     column, before training)."""
-    for key, value in columns.items():
-        if isinstance(value, Mapping):
-            _check_finite(field, value, f"{prefix}{key}.")
-        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+    for name, value in leaves(columns):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
             bad = int((~torch.isfinite(value)).sum())
             if bad:
                 raise ConfigError(
                     field,
-                    f"column {prefix + key!r} holds {bad} non-finite value(s) (NaN/inf); "
+                    f"column {name!r} holds {bad} non-finite value(s) (NaN/inf); "
                     "clean or drop those rows: they would make every loss on them NaN",
                 )
