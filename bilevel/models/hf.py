@@ -98,10 +98,9 @@ def _loading(field: str, path: str, load):
         return load()
     except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
         text = " ".join(str(err).split())
-        where = "model.attn_implementation" if "attention" in text.lower() else field
-        raise ConfigError(
-            where, f"{text} (use eager or sdpa)" if where != field else text
-        ) from None
+        if "attention" in text.lower():
+            raise ConfigError("model.attn_implementation", f"{text} (use eager or sdpa)") from None
+        raise ConfigError(field, text) from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         text = " ".join(str(err).split()) or type(err).__name__
         raise ConfigError(field, f"cannot load a checkpoint from {path}: {text[:400]}") from None

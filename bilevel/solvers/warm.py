@@ -24,7 +24,6 @@ class WarmState:
 
     def __init__(self) -> None:
         self.v: list[Tensor] | None = None
-        self.restarts = 0
 
     def start(self, like: Sequence[Tensor]) -> list[Tensor] | None:
         """The kept solution if it fits ``like`` (same shapes, dtypes, devices), else ``None``."""
