@@ -12,6 +12,7 @@ with one line naming it (:class:`~bilevel.errors.ConfigError`).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -128,10 +129,20 @@ def resumed_config(
                 if "trainer.steps" in causes
                 else ""
             )
+            # a group choice (experiment=digits) sets them through its preset's file
+            groups = [c for c in causes if os.path.isdir(os.path.join(configs, c))]
+            how = (
+                (
+                    "which sets them in its preset file"
+                    if len(causes) == 1
+                    else "which set them in their preset files"
+                )
+                if causes and len(groups) == len(causes)
+                else "through an interpolation in the config"
+            )
             why = (
                 f" ({', '.join(derived)} follow{'s' if len(derived) == 1 else ''} from "
-                f"{', '.join(causes) or 'the overrides'} through an interpolation in the "
-                f"config{length})"
+                f"{', '.join(causes) or 'the overrides'}, {how}{length})"
             )
         raise ConfigError("resume", refused_on_resume(refused) + why)
     merged = OmegaConf.create(saved)

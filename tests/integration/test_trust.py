@@ -153,11 +153,12 @@ def test_the_cosine_preset_decays_over_the_run_and_is_not_extended_on_resume(tmp
     # T_max is ${trainer.steps}: past it the cosine would climb again, so no extension; the
     # explanation is the right one for other refusals: a seed is not the run's length, and
     # keys of a newly chosen group follow from the choice, not from an interpolation
-    proc, seed, group = cli_batch(
+    proc, seed, group, preset = cli_batch(
         [
             [f"resume={out}", "trainer.steps=80"],
             [f"resume={out}", "seed=5"],
             [f"resume={out}", "trainer/inner_scheduler=warmup"],
+            [f"resume={out}", "experiment=digits"],
         ]
     )
     assert proc.returncode == 2
@@ -167,6 +168,10 @@ def test_the_cosine_preset_decays_over_the_run_and_is_not_extended_on_resume(tmp
     assert "run's length" not in seed.stderr
     assert group.returncode == 2 and "trainer.inner_scheduler" in group.stderr
     assert "interpolation" not in group.stderr
+    # an experiment preset sets data and model keys in its file, not through an interpolation
+    assert preset.returncode == 2
+    assert "follow from experiment, which sets them in its preset file" in preset.stderr
+    assert "interpolation" not in preset.stderr
 
 
 def test_inner_lr_never_changes_how_unrolled_trains():
