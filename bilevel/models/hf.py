@@ -219,7 +219,7 @@ class HFClassifier(nn.Module):
         if attn_implementation != "eager":
             self.second_derivatives_missing = (
                 "model.attn_implementation",
-                f"{attn_implementation} is a fused attention kernel",
+                f"{attn_implementation} (a fused attention kernel)",
             )
         elif gradient_checkpointing == "reentrant":
             self.second_derivatives_missing = (

@@ -189,13 +189,17 @@ def test_trainer_with_hf_model_bf16_and_checkpointing(
 
 
 @pytest.mark.parametrize(
-    "kwargs,field",
+    "kwargs,field,what",
     [
-        ({"attn_implementation": "sdpa"}, "model.attn_implementation"),
-        ({"gradient_checkpointing": "reentrant"}, "model.gradient_checkpointing"),
+        ({"attn_implementation": "sdpa"}, "model.attn_implementation", "sdpa (a fused attention"),
+        (
+            {"gradient_checkpointing": "reentrant"},
+            "model.gradient_checkpointing",
+            "reentrant activation checkpointing",
+        ),
     ],
 )
-def test_fused_kernels_need_finite_difference_products(tiny_checkpoint, kwargs, field):
+def test_fused_kernels_need_finite_difference_products(tiny_checkpoint, kwargs, field, what):
     from bilevel import BilevelTrainer, TrainerConfig
     from bilevel.data import DomainData
     from bilevel.errors import ConfigError
@@ -217,8 +221,10 @@ def test_fused_kernels_need_finite_difference_products(tiny_checkpoint, kwargs, 
         )
 
     for solver in (build("cg", iters=2), build("first_order"), build("unrolled", steps=2)):
-        with pytest.raises(ConfigError, match=field):
+        with pytest.raises(ConfigError, match=field) as refused:
             trainer(solver)
+        assert what in str(refused.value)
+        assert " has no double backward or forward mode, which " in str(refused.value)
     summary = trainer(build("cg", iters=2, products="finite_difference")).fit()
     assert summary["skipped_steps"] == 0
 
