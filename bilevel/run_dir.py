@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bilevel import checkpoint
 from bilevel.errors import ConfigError
 from bilevel.files import write_text_atomic
 
@@ -249,12 +250,7 @@ def resolve_resume(path: str | Path) -> tuple[Path, Path | None]:
                 f"{path} is not a bilevel run directory (no {MARKER}); give a run directory "
                 "that bilevel created, or a checkpoint file",
             )
-        file = path / "checkpoints" / "last.pt"
-        if not file.is_file():
-            raise ConfigError(
-                "resume", f"no checkpoint at {file} (expected <run dir>/checkpoints/last.pt)"
-            )
-        return file, path
+        return checkpoint.in_run(path), path
     run = path.parent.parent
     if path.parent.name == "checkpoints" and is_run_dir(run):
         return path, run

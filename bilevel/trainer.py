@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from bilevel import buffers, modes, trainer_state
+from bilevel import checkpoint as ckpt
 from bilevel import run_dir as run_dirs
 from bilevel import trainer_notes as notes
 from bilevel.data.domain_data import DomainData
@@ -47,7 +48,7 @@ from bilevel.outer import MirrorDescent
 from bilevel.run_settings import check_seed, resolve_device
 from bilevel.solvers.base import Solver
 from bilevel.stopping import StopRequested, stop_requests
-from bilevel.strategies import DDPStrategy, Strategy, build_strategy
+from bilevel.strategies import DDPStrategy, Strategy, build_strategy, fsdp_needs_processes
 from bilevel.trainer_checks import (
     check_arguments,
     check_batch_sizes,
@@ -142,11 +143,7 @@ class BilevelTrainer:
                 else DDPStrategy(dist, self.device)
             )
         if self.config.strategy == "fsdp" and strategy.name != "fsdp":
-            raise ConfigError(
-                "trainer.strategy",
-                "fsdp shards the model over processes: launch with torchrun "
-                "--nproc_per_node=N (N >= 2), or use trainer.strategy=ddp",
-            )
+            raise fsdp_needs_processes()
         self.strategy = strategy
         check_batch_sizes(self.config, strategy.world_size)
         self.module = model.to(self.device)
@@ -569,11 +566,7 @@ class BilevelTrainer:
     def resume(self, path: str | Path) -> None:
         """Continue from a run directory (its ``checkpoints/last.pt``) or a checkpoint file."""
         path = Path(path)
-        file = path / "checkpoints" / "last.pt" if path.is_dir() else path
-        if not file.is_file():
-            raise ConfigError(
-                "resume", f"no checkpoint at {file} (expected <run dir>/checkpoints/last.pt)"
-            )
+        file = ckpt.in_run(path) if path.is_dir() else path
         self.resume_file = file
         state = self.strategy.load(file)
         if int(state["step"]) > self.config.steps:

@@ -282,8 +282,11 @@ def _loss(
     return value, isinstance(value, Tensor) and value.requires_grad
 
 
-def check_fsdp_solver(solver: Any) -> None:
-    """FSDP needs forward/backward-only products: refuse what cannot run sharded."""
+def check_fsdp_solver(solver: Any, hypergradient: bool = False) -> None:
+    """FSDP needs forward/backward-only products: refuse what cannot run sharded.
+    ``hypergradient``: ``solver`` is known to compute a hypergradient (then one without a
+    ``products`` setting, or without the ``solve`` step that runs on the local shards, is
+    refused too)."""
     from bilevel.solvers.unrolled import Unrolled
 
     if isinstance(solver, Unrolled):
@@ -294,9 +297,13 @@ def check_fsdp_solver(solver: Any) -> None:
             "neumann or cg with solver.products=finite_difference",
         )
     products = getattr(solver, "products", None)
-    if products is not None and products != "finite_difference":
+    if products is None and not hypergradient:
+        return  # a method without products (odm, doremi, ...) says itself what it refuses
+    if products != "finite_difference" or not callable(getattr(solver, "solve", None)):
+        name = getattr(solver, "name", type(solver).__name__)
         raise ConfigError(
             "solver.products",
             f"trainer.strategy=fsdp shards the parameters, where double backward is not "
-            f"available: use solver.products=finite_difference (got {products!r})",
+            f"available: use solver.products=finite_difference (solver {name!r} has "
+            f"products={products or 'autograd'!r})",
         )

@@ -25,7 +25,6 @@ from typing import Any
 
 from torch import nn
 
-from bilevel.errors import ConfigError
 from bilevel.functional import trainable_params
 from bilevel.hypergradient import hypergradient
 from bilevel.methods.base import OuterUpdate, require_second_derivatives
@@ -33,6 +32,7 @@ from bilevel.outer import MirrorDescent
 from bilevel.solvers.backends import HessianFrom
 from bilevel.solvers.products import InnerProducts
 from bilevel.solvers.sama import preconditionable
+from bilevel.trainer_checks import check_fsdp_solver
 
 __all__ = ["HypergradientMethod"]
 
@@ -75,13 +75,8 @@ class HypergradientMethod:
         products = getattr(solver, "products", "autograd")
         has_solve = callable(getattr(solver, "solve", None))
         notes: list[str] = []
-        if loop.strategy.sharded and (products != "finite_difference" or not has_solve):
-            raise ConfigError(
-                "solver.products",
-                f"trainer.strategy=fsdp shards the parameters, where double backward is not "
-                f"available: use solver.products=finite_difference (solver {self.name!r} has "
-                f"products={products!r})",
-            )
+        if loop.strategy.sharded:  # a strategy passed in, not named by trainer.strategy
+            check_fsdp_solver(solver, hypergradient=True)
         if products != "finite_difference":
             require_second_derivatives(loop.module, f"solver={self.name}")
         if products == "finite_difference" and has_solve:

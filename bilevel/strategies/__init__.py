@@ -11,9 +11,25 @@ from bilevel.strategies.base import Strategy
 from bilevel.strategies.ddp import DDPStrategy
 from bilevel.strategies.fsdp import FSDPStrategy
 
-__all__ = ["STRATEGIES", "DDPStrategy", "FSDPStrategy", "Strategy", "build_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "DDPStrategy",
+    "FSDPStrategy",
+    "Strategy",
+    "build_strategy",
+    "fsdp_needs_processes",
+]
 
 STRATEGIES = ("ddp", "fsdp")
+
+
+def fsdp_needs_processes() -> ConfigError:
+    """The error for ``trainer.strategy=fsdp`` in a single process."""
+    return ConfigError(
+        "trainer.strategy",
+        "fsdp shards the model over processes: launch with torchrun --nproc_per_node=N "
+        "(N >= 2), or use trainer.strategy=ddp",
+    )
 
 
 def build_strategy(
@@ -24,10 +40,6 @@ def build_strategy(
         return DDPStrategy(dist, device)
     if name == "fsdp":
         if not dist.enabled:
-            raise ConfigError(
-                "trainer.strategy",
-                "fsdp shards the model over processes: launch with torchrun "
-                "--nproc_per_node=N (N >= 2), or use trainer.strategy=ddp",
-            )
+            raise fsdp_needs_processes()
         return FSDPStrategy(dist, device, precision)
     raise ConfigError("trainer.strategy", f"unknown strategy {name!r}; valid: ddp, fsdp")

@@ -89,3 +89,32 @@ def test_reduced_hypergradients_equal_single_process(tmp_path):
         )
         torch.testing.assert_close(results[0][name], full, msg=name)
         assert torch.equal(results[0][name], results[1][name])  # identical on both ranks
+
+
+def test_what_fsdp_refuses_is_decided_in_one_place():
+    """The trainer (trainer.strategy=fsdp) and the hypergradient method (a sharded strategy
+    passed in) ask the same check: products that need double backward, and a solver without
+    the shard-local solve step, are refused; methods without products are left to themselves."""
+    from bilevel.errors import ConfigError
+    from bilevel.methods.odm import ODM
+    from bilevel.trainer_checks import check_fsdp_solver
+
+    check_fsdp_solver(build("cg", products="finite_difference"))
+    check_fsdp_solver(build("first_order", products="finite_difference"), hypergradient=True)
+    check_fsdp_solver(ODM())
+    with pytest.raises(
+        ConfigError, match="^solver.products: .*solver 'cg' has products='autograd'"
+    ):
+        check_fsdp_solver(build("cg"))
+    with pytest.raises(ConfigError, match="^solver: unrolled differentiates"):
+        check_fsdp_solver(build("unrolled"))
+
+    class OwnSolver:  # the Solver protocol alone: a call, no products, no solve step
+        name = "own"
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("never called")
+
+    check_fsdp_solver(OwnSolver())  # the trainer cannot tell what it is: the method decides
+    with pytest.raises(ConfigError, match="solver 'own' has products='autograd'"):
+        check_fsdp_solver(OwnSolver(), hypergradient=True)
