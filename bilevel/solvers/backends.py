@@ -27,10 +27,10 @@ from bilevel.solvers.products import (
 __all__ = [
     "PRODUCTS",
     "HessianFrom",
+    "SolvesAtParams",
     "check_products",
     "jvp_at",
     "products_at",
-    "solve_at_params",
 ]
 
 PRODUCTS = ("autograd", "finite_difference")
@@ -115,22 +115,29 @@ def jvp_at(
     return domain_jvp(per_domain_loss, names, theta, v, w.numel(), reduce)
 
 
-def solve_at_params(
-    solver,
-    per_domain_loss: PerDomainLoss,
-    outer_loss: OuterLoss,
-    params: Params,
-    w: Tensor,
-    inner_lr: float,
-    reduce: Reduce | None = None,
-    hessian_loss: PerDomainLoss | None = None,
-) -> Tensor:
-    """``solver.solve`` on fresh products at ``params``: how the implicit solvers answer
-    :func:`bilevel.hypergradient` (the trainer instead hands them its last inner step's graph
-    or products at the module's own parameters)."""
-    names, theta = leaves(params)
-    g_outer = grad_outer(outer_loss, names, theta, reduce)
-    products = products_at(
-        solver.products, per_domain_loss, names, theta, w, reduce, solver.fd_step, hessian_loss
-    )
-    return solver.solve(products, g_outer, inner_lr)
+class SolvesAtParams:
+    """``domain_grad`` for a solver whose math is its ``solve(products, g_outer, inner_lr)``
+    step (cg, neumann): ``solve`` on fresh products at ``params``, as
+    :func:`bilevel.hypergradient` asks. The trainer instead hands ``solve`` its last inner
+    step's graph, or products at the module's own parameters. The subclass has ``products``
+    and ``fd_step`` fields."""
+
+    products: str
+    fd_step: float | None
+
+    def domain_grad(
+        self,
+        per_domain_loss: PerDomainLoss,
+        outer_loss: OuterLoss,
+        params: Params,
+        w: Tensor,
+        inner_lr: float,
+        reduce: Reduce | None = None,
+        hessian_loss: PerDomainLoss | None = None,
+    ) -> Tensor:
+        names, theta = leaves(params)
+        g_outer = grad_outer(outer_loss, names, theta, reduce)
+        products = products_at(
+            self.products, per_domain_loss, names, theta, w, reduce, self.fd_step, hessian_loss
+        )
+        return self.solve(products, g_outer, inner_lr)

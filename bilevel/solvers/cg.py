@@ -32,16 +32,14 @@ import torch
 from torch import Tensor
 
 from bilevel.errors import is_bool, is_finite_number, is_integer
-from bilevel.functional import OuterLoss, Params, PerDomainLoss
-from bilevel.solvers.backends import check_products, solve_at_params
-from bilevel.solvers.products import Reduce
+from bilevel.solvers.backends import SolvesAtParams, check_products
 from bilevel.solvers.warm import WarmState
 
 __all__ = ["ConjugateGradient"]
 
 
 @dataclass(frozen=True)
-class ConjugateGradient:
+class ConjugateGradient(SolvesAtParams):
     """v = (H + damping I)^-1 grad M by ``iters`` CG iterations; dM/dw = -J_L v.
 
     Args:
@@ -84,20 +82,6 @@ class ConjugateGradient:
 
     def load_state_dict(self, state: dict) -> None:
         self._warm.load_state_dict(state)
-
-    def domain_grad(
-        self,
-        per_domain_loss: PerDomainLoss,
-        outer_loss: OuterLoss,
-        params: Params,
-        w: Tensor,
-        inner_lr: float,
-        reduce: Reduce | None = None,
-        hessian_loss: PerDomainLoss | None = None,
-    ) -> Tensor:
-        return solve_at_params(
-            self, per_domain_loss, outer_loss, params, w, inner_lr, reduce, hessian_loss
-        )
 
     def _apply(self, products, u: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         hu, jl = products.hvp_jvp(u)

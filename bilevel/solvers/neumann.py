@@ -38,10 +38,9 @@ import torch
 from torch import Tensor
 
 from bilevel.errors import is_bool, is_finite_number, is_integer
-from bilevel.functional import OuterLoss, Params, PerDomainLoss
-from bilevel.solvers.backends import check_products, solve_at_params
+from bilevel.solvers.backends import SolvesAtParams, check_products
 from bilevel.solvers.counts import DeviceCount
-from bilevel.solvers.products import Reduce, poison_nonfinite
+from bilevel.solvers.products import poison_nonfinite
 from bilevel.solvers.warm import WarmState
 
 __all__ = ["GROWTH", "Neumann"]
@@ -54,7 +53,7 @@ GROWTH = 100.0
 
 
 @dataclass(frozen=True)
-class Neumann:
+class Neumann(SolvesAtParams):
     """v = alpha * sum_{j=0}^{iters} (I - alpha H)^j grad M (cold); dM/dw = -J_L v.
 
     Args:
@@ -108,20 +107,6 @@ class Neumann:
     def load_state_dict(self, state: dict) -> None:
         self._warm.load_state_dict(state)
         self._diverged.load_state_dict(state.get("diverged"))
-
-    def domain_grad(
-        self,
-        per_domain_loss: PerDomainLoss,
-        outer_loss: OuterLoss,
-        params: Params,
-        w: Tensor,
-        inner_lr: float,
-        reduce: Reduce | None = None,
-        hessian_loss: PerDomainLoss | None = None,
-    ) -> Tensor:
-        return solve_at_params(
-            self, per_domain_loss, outer_loss, params, w, inner_lr, reduce, hessian_loss
-        )
 
     def _residual(self, products, g: list[Tensor], v: list[Tensor]) -> list[Tensor]:
         """g - (H + damping I) v, in a fresh vector (the product's own output, reused)."""
