@@ -14,7 +14,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-__all__ = ["Strategy"]
+from bilevel.distributed import DistContext
+
+__all__ = ["Collectives", "Strategy"]
 
 
 @runtime_checkable
@@ -93,3 +95,38 @@ class Strategy(Protocol):
     def load(self, path: Path) -> dict[str, Any]:
         """The checkpoint file ``path`` (on the CPU)."""
         ...
+
+
+class Collectives:
+    """The process-group calls every strategy makes the same way, through its
+    :class:`~bilevel.distributed.DistContext` (identities on one process); a strategy sets
+    ``self.dist`` and inherits them. Only :meth:`Strategy.sum` differs (a sharded result
+    sums over ranks, a replicated one does not)."""
+
+    dist: DistContext
+
+    def _join(self, dist: DistContext) -> None:
+        self.dist = dist
+        self.rank, self.world_size = dist.rank, dist.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def reduce(self, tensors: list[Tensor]) -> list[Tensor]:
+        return self.dist.reduce(tensors)
+
+    def broadcast_(self, tensor: Tensor) -> Tensor:
+        return self.dist.broadcast_(tensor)
+
+    def all_equal(self, tensor: Tensor) -> bool:
+        return self.dist.all_equal(tensor)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        return self.dist.gather_objects(obj)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return self.dist.broadcast_object(obj)
+
+    def barrier(self) -> None:
+        self.dist.barrier()

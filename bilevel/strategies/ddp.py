@@ -18,24 +18,20 @@ from torch import Tensor, nn
 
 from bilevel import checkpoint as ckpt
 from bilevel.distributed import DistContext
+from bilevel.strategies.base import Collectives
 
 __all__ = ["DDPStrategy"]
 
 
-class DDPStrategy:
+class DDPStrategy(Collectives):
     """Replicated parameters; gradients and products averaged over ranks."""
 
     name = "ddp"
     sharded = False
 
     def __init__(self, dist: DistContext | None = None, device: torch.device | None = None):
-        self.dist = dist or DistContext()
-        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self._join(dist or DistContext())
         self.device = device
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist.is_main
 
     def wrap(self, module: nn.Module) -> nn.Module:
         if not self.dist.enabled:
@@ -54,26 +50,8 @@ class DDPStrategy:
     def reshard(self, module: nn.Module) -> None:
         return None
 
-    def reduce(self, tensors: list[Tensor]) -> list[Tensor]:
-        return self.dist.reduce(tensors)
-
     def sum(self, tensor: Tensor) -> Tensor:
         return tensor
-
-    def broadcast_(self, tensor: Tensor) -> Tensor:
-        return self.dist.broadcast_(tensor)
-
-    def all_equal(self, tensor: Tensor) -> bool:
-        return self.dist.all_equal(tensor)
-
-    def gather_objects(self, obj: Any) -> list[Any]:
-        return self.dist.gather_objects(obj)
-
-    def broadcast_object(self, obj: Any) -> Any:
-        return self.dist.broadcast_object(obj)
-
-    def barrier(self) -> None:
-        self.dist.barrier()
 
     # -- checkpoints ------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from bilevel import checkpoint as ckpt
 from bilevel.distributed import DistContext
+from bilevel.strategies.base import Collectives
 
 __all__ = ["FSDPStrategy", "block_modules"]
 
@@ -49,7 +50,7 @@ def block_modules(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if type(m).__name__ in names]
 
 
-class FSDPStrategy:
+class FSDPStrategy(Collectives):
     """Sharded parameters (FSDP2 ``fully_shard``) under torchrun."""
 
     name = "fsdp"
@@ -58,14 +59,9 @@ class FSDPStrategy:
     def __init__(self, dist: DistContext, device: torch.device, precision: str = "fp32"):
         if not dist.enabled:
             raise ValueError("fsdp needs torchrun with 2 or more processes")
-        self.dist = dist
-        self.rank, self.world_size = dist.rank, dist.world_size
+        self._join(dist)
         self.device = device
         self.precision = precision
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist.is_main
 
     def wrap(self, module: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -104,28 +100,10 @@ class FSDPStrategy:
             if reshard is not None and hasattr(sub, "unshard"):
                 reshard()
 
-    def reduce(self, tensors: list[Tensor]) -> list[Tensor]:
-        return self.dist.reduce(tensors)
-
     def sum(self, tensor: Tensor) -> Tensor:
         out = tensor.clone()
         torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
         return out
-
-    def broadcast_(self, tensor: Tensor) -> Tensor:
-        return self.dist.broadcast_(tensor)
-
-    def all_equal(self, tensor: Tensor) -> bool:
-        return self.dist.all_equal(tensor)
-
-    def gather_objects(self, obj: Any) -> list[Any]:
-        return self.dist.gather_objects(obj)
-
-    def broadcast_object(self, obj: Any) -> Any:
-        return self.dist.broadcast_object(obj)
-
-    def barrier(self) -> None:
-        self.dist.barrier()
 
     # -- checkpoints ------------------------------------------------------------------------------
 
