@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from bilevel import modes
+from bilevel.data.best_of_n import selection_accuracy
 from bilevel.data.checks import check_counts, check_fractions, check_seed
 from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
@@ -108,31 +109,13 @@ def solve(start, ops, operands, error_rate: float, gen: torch.Generator) -> dict
 def best_of_n(
     model: nn.Module, columns: Columns, device: torch.device, aggregation: str = "mean_logodds"
 ) -> dict[str, float]:
-    """Best-of-N accuracy of the PRM, majority vote and random choice, for N in 1..32.
-
-    ``columns`` hold ``problems * candidates`` solutions, grouped by problem. For each N, the
-    first N candidates of every problem are considered: the PRM picks the highest aggregated
-    score, majority vote the most frequent final answer (ties: the earliest), random choice any
-    candidate (its expected accuracy, the mean correctness).
-    """
+    """Best-of-N accuracy of the PRM, majority vote and random choice, for N in 1..32
+    (:func:`bilevel.data.best_of_n.selection_accuracy`; ``columns`` hold
+    ``problems * candidates`` solutions, grouped by problem)."""
     with modes.evaluation(model):
         scores = trajectory_logits(forward_batch(model, columns), columns, aggregation)
     candidates = int(columns["candidates"][0])
-    outcome = columns["outcome"].view(-1, candidates)
-    answer = columns["answer"].view(-1, candidates)
-    scores = scores.view(-1, candidates)
-    out: dict[str, float] = {}
-    for n in N_VALUES:
-        if n > candidates:
-            break
-        pick = scores[:, :n].argmax(1, keepdim=True)
-        out[f"prm@{n}"] = outcome[:, :n].gather(1, pick).mean().item()
-        votes = torch.nn.functional.one_hot(answer[:, :n], 10).sum(1)  # [P, 10]
-        top = votes.argmax(1, keepdim=True)  # argmax returns the first maximal answer
-        first = (answer[:, :n] == top).float().argmax(1, keepdim=True)
-        out[f"majority@{n}"] = outcome[:, :n].gather(1, first).mean().item()
-        out[f"random@{n}"] = outcome[:, :n].mean().item()
-    return out
+    return selection_accuracy(scores, columns["outcome"], columns["answer"], candidates, N_VALUES)
 
 
 def _candidates(problems: int, candidates: int, steps: int, error_rate: float, gen) -> dict:

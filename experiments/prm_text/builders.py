@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from bilevel import modes
+from bilevel.data.best_of_n import selection_accuracy
 from bilevel.data.checks import check_counts, check_fractions, check_seed
 from bilevel.data.columns import Columns, domain_columns
 from bilevel.data.domain_data import DomainData
@@ -252,7 +253,8 @@ def best_of_n(
     aggregation: str = "mean_logodds",
     chunk: int = 256,
 ) -> dict[str, float]:
-    """Best-of-N accuracy of the PRM, majority vote and random choice (N in 1, 4, 16, 32)."""
+    """Best-of-N accuracy of the PRM, majority vote and random choice (N in 1, 4, 16, 32;
+    :func:`bilevel.data.best_of_n.selection_accuracy`), scored in chunks of ``chunk``."""
     from bilevel.data.columns import chunks
 
     with modes.evaluation(model):
@@ -263,20 +265,7 @@ def best_of_n(
             ]
         )
     candidates = int(columns["candidates"][0])
-    outcome = columns["outcome"].view(-1, candidates)
-    answer = columns["answer"].view(-1, candidates)
-    scores = scores.view(-1, candidates)
-    out: dict[str, float] = {}
-    for n in N_VALUES:
-        if n > candidates:
-            break
-        pick = scores[:, :n].argmax(1, keepdim=True)
-        out[f"prm@{n}"] = outcome[:, :n].gather(1, pick).mean().item()
-        same = (answer[:, :n, None] == answer[:, None, :n]).sum(2)  # votes for each candidate
-        first = same.argmax(1, keepdim=True)  # ties: the earliest
-        out[f"majority@{n}"] = outcome[:, :n].gather(1, first).mean().item()
-        out[f"random@{n}"] = outcome[:, :n].mean().item()
-    return out
+    return selection_accuracy(scores, columns["outcome"], columns["answer"], candidates, N_VALUES)
 
 
 def prm_text(
