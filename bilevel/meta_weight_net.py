@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bilevel.errors import is_bool, is_integer
+from bilevel.weights import domain_names
 
 __all__ = ["MetaWeightNet"]
 
@@ -52,11 +53,7 @@ class MetaWeightNet(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if isinstance(names, str | bytes):  # "abc" would be three domains a, b, c
-            raise TypeError(f"names must be a list of domain names, got the string {names!r}")
-        names = [str(n) for n in names]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"MetaWeightNet needs distinct domain names, got {names}")
+        names = domain_names(names, type(self).__name__)
         if not is_integer(hidden) or hidden < 1:
             raise ValueError(f"MetaWeightNet: hidden must be an integer >= 1, got {hidden!r}")
         self.names = names

@@ -98,6 +98,20 @@ def _logits_from_values(parametrization: str, values: Tensor) -> Tensor:
     return v + torch.log(-torch.expm1(-v))
 
 
+def domain_names(names: Sequence[str], owner: str) -> list[str]:
+    """``names`` as a list of distinct strings, or a TypeError / ValueError saying what is
+    wrong (``owner``: the class that needs them, for the message)."""
+    if isinstance(names, str | bytes):  # "abc" would be three domains a, b, c
+        raise TypeError(f"names must be a list of domain names, got the string {names!r}")
+    names = [str(n) for n in names]
+    if not names:
+        raise ValueError(f"{owner} needs at least one domain name")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate domain names: {dupes}; each domain needs a unique name")
+    return names
+
+
 class DomainWeights(nn.Module):
     """K named domain weights ``w = p(logits)`` whose logits are learned by the outer loop.
 
@@ -126,14 +140,7 @@ class DomainWeights(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if isinstance(names, str | bytes):  # "abc" would be three domains a, b, c
-            raise TypeError(f"names must be a list of domain names, got the string {names!r}")
-        names = [str(n) for n in names]
-        if not names:
-            raise ValueError("DomainWeights needs at least one domain name")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate domain names: {dupes}; each domain needs a unique name")
+        names = domain_names(names, type(self).__name__)
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(
                 f"unknown parametrization {parametrization!r}; "
