@@ -154,8 +154,9 @@ def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> Non
     and test sets must index one of the model's outputs (or be -100, ignored): a label out of
     range fails only when a batch draws it, as an IndexError on the CPU and as a device-side
     assert that ends the process on a GPU. A float ``y`` with one value per example is a class
-    index stored as float (torch: ``expected target dtype to be Long``). One host read per
-    column, before training."""
+    index stored as float (torch: ``expected target dtype to be Long``), and an int32 or bool
+    one the same index in a dtype the losses do not take. One host read per column, before
+    training."""
     used = {getattr(f, "func", f) for f in losses}
     if not used & CLASS_LOSSES or not isinstance(output, Tensor) or output.dim() < 2:
         return
@@ -173,6 +174,12 @@ def check_labels(output: Any, losses: tuple[Loss, ...], data: DomainData) -> Non
                     f"are a {output.dim()}-d column of probabilities, one per output)",
                 )
             continue
+        if y.dtype not in (torch.int64, torch.uint8):  # torch: "expected ... Long or Byte"
+            raise ConfigError(
+                field,
+                f"column 'y' is {str(y.dtype).removeprefix('torch.')} but the cross-entropy "
+                "losses take class indices as int64: convert it with y.long()",
+            )
         if y.dim() != output.dim() - 1:  # e.g. [N, 1] labels from a table: torch's 0D/1D error
             want = ("N", *(["T"] * (output.dim() - 2)))
             hint = " (e.g. y.squeeze(-1))" if y.dim() == output.dim() and y.shape[-1] == 1 else ""

@@ -126,7 +126,10 @@ def _check_column_types(field: str, columns: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` for a column that is not a tensor (or a dict of them): a
     batch takes rows of tensors only and hands any other value whole to every batch, so a list
     or an array of per-example values would reach the model or the loss unaligned with the
-    batch's rows (a TypeError deep inside, or a silent mismatch in a loss of one's own)."""
+    batch's rows (a TypeError deep inside, or a silent mismatch in a loss of one's own). A
+    column that requires grad is refused too: the first inner step would backpropagate into
+    the graph that made it, and the second fail with "backward through the graph a second
+    time"."""
     for name, value in leaves(columns):
         if not isinstance(value, torch.Tensor):
             raise ConfigError(
@@ -134,6 +137,12 @@ def _check_column_types(field: str, columns: Mapping[str, Any]) -> None:
                 f"column {name!r} is a {type(value).__name__}, not a tensor: columns "
                 "hold one row per example as tensors (e.g. torch.as_tensor(values)); a "
                 "batch takes rows of tensors only",
+            )
+        if value.requires_grad:  # every step would backpropagate into the graph that made it
+            raise ConfigError(
+                field,
+                f"column {name!r} requires grad (it was computed by an autograd graph): "
+                "columns are data, not parameters; pass it detached (e.g. x.detach())",
             )
 
 

@@ -11,6 +11,7 @@ import torch
 from tests.integration.helpers import cli_batch
 
 BUILDERS = """
+import torch
 from bilevel.data import noisy_domains
 
 def empty_domain(**kwargs):
@@ -44,6 +45,21 @@ def float_labels(**kwargs):  # "expected target dtype to be Long", from inside t
     d.meta["y"] = d.meta["y"].float()
     return d
 
+def int32_labels(**kwargs):  # "expected target dtype to be Long or Byte, but got Int"
+    d = noisy_domains(**kwargs)
+    d.train["y"] = d.train["y"].int()
+    return d
+
+def bool_test_labels(**kwargs):  # the same, found before training, not after it
+    d = noisy_domains(**kwargs)
+    d.test["y"] = d.test["y"] > 0
+    return d
+
+def inputs_with_grad(**kwargs):  # "Trying to backward through the graph a second time"
+    d = noisy_domains(**kwargs)
+    d.train["x"] = d.train["x"] * torch.ones(1, requires_grad=True)
+    return d
+
 def meta_without_labels(**kwargs):  # a bare KeyError: 'y'
     d = noisy_domains(**kwargs)
     del d.meta["y"]
@@ -67,6 +83,9 @@ CASES = [
     (["data._target_=builders.integer_inputs"], "data.train"),
     (["data._target_=builders.float_labels"], "data.meta"),
     (["data._target_=builders.meta_without_labels"], "data.meta"),
+    (["data._target_=builders.int32_labels"], "data.train: column 'y' is int32"),
+    (["data._target_=builders.bool_test_labels"], "data.test: column 'y' is bool"),
+    (["data._target_=builders.inputs_with_grad"], "data.train: column 'x' requires grad"),
     (["domains=d0"], "domains"),  # a name where a list is meant
     (["data.meta_size=-3"], "data.meta_size"),
     (["data.per_domain=1.5"], "data.per_domain"),
