@@ -128,11 +128,14 @@ def check_token_ids(module: nn.Module, data: DomainData) -> None:
             )
 
 
-def check_step_positions(data: DomainData) -> None:
+def check_step_positions(module: nn.Module, data: DomainData) -> None:
     """``x["step_positions"]`` (where a step head reads each step's score) must index a token of
     ``x["input_ids"]``: a position past the sequence failed only when a batch drew it (an
     IndexError from ``gather`` on the CPU, a device-side assert on a GPU). Negative positions
-    are padding (the step head reads them at 0 and the step mask drops them)."""
+    are padding (the step head reads them at 0 and the step mask drops them). For the
+    library's step head they must be int64, the only index dtype its ``gather`` takes (a
+    model of one's own may read them as it likes)."""
+    step_head = any(getattr(m, "head_kind", None) == "step" for m in module.modules())
     for field, columns in _sets(data):
         x = columns.get("x") if isinstance(columns, Mapping) else None
         if not isinstance(x, Mapping):
@@ -140,6 +143,12 @@ def check_step_positions(data: DomainData) -> None:
         positions, ids = x.get("step_positions"), x.get("input_ids")
         if not isinstance(positions, Tensor) or not isinstance(ids, Tensor) or ids.dim() < 2:
             continue
+        if step_head and positions.dtype != torch.int64:  # "Expected dtype int64 for index"
+            raise ConfigError(
+                field,
+                f"column x['step_positions'] is {str(positions.dtype).removeprefix('torch.')} "
+                "but the step head gathers with int64 positions: convert it with .long()",
+            )
         if positions.numel() and int(positions.max()) >= ids.shape[-1]:
             raise ConfigError(
                 field,

@@ -125,7 +125,7 @@ def check_losses(
     check_loss_callable("inner_loss", inner_loss)
     check_loss_callable("outer_loss", outer_loss)
     check_token_ids(module, data)
-    check_step_positions(data)
+    check_step_positions(module, data)
     with torch.no_grad(), buffers.kept(module):  # a check, not a training step
         batch = _first_rows(data.train, 4, device)
         rows = num_rows(batch)

@@ -1180,10 +1180,18 @@ def test_step_positions_past_the_sequence_are_one_line_before_training():
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "step_positions": positions}
     meta = {"x": dict(x), "outcome": torch.ones(6)}
     data = DomainData(["a"], {"x": x, "domain": torch.zeros(6, dtype=torch.int64)}, meta)
-    check_step_positions(data)  # within the 10 tokens: accepted
+    step_head = nn.Module()
+    step_head.head_kind = "step"  # as the Hugging Face wrapper's step head says
+    check_step_positions(step_head, data)  # within the 10 tokens: accepted
     meta["x"]["step_positions"] = torch.tensor([[3, 10, -1]] * 6)
     with pytest.raises(ConfigError, match=r"data.meta: column x\['step_positions'\] holds posit"):
-        check_step_positions(data)
+        check_step_positions(step_head, data)
+    # int32 positions: the step head's gather takes int64 only; a model of one's own may
+    # read them as it likes
+    meta["x"]["step_positions"] = positions.int()
+    with pytest.raises(ConfigError, match=r"data.meta: column x\['step_positions'\] is int32"):
+        check_step_positions(step_head, data)
+    check_step_positions(nn.Linear(2, 2), data)
 
 
 def test_token_ids_outside_the_models_embedding_are_one_line_before_training():
