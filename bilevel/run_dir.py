@@ -74,10 +74,11 @@ def check_new_run(path: str | Path, key: str = "hydra.run.dir") -> None:
     Hydra its saved config (which ``resume=`` reads). ``key`` is how the user chooses the
     folder, for the message."""
     if is_run_dir(path) and holds_results(path):
+        how = f"BilevelTrainer.resume({str(path)!r})" if key == "run_dir" else f"resume={path}"
         raise ConfigError(
             "run directory",
             f"{path} holds an earlier run, which a new run would overwrite: continue it with "
-            f"resume={path}, or choose another folder ({key}=...)",
+            f"{how}, or choose another folder ({key}=...)",
         )
 
 

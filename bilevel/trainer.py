@@ -217,6 +217,8 @@ class BilevelTrainer:
         self._gradient_updates = 0
         self._nonzero_updates = torch.zeros((), dtype=torch.int64, device=self.device)
         self._resumed_from: str | None = None
+        #: this trainer has written its run directory (a second fit() continues in it)
+        self._wrote_run_dir = False
         self.wandb_id: str | None = None
         self._last_checkpoint = time.monotonic()
         self.resume_file: Path | None = None
@@ -345,8 +347,9 @@ class BilevelTrainer:
         try:
             with contextlib.ExitStack() as stack:
                 if self.run_dir is not None and self.strategy.is_main:
-                    continuing = self.resume_file is not None and (
-                        self.run_dir.resolve() in self.resume_file.resolve().parents
+                    continuing = self._wrote_run_dir or (
+                        self.resume_file is not None
+                        and self.run_dir.resolve() in self.resume_file.resolve().parents
                     )
                     run_dirs.check_creatable(self.run_dir, "run_dir", key="run_dir")
                     if not continuing:
@@ -354,6 +357,7 @@ class BilevelTrainer:
                     fresh = not run_dirs.is_run_dir(self.run_dir)
                     run_dirs.claim(self.run_dir)
                     stack.enter_context(run_dirs.locked(self.run_dir))
+                    self._wrote_run_dir = True
                 return self._fit()
         except ConfigError:  # raised before the first record (a logger that cannot start)
             if fresh:
@@ -370,7 +374,7 @@ class BilevelTrainer:
             for note in self.notes:
                 log.warning(f"note: {note}")
             if self.run_dir is not None:
-                verb = "continuing" if self._resumed_from else "writing"
+                verb = "continuing" if self._resumed_from or self.step else "writing"
                 log.info(f"{verb} run directory {self.run_dir}")
         self.log = RunLog(
             self.run_dir,
@@ -379,7 +383,9 @@ class BilevelTrainer:
             cfg.progress,
             cfg.steps,
             self.step,
-            self.step if self._resumed_from else None,
+            # metrics.jsonl is kept up to this step when the run continues (a resume, or a
+            # second fit() of this trainer with more steps)
+            self.step if self._resumed_from or self.step else None,
             self.run_config,
             self.wandb_id,
         )

@@ -1409,3 +1409,25 @@ def test_a_loss_that_is_not_a_function_is_named_in_python_too(key):
             data,
             TrainerConfig(steps=5, progress=False),
         )
+
+
+def test_a_second_fit_continues_in_the_trainers_own_run_directory(tmp_path):
+    """fit() again on the same trainer (a notebook: train, look, train on) was refused as a
+    new run over an earlier one, with the command line's resume= as the advice. It now
+    continues in its own folder: with more steps it ends bit-identical to one longer run."""
+    torch.manual_seed(0)
+    trainer = small_trainer(TrainerConfig(steps=10, progress=False), run_dir=tmp_path / "a")
+    trainer.fit()
+    assert trainer.fit()["steps"] == 10  # nothing left to train: the same summary
+    trainer.config.steps = 20
+    continued = trainer.fit()
+    torch.manual_seed(0)
+    straight = small_trainer(TrainerConfig(steps=20, progress=False), run_dir=tmp_path / "b")
+    assert continued["weights"] == straight.fit()["weights"]
+    steps = [r["step"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "test" not in r]
+    assert steps == sorted(steps) and steps[-1] == 20
+    assert read_summary(tmp_path / "a")["steps"] == 20
+    # another trainer pointed at that folder is a new run: refused, with the API's advice
+    other = small_trainer(TrainerConfig(steps=10, progress=False), run_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"continue it with BilevelTrainer.resume\("):
+        other.fit()
