@@ -13,13 +13,30 @@ from typing import BinaryIO
 __all__ = ["write_atomic", "write_text_atomic"]
 
 
+def _new_file_mode(path: Path) -> int:
+    """The permissions ``path`` gets: those it has, or for a new file what ``open()`` would
+    give (0o666 less the process's umask). ``mkstemp`` makes its file 0o600, so without this
+    every summary, checkpoint and plot would be unreadable to the rest of a shared group."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # the umask can only be read by setting it: put it back at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(fh)`` on a temporary binary file beside ``path``, fsync it and rename it
-    over ``path``. On any error the temporary file is removed and ``path`` is untouched."""
+    over ``path``. On any error the temporary file is removed and ``path`` is untouched. The
+    file keeps the permissions it had, or gets those of a plainly created file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # POSIX; Windows has no such permissions to keep
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

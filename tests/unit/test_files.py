@@ -1,6 +1,8 @@
 """Files written by the library are never half-written."""
 
+import os
 import re
+import stat
 
 import pytest
 
@@ -113,3 +115,21 @@ def test_a_weights_plot_of_many_domains_names_the_largest_and_keeps_the_legend_b
         assert plots.plot_weights(picked, path) == path
     wide, narrow = (matplotlib.image.imread(tmp_path / f).shape[1] for f in ("many.png", "few.png"))
     assert wide > narrow  # the legend beside the axes widens the figure
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX permissions")
+def test_atomic_files_get_the_permissions_of_a_plain_file_or_keep_their_own(tmp_path):
+    """mkstemp makes its file 0o600: every summary, checkpoint and plot was unreadable to the
+    rest of a group sharing the run folder."""
+    old = os.umask(0o027)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        write_text_atomic(tmp_path / "summary.json", "{}")
+        expected = stat.S_IMODE(plain.stat().st_mode)
+        assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == expected
+    finally:
+        os.umask(old)
+    (tmp_path / "summary.json").chmod(0o604)  # chosen by the user: kept on a rewrite
+    write_text_atomic(tmp_path / "summary.json", "{}")
+    assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o604
