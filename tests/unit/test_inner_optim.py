@@ -58,12 +58,15 @@ def test_a_schedule_that_breaks_within_the_run_is_one_line(factory, steps, messa
 def test_a_schedule_that_breaks_only_after_the_run_is_accepted():
     """OneCycleLR over exactly the run's steps, and a schedule that turns negative one step
     after the last one, train correctly."""
-    make_scheduler(
+    one_cycle = make_scheduler(
         functools.partial(lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=100), sgd(), 100
     )
-    make_scheduler(
+    linear = make_scheduler(
         functools.partial(lr_scheduler.LambdaLR, lr_lambda=lambda s: 1 - s / 100), sgd(), 100
     )
+    # the rehearsal steps a copy: the schedules handed back start at their first step
+    assert isinstance(one_cycle, lr_scheduler.OneCycleLR) and one_cycle.last_epoch == 0
+    assert isinstance(linear, lr_scheduler.LambdaLR) and linear.last_epoch == 0
 
 
 @pytest.mark.parametrize(
