@@ -44,7 +44,7 @@ from bilevel import sweep_failures as sweeps
 from bilevel.cli_resume import harmless, override_key, refused_on_resume, resumed_config
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed, leave_process_group
-from bilevel.errors import ConfigError, first_line, is_bool, is_finite_number
+from bilevel.errors import ConfigError, WriteError, first_line, is_bool, is_finite_number
 from bilevel.files import write_text_atomic
 from bilevel.run_settings import check_device, check_seed
 from bilevel.stopping import StopRequested
@@ -446,7 +446,24 @@ def app(cfg: DictConfig) -> float | sweeps.FailedJob:
         return _job_failed(f"bilevel: {err}", 3)
     except StopRequested as stopped:  # the trainer logged the line and saved a checkpoint
         sys.exit(stopped.exit_code)
+    except WriteError as err:  # the disk, not the job: a sweep's next jobs would meet it too
+        _fail(f"bilevel: error: {err}{_after_write_error()}", 1)
     return float(summary["meta_loss"])
+
+
+def _after_write_error() -> str:
+    """What to do after a file of the run could not be written: its files keep their last
+    complete versions, so a run with a checkpoint can continue once the disk can be written."""
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under Hydra
+        return ""
+    if (out / "checkpoints" / "last.pt").is_file():
+        return (
+            f"; the run's files keep their last complete versions: free space (or fix the "
+            f"folder), then continue with resume={out}"
+        )
+    return "; free space (or fix the folder), then run again"
 
 
 def _seconds(value: float) -> str:

@@ -8,6 +8,7 @@ import numbers
 __all__ = [
     "ConfigError",
     "NonFiniteError",
+    "WriteError",
     "first_line",
     "is_bool",
     "is_finite_number",
@@ -31,6 +32,25 @@ class ConfigError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """Raised after ``trainer.max_skipped`` consecutive non-finite updates (after a checkpoint)."""
+
+
+class WriteError(OSError):
+    """A file of the run could not be written (a full disk, a quota, a read-only or foreign
+    folder): the machine's fault, not the input's, and reported as one line (exit 1). The file
+    keeps its previous version (:func:`bilevel.files.write_atomic`).
+
+    Args:
+        path: the file that could not be written.
+        err: the operating system's error.
+    """
+
+    def __init__(self, path: object, err: OSError) -> None:
+        self.path = path
+        reason = err.strerror or first_line(str(err)) or type(err).__name__
+        super().__init__(err.errno, f"cannot write {path}: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.args[1])
 
 
 def is_finite_number(value: object) -> bool:

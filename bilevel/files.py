@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from bilevel.errors import WriteError
+
 __all__ = ["write_atomic", "write_text_atomic"]
 
 
@@ -42,6 +44,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except WriteError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    except OSError as err:  # a full disk, a quota: one line, the old file kept
+        Path(tmp).unlink(missing_ok=True)
+        raise WriteError(path, err) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

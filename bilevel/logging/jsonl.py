@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bilevel.errors import WriteError
 from bilevel.files import write_text_atomic
 
 __all__ = ["JsonlWriter", "read_jsonl", "to_jsonable"]
@@ -43,8 +44,11 @@ class JsonlWriter:
         self._fh = self.path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(to_jsonable(record)) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(to_jsonable(record)) + "\n")
+            self._fh.flush()
+        except OSError as err:  # a torn last line is skipped by read_jsonl
+            raise WriteError(self.path, err) from err
 
     def close(self) -> None:
         self._fh.close()

@@ -473,3 +473,51 @@ def test_a_checkpoint_continues_every_method_exactly(overrides, tmp_path):
     second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     resumed = windows(second, 4)
     assert all(torch.equal(a, b) for a, b in zip(reference, resumed, strict=True))
+
+
+FULL_DISK = """
+import errno, sys, torch
+from bilevel import cli
+
+real_save, calls = torch.save, []
+
+def save(obj, f, *args, **kwargs):  # the second checkpoint meets a full disk part-way
+    calls.append(1)
+    if len(calls) == 2:
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save
+sys.argv = ["bilevel-run", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_from_its_last_checkpoint(tmp_path):
+    """A write that failed (disk full, quota) ended in a traceback wall from deep inside
+    torch.save. It is one line naming the file, exit 1; the checkpoint keeps its previous
+    version, and the run continues from it to the same end as a run never interrupted."""
+    out = tmp_path / "run"
+    args = ["experiment=tiny", "trainer.progress=false"]
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, *args, f"hydra.run.dir={out}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [
+        f"bilevel: error: cannot write {out / 'checkpoints' / 'last.pt'}: No space left on "
+        f"device; the run's files keep their last complete versions: free space (or fix the "
+        f"folder), then continue with resume={out}"
+    ]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.pt"]  # no temp file
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
+    resumed, straight = cli_batch(
+        [[f"resume={out}"], [*args, f"hydra.run.dir={tmp_path / 'straight'}"]]
+    )
+    assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr
+    assert read_summary(out)["weights"] == read_summary(tmp_path / "straight")["weights"]

@@ -6,6 +6,7 @@ import stat
 
 import pytest
 
+from bilevel.errors import WriteError
 from bilevel.files import write_atomic, write_text_atomic
 from bilevel.logging.jsonl import JsonlWriter, read_jsonl
 
@@ -18,7 +19,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
         fh.write(b"half of the new")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match=f"^cannot write {re.escape(str(path))}: No space left"):
         write_atomic(path, crash)
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
@@ -133,3 +134,18 @@ def test_atomic_files_get_the_permissions_of_a_plain_file_or_keep_their_own(tmp_
     (tmp_path / "summary.json").chmod(0o604)  # chosen by the user: kept on a rewrite
     write_text_atomic(tmp_path / "summary.json", "{}")
     assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o604
+
+
+def test_a_metrics_line_that_cannot_be_written_names_its_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path)
+    writer.write({"step": 1})
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    writer._fh = FullDisk()
+    with pytest.raises(WriteError, match="^cannot write .*metrics.jsonl: No space left"):
+        writer.write({"step": 2})
+    assert read_jsonl(path) == [{"step": 1}]
