@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, WriteError
 from bilevel.files import write_text_atomic
 from bilevel.run_dir import FAILED, TABLE_HEADS, is_our_table
 
@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"bilevel-collect: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except WriteError as err:  # a full disk, a read-only folder: the tables keep their last
+        print(f"bilevel-collect: error: {err}", file=sys.stderr)
+        sys.exit(1)
     if path is None:
         print(f"bilevel-collect: error: {_no_runs(folder)}", file=sys.stderr)
         sys.exit(2)

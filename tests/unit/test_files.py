@@ -149,3 +149,18 @@ def test_a_metrics_line_that_cannot_be_written_names_its_file(tmp_path):
     with pytest.raises(WriteError, match="^cannot write .*metrics.jsonl: No space left"):
         writer.write({"step": 2})
     assert read_jsonl(path) == [{"step": 1}]
+
+
+def test_collect_that_cannot_write_its_tables_is_one_line(tmp_path, capsys, monkeypatch):
+    from bilevel.logging import collect
+
+    def full_disk(folder):
+        raise WriteError(folder / "results.csv", OSError(28, "No space left on device"))
+
+    monkeypatch.setattr(collect, "write_tables", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        collect.main([str(tmp_path)])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip()
+    target = tmp_path / "results.csv"
+    assert err == f"bilevel-collect: error: cannot write {target}: No space left on device"
