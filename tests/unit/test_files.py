@@ -164,3 +164,35 @@ def test_collect_that_cannot_write_its_tables_is_one_line(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip()
     target = tmp_path / "results.csv"
     assert err == f"bilevel-collect: error: cannot write {target}: No space left on device"
+
+
+def test_a_log_file_that_cannot_be_written_says_so_once(tmp_path, capsys):
+    """logging printed a whole traceback for every record it could not write (a full disk):
+    the run's log file says so in one line and stops trying."""
+    import logging
+
+    from bilevel.logging.log_file import RunLogFile
+
+    handler = RunLogFile(tmp_path / "cli.log")
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    handler.stream = FullDisk()
+    logger = logging.getLogger("bilevel.test_full_disk")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for i in range(3):
+            logger.warning("line %d", i)
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"bilevel: warning: cannot write {tmp_path / 'cli.log'} (No space left on device); the "
+        "run's story goes to the terminal only from here"
+    ]
