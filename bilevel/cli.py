@@ -384,6 +384,10 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     title = "learned domain weights" if learned else "fixed domain weights (not learned)"
     if learned and summary.get("outer_updates") == 0:
         title = "domain weights (no outer step ran: trainer.steps < trainer.outer_every)"
+    elif learned and summary.get("parametrization") == "meta_weight_net":
+        # per-example weights of mean 1 over a batch: a domain's mean is not a share (it can
+        # be 4 where a domain takes everything), so the table says what its numbers are
+        title = "learned per-example weights: each domain's mean in the last batch (batch mean 1)"
     what = summary["solver"] if learned else "trainer.learn_weights=false"
     out = [
         f"\n{title} ({what}, {summary['steps']} steps, {_seconds(summary['wall_time_s'])})",

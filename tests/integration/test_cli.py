@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bilevel import checkpoint
+from bilevel.cli import format_summary
 from bilevel.errors import ConfigError
 from bilevel.logging import read_jsonl
 from tests.integration.helpers import cli, cli_batch, read_summary
@@ -395,3 +396,7 @@ def test_odm_runs_and_meta_weight_net_beats_uniform(run_cli, tmp_path):
     uniform, _ = run_cli("trainer.learn_weights=false", out=tmp_path / "uniform")
     mwn, _ = run_cli("weights=meta_weight_net", out=tmp_path / "mwn")
     assert mwn["test"]["accuracy"] > uniform["test"]["accuracy"]
+    # its numbers are per-example means (batch mean 1), not shares: the table says so
+    title = format_summary(mwn, tmp_path / "mwn").strip().splitlines()[0]
+    assert title.startswith("learned per-example weights: each domain's mean in the last batch")
+    assert format_summary(uniform, tmp_path).strip().startswith("fixed domain weights")
