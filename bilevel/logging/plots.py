@@ -46,9 +46,11 @@ def plot_weights(
     path: str | Path,
     title: str = "domain weights",
     info: dict[str, Any] | None = None,
+    ylabel: str = "weight",
 ) -> Path | None:
     """Each domain's weight against the inner step (from step 0, the initial weights) and, in a
-    second panel, the meta loss; ``None`` without records."""
+    second panel, the meta loss; ``None`` without records. ``ylabel`` names what the records'
+    ``weights`` are (a meta-weight net logs each domain's mean per-example weight)."""
     rows = [r for r in records if isinstance(r.get("weights"), dict)]
     if not rows:
         return None
@@ -76,7 +78,7 @@ def plot_weights(
             ax.plot(steps, series[name], color="0.75", lw=0.8)
     for i, name in enumerate(named):
         ax.plot(steps, series[name], color=colors[i % len(colors)], label=_legend(name, info))
-    ax.set_ylabel("weight")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if not wide:

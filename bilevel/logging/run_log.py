@@ -98,11 +98,18 @@ class RunLog:
             text = json.dumps(to_jsonable(summary), indent=2)
             write_text_atomic(self.run_dir / "summary.json", text)
             try:  # a picture of what the files hold: its failure must not fail the run
+                per_example = summary.get("parametrization") == "meta_weight_net"
                 plot_weights(
                     read_jsonl(self.run_dir / "metrics.jsonl"),
                     self.run_dir / "weights.png",
-                    title=f"domain weights ({summary.get('solver', '')})",
+                    title=(
+                        "mean per-example weight of each domain"
+                        if per_example
+                        else "domain weights"
+                    )
+                    + f" ({summary.get('solver', '')})",
                     info=summary.get("info"),
+                    ylabel="mean weight (batch mean 1)" if per_example else "weight",
                 )
             except Exception as err:  # noqa: BLE001 - reported, the run's results are saved
                 log.warning(f"note: weights.png not drawn ({type(err).__name__}: {err})")
