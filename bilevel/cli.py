@@ -382,7 +382,9 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     learned = summary.get("learn_weights", True)
     title = "learned domain weights" if learned else "fixed domain weights (not learned)"
-    if learned and summary.get("outer_updates") == 0:
+    if learned and summary.get("moves_weights") is False:
+        title = f"domain weights (kept as set: {summary['solver']} weights examples, not domains)"
+    elif learned and summary.get("outer_updates") == 0:
         title = "domain weights (no outer step ran: trainer.steps < trainer.outer_every)"
     elif learned and summary.get("parametrization") == "meta_weight_net":
         # per-example weights of mean 1 over a batch: a domain's mean is not a share (it can

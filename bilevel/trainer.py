@@ -535,6 +535,8 @@ class BilevelTrainer:
             "solver": self.method.name,
             "solver_options": _options(self.solver),
             "learn_weights": self.config.learn_weights,
+            # false for a method that reweights examples and keeps the domain weights as set
+            "moves_weights": bool(getattr(self.method, "moves_weights", True)),
             "parametrization": self.weights.parametrization,
             **self.loop.skips.totals(),
             "strategy": self.strategy.name,

@@ -4,6 +4,7 @@ sets, the H batch), and one line for every mistake."""
 import dataclasses
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 import bilevel
 from bilevel import BilevelTrainer, DomainWeights, TrainerConfig
+from bilevel.cli import format_summary
 from bilevel.data import DomainData, noisy_domains
 from bilevel.errors import ConfigError, NonFiniteError
 from bilevel.logging import read_jsonl
@@ -1043,6 +1045,13 @@ def test_running_statistics_are_moved_by_the_inner_steps_only(solver, options):
     summary = trainer.fit()
     assert summary["outer_updates"] == (0 if solver == "loss_reweighting" else 4)
     assert int(model[1].num_batches_tracked) == 20
+    # loss_reweighting's table said "no outer step ran: trainer.steps < trainer.outer_every"
+    assert summary["moves_weights"] == (solver != "loss_reweighting")
+    title = format_summary(summary, Path("run")).strip().splitlines()[0]
+    assert ("kept as set: loss_reweighting weights examples" in title) == (
+        solver == "loss_reweighting"
+    )
+    assert "no outer step ran" not in title
 
 
 def test_resume_into_an_explicit_folder_branches_and_leaves_the_run_alone(tmp_path, finished):
