@@ -454,7 +454,37 @@ def app(cfg: DictConfig) -> float | sweeps.FailedJob:
         sys.exit(stopped.exit_code)
     except WriteError as err:  # the disk, not the job: a sweep's next jobs would meet it too
         _fail(f"bilevel: error: {err}{_after_write_error()}", 1)
+    except RuntimeError as err:  # out of memory: this job's sizes (a sweep goes on)
+        if not out_of_memory(err):
+            raise
+        return _job_failed(f"bilevel: error: {out_of_memory_line(err, cfg)}", 1)
     return float(summary["meta_loss"])
+
+
+_CPU_OOM = "DefaultCPUAllocator: can't allocate memory"
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: torch's ``OutOfMemoryError`` (CUDA and other
+    accelerators) or the CPU allocator's plain RuntimeError."""
+    return isinstance(err, torch.OutOfMemoryError) or _CPU_OOM in str(err)
+
+
+def out_of_memory_line(err: BaseException, cfg: DictConfig) -> str:
+    """One line for a run that ran out of memory: torch's own first sentence (what it tried to
+    allocate), then what shrinks this library's footprint, cheapest first."""
+    text = first_line(str(err))
+    if _CPU_OOM in text:
+        text = text[text.index(_CPU_OOM) :]
+    text = text.split(". ", 2)
+    said = ". ".join(text[:2]).rstrip(".")
+    hints = ["lower trainer.batch_size (or set trainer.meta_batch_size)"]
+    if cfg.get("solver", {}).get("products", "finite_difference") == "autograd":
+        hints.append("use solver.products=finite_difference (no kept double-backward graph)")
+    if "gradient_checkpointing" in cfg.get("model", {}):
+        hints.append("model.gradient_checkpointing=true")
+    hints.append("trainer.strategy=fsdp under torchrun (shards the model)")
+    return f"out of memory ({said}): {', '.join(hints)}"
 
 
 def _after_write_error() -> str:

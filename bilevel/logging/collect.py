@@ -42,12 +42,13 @@ def _overrides(job: Path) -> list[str]:
 
 def _failure(job: Path, ended: str) -> tuple[str, str]:
     """How a job without a summary ended: the status and the one-line error it left (its
-    :data:`FAILED` note), if any. Exit code 2 is bad input, 3 a stop on non-finite values."""
+    :data:`FAILED` note), if any. Exit code 2 is bad input, 3 a stop on non-finite values, 1
+    another one-line failure of the job (it ran out of memory)."""
     try:
         note = json.loads((job / FAILED).read_text())
     except (OSError, ValueError):
         return ended, ""
-    status = {2: "bad input", 3: "not finite"}.get(note.get("exit_code"), ended)
+    status = {1: "error", 2: "bad input", 3: "not finite"}.get(note.get("exit_code"), ended)
     return status, str(note.get("error", "")).removeprefix("bilevel: ").removeprefix("error: ")
 
 

@@ -521,3 +521,49 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_from_its_last_checkpoint(tm
     )
     assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr
     assert read_summary(out)["weights"] == read_summary(tmp_path / "straight")["weights"]
+
+
+OOM_MODEL = """
+import torch
+from bilevel.models import MLP
+
+
+class NarrowOOM(MLP):
+    \"\"\"An MLP that runs out of memory at its 30th forward pass when 8 units wide.\"\"\"
+
+    def forward(self, x):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 30 and self.net[0].out_features == 8:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                "79.11 GiB of which 1.20 GiB is free."
+            )
+        return super().forward(x)
+"""
+
+
+def test_out_of_memory_is_one_line_and_a_sweep_goes_on(tmp_path):
+    """Running out of memory (the commonest end of a run on a GPU) was a traceback; it is one
+    line with torch's own first sentence and what shrinks this library's footprint, exit 1. In a
+    sweep it ends only the job whose sizes did not fit."""
+    (tmp_path / "oom_model.py").write_text(OOM_MODEL)
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m",
+        "experiment=tiny",
+        "model._target_=oom_model.NarrowOOM",
+        "model.hidden=[16],[8]",
+        f"hydra.sweep.dir={sweep}",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.returncode == 1, proc.stderr
+    line = (
+        "bilevel: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower "
+        "trainer.batch_size (or set trainer.meta_batch_size), use solver.products="
+        "finite_difference (no kept double-backward graph), trainer.strategy=fsdp under "
+        "torchrun (shards the model)"
+    )
+    assert line in proc.stderr.splitlines() and "Traceback" not in proc.stderr
+    assert read_summary(sweep / "0")["steps"] == 40  # the job that fitted finished
+    rows = (sweep / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and ",error," in rows[2] and "out of memory" in rows[2]
