@@ -23,6 +23,30 @@ def cli(*args, env=None, cwd=None, timeout=300):
     )
 
 
+def torchrun(*args, env=None, timeout=300):
+    """``torchrun --standalone --nproc_per_node=2 -m bilevel <args>`` (2 CPU ranks, one thread
+    each); asserts that it exited 0 and returns the CompletedProcess."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "bilevel",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def read_summary(path):
     return json.loads((Path(path) / "summary.json").read_text())
 

@@ -1,13 +1,9 @@
 """FSDP2 sharding on 2 CPU ranks (gloo): the same weights as DDP, ranks that agree, an exact
 resume from sharded checkpoints, and the combinations it refuses."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.integration.helpers import REPO, cli, read_summary
+from tests.integration.helpers import cli, read_summary, torchrun
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -20,28 +16,6 @@ COMMON = [
     "device=cpu",
     "trainer.progress=false",
 ]
-
-
-def torchrun(*args, timeout=300):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "bilevel",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

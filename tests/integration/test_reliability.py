@@ -18,7 +18,7 @@ from bilevel.losses import cross_entropy, per_example_cross_entropy
 from bilevel.models import MLP
 from bilevel.solvers import build
 from bilevel.trainer import NonFiniteError
-from tests.integration.helpers import REPO, cli, cli_batch, read_summary
+from tests.integration.helpers import REPO, cli, cli_batch, read_summary, torchrun
 
 # Big enough that 100 steps take a few seconds, so the kill lands mid-run.
 RESUME_ARGS = [
@@ -317,28 +317,14 @@ def test_torchrun_two_cpu_ranks(tmp_path):
     out = tmp_path / "ddp"
     scratch = tmp_path / "tmp"  # the ranks' temporary folder: rank 1's Hydra folder goes there
     scratch.mkdir()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "bilevel",
-            "experiment=noisy_domains",
-            "trainer.steps=40",
-            "device=cpu",
-            "trainer.progress=false",
-            f"hydra.run.dir={out}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)},
+    torchrun(
+        "experiment=noisy_domains",
+        "trainer.steps=40",
+        "device=cpu",
+        "trainer.progress=false",
+        f"hydra.run.dir={out}",
+        env={"TMPDIR": str(scratch)},
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = read_summary(out)
     assert summary["world_size"] == 2 and summary["ranks_agree"] is True
     assert summary["steps"] == 40
