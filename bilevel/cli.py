@@ -604,11 +604,49 @@ def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
                 return f"resume: {refused_on_resume([name])}", None
             others = [a for a in args if override_key(a) != name]
             close = _close_keys(name, others)
-            hint = f"did you mean {' or '.join(close)}? " if close else ""
-            return f"{name}: no such config key; {hint}to add a new key write +{name}=...", None
+            if close:
+                hint = f"did you mean {' or '.join(close)}? "
+                return f"{name}: no such config key; {hint}to add a new key write +{name}=...", None
+            return f"{name}: {_key_elsewhere(name, others)}", None
         cause = _root_cause(err)
         return (first if cause is err else f"{first} ({first_line(str(cause))})"), None
     return None, OmegaConf.to_container(composed.hydra, resolve=False)
+
+
+def _key_elsewhere(name: str, args: list[str]) -> str:
+    """Why ``name`` is not a key, for a key of a config group's option: the option chosen has
+    no such key (its keys), and which other options of the group have it (``solver.alpha``
+    belongs to neumann and scalebio, not to cg); ``+name=...`` would only pass the key to a
+    component that does not take it."""
+    from hydra import compose, initialize_config_dir
+
+    parts = name.split(".")
+    root = Path(config_dir())
+    split = next(
+        (i for i in range(len(parts) - 1, 0, -1) if (root / "/".join(parts[:i])).is_dir()), None
+    )
+    plain = "no such config key; to add a new key write +" + name + "=..."
+    if split is None or parts[0] in ("experiment", "hydra", "hparams_search"):
+        return plain
+    group, rest = "/".join(parts[:split]), ".".join(parts[split:])
+    try:
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=args, return_hydra_config=True)
+        chosen = cfg.hydra.runtime.choices.get(group)
+        node = OmegaConf.select(cfg, ".".join(parts[:split]))
+    except Exception:  # noqa: BLE001 - a hint only: without it the line is still right
+        return plain
+    keys = [str(k) for k in node.keys() if not str(k).startswith("_")] if node else []
+    having = sorted(
+        f.stem
+        for f in (root / group).glob("*.yaml")
+        if f.stem != chosen and OmegaConf.select(OmegaConf.load(f), rest) is not None
+    )
+    field = group.replace("/", ".")
+    said = f"{group}={chosen} has no key {rest!r} (its keys: {', '.join(keys) or 'none'})"
+    if having:
+        return f"{said}; {rest} belongs to {field} {', '.join(having)}: choose one ({group}=...)"
+    return f"{said}; to pass a new key to its component write +{name}=..."
 
 
 def _close_keys(name: str, args: list[str]) -> list[str]:

@@ -275,11 +275,20 @@ def test_a_misspelt_key_or_target_gets_a_suggestion(tmp_path):
         ["experiment=tiny", "trainer.step=10"],
         ["experiment=tiny", "sed=3"],
         ["experiment=tiny", "outer_loss._target_=bilevel.losses.cross_entropi"],
+        # a key of another option of the group: '+solver.alpha=...' only passed it on to cg,
+        # which does not take it
+        ["experiment=tiny", "solver=cg", "solver.alpha=0.1"],
+        ["experiment=tiny", "solver.iterz=3"],
     ]
     hints = [
         "trainer.step: no such config key; did you mean trainer.steps?",
         "sed: no such config key; did you mean seed?",
         "did you mean 'cross_entropy'",
+        "solver.alpha: solver=cg has no key 'alpha' (its keys: name, iters, damping, tol, "
+        "warm_start, products, fd_step); alpha belongs to solver neumann, scalebio: choose one "
+        "(solver=...)",
+        "solver.iterz: solver=first_order has no key 'iterz' (its keys: name, products, fd_step)"
+        "; to pass a new key to its component write +solver.iterz=...",
     ]
     runs = [[*args, f"hydra.run.dir={tmp_path / str(i)}"] for i, args in enumerate(cases)]
     for proc, hint in zip(cli_batch(runs), hints, strict=True):
