@@ -448,7 +448,7 @@ class BilevelTrainer:
             raise NonFiniteError(
                 f"stopped at step {self.step}: {inner} consecutive inner steps were skipped, "
                 f"the inner loss or its gradient is not finite (trainer.max_skipped={limit}); "
-                f"last record: {record}; checkpoint written"
+                f"last record: {record}; {notes.CHECKPOINT_KEPT}"
             )
         if outer >= limit:
             self._checkpoint()

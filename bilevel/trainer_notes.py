@@ -187,6 +187,13 @@ def solver_notes(solver: object) -> list[str]:
     return list(read()) if callable(read) else []
 
 
+#: how a stop on non-finite values ends: the checkpoint is there to inspect, but a resume keeps
+#: the settings that led to the stop (only harmless overrides are accepted on resume)
+CHECKPOINT_KEPT = (
+    "checkpoint written (resume= keeps the run's settings: to change them, start a new run)"
+)
+
+
 def outer_skipped(trainer: BilevelTrainer, count: int) -> str:
     """Why a run stops (exit 3) after ``count`` outer updates in a row were skipped: the
     solver's own word where it has one, else a meta loss that is not finite, else a
@@ -209,5 +216,5 @@ def outer_skipped(trainer: BilevelTrainer, count: int) -> str:
         )
     return (
         f"stopped at step {trainer.step}: {count} consecutive outer updates were skipped"
-        f"{what}; checkpoint written"
+        f"{what}; {CHECKPOINT_KEPT}"
     )
