@@ -526,6 +526,39 @@ def _interpolation_hint(message: str) -> str:
     )
 
 
+def resumed_config_shown(args: list[str]) -> str | None:
+    """``--cfg job`` with ``resume=``: the config the resumed run would continue with (the
+    one saved in its checkpoint plus the harmless overrides given), not the defaults that
+    Hydra would compose and print; ``None`` for any other command."""
+    plain, asked, rest = [], None, iter(args)
+    for arg in rest:
+        if arg in ("--cfg", "-c"):
+            asked = next(rest, None)
+        elif arg.startswith("--cfg="):
+            asked = arg.partition("=")[2]
+        elif arg == "--resolve":
+            continue
+        elif arg.startswith("-"):
+            return None  # another Hydra flag: Hydra's to answer
+        else:
+            plain.append(arg)
+    resume = [a.partition("=")[2] for a in plain if override_key(a) == "resume"]
+    if asked != "job" or not resume or not resume[-1]:
+        return None
+    from hydra import compose, initialize_config_dir
+
+    file, _ = run_dirs.resolve_resume(resume[-1])
+    state = ckpt.load(file)
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=plain)
+    own = [a for a in plain if override_key(a) != "resume"]
+    merged = resumed_config(state, own, cfg, config_dir())
+    return (
+        f"# the config resume={resume[-1]} continues with: the run's own (saved in its "
+        "checkpoint) and the harmless overrides given\n" + OmegaConf.to_yaml(merged)
+    )
+
+
 def preflight(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
     """Compose the config first, so that an unknown group option or key is reported as one
     line (with the valid choices) instead of Hydra's multi-line report. A sweep (``-m``) is
@@ -680,6 +713,13 @@ def main() -> None:
     quiet_third_parties()
     sweeps.codes.clear()
     args = sys.argv[1:]
+    try:
+        shown = resumed_config_shown(args)
+    except ConfigError as err:
+        _fail(f"bilevel: error: {err}", 2)
+    if shown is not None:
+        print(shown, end="")
+        return
     problem, composed = preflight(args)
     if problem is not None:
         _fail(f"bilevel: error: {problem}", 2)

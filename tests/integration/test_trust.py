@@ -1440,3 +1440,26 @@ def test_a_second_fit_continues_in_the_trainers_own_run_directory(tmp_path):
     other = small_trainer(TrainerConfig(steps=10, progress=False), run_dir=tmp_path / "a")
     with pytest.raises(ConfigError, match=r"continue it with BilevelTrainer.resume\("):
         other.fit()
+
+
+def test_cfg_job_with_resume_shows_the_config_the_run_continues_with(finished):
+    """`--cfg job` with resume= printed the defaults Hydra composes (3000 steps of the default
+    experiment), not what the resumed run would train; now the run's saved config plus the
+    harmless overrides given, and a refused override is refused here too."""
+    import yaml
+
+    before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
+    shown, extended, refused = cli_batch(
+        [
+            [f"resume={finished}", "--cfg", "job"],
+            [f"resume={finished}", "trainer.steps=60", "--cfg=job"],
+            [f"resume={finished}", "solver=cg", "--cfg", "job"],
+        ]
+    )
+    assert shown.returncode == 0 and shown.stdout.startswith("# the config resume=")
+    config = yaml.safe_load(shown.stdout)
+    assert config["trainer"]["steps"] == 40 and config["data"]["per_domain"] == 64  # tiny's
+    assert yaml.safe_load(extended.stdout)["trainer"]["steps"] == 60
+    assert refused.returncode == 2 and refused.stderr.startswith("bilevel: error: resume: ")
+    # a look at the config: the run's files are as they were, and nothing new was made
+    assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()} == before
