@@ -123,19 +123,27 @@ def settings(
             "trainer.precision=bf16 has no effect on a float64 model: autocast leaves "
             "float64 operations in float64"
         )
-    if config.temperature != 1.0 and config.sampling != "temperature":
+    if (
+        config.temperature != 1.0
+        and config.sampling != "temperature"
+        and _set_by_user(trainer, "temperature")
+    ):
         notes.append(
             f"trainer.temperature={config.temperature} has no effect with "
             f"trainer.sampling={config.sampling} (it shapes sampling=temperature's shares)"
         )
-    if config.meta_batch_size is not None and not (config.learn_weights and differentiates):
+    if (
+        config.meta_batch_size is not None
+        and not (config.learn_weights and differentiates)
+        and _set_by_user(trainer, "meta_batch_size")
+    ):
         why = (
             "trainer.learn_weights=false runs no outer step"
             if not config.learn_weights
             else f"{method.name} does not read the meta set"
         )
         notes.append(f"trainer.meta_batch_size={config.meta_batch_size} has no effect: {why}")
-    if config.inner_lr is not None:
+    if config.inner_lr is not None and _set_by_user(trainer, "inner_lr"):
         why = (
             "trainer.learn_weights=false runs no outer step"
             if not config.learn_weights
@@ -145,12 +153,27 @@ def settings(
         )
         if why:
             notes.append(f"trainer.inner_lr={config.inner_lr} has no effect: {why}")
-    if config.hessian_batch == "independent" and not getattr(method, "uses_hessian", False):
+    if (
+        config.hessian_batch == "independent"
+        and not getattr(method, "uses_hessian", False)
+        and _set_by_user(trainer, "hessian_batch")
+    ):
         notes.append(
             f"trainer.hessian_batch=independent has no effect on {method.name} (it "
             "uses no Hessian-vector products)"
         )
     return notes
+
+
+def _set_by_user(trainer: BilevelTrainer, key: str) -> bool:
+    """Whether the user chose ``trainer.<key>``: always in Python (a TrainerConfig field set
+    by hand); on the command line only when an override names it. A value that an experiment
+    preset set for its own method (prm's ``inner_lr`` for first_order) is no setting of the
+    user's: a note that it changes nothing under ``trainer.learn_weights=false`` or another
+    solver would be noise they cannot act on."""
+    if not trainer.run_config:
+        return True
+    return any(o.lstrip("+~").split("=", 1)[0] == f"trainer.{key}" for o in trainer.overrides)
 
 
 def _names_outer_optimizer(override: str) -> bool:

@@ -1463,3 +1463,29 @@ def test_cfg_job_with_resume_shows_the_config_the_run_continues_with(finished):
     assert refused.returncode == 2 and refused.stderr.startswith("bilevel: error: resume: ")
     # a look at the config: the run's files are as they were, and nothing new was made
     assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()} == before
+
+
+def test_a_presets_value_that_changes_nothing_is_no_note():
+    """trainer.inner_lr, meta_batch_size, temperature and hessian_batch that change nothing
+    are noted when the user set them (in Python; on the command line, an override naming
+    them), not when an experiment preset set them for its own method: every uniform run of
+    the prm study said 'trainer.inner_lr=0.1 has no effect'."""
+    config = TrainerConfig(
+        steps=10,
+        progress=False,
+        learn_weights=False,
+        inner_lr=0.1,
+        meta_batch_size=8,
+        temperature=2.0,
+        hessian_batch="independent",
+    )
+    keys = ("inner_lr", "meta_batch_size", "temperature", "hessian_batch")
+
+    def noted(**kwargs):
+        notes = small_trainer(config, **kwargs).notes
+        return {k for k in keys if any(n.startswith(f"trainer.{k}=") for n in notes)}
+
+    assert noted() == set(keys)  # Python: set by hand
+    assert noted(run_config={"seed": 0}, overrides=["experiment=prm"]) == set()
+    cli_set = ["trainer.inner_lr=0.1", "+trainer.temperature=2.0"]
+    assert noted(run_config={"seed": 0}, overrides=cli_set) == {"inner_lr", "temperature"}
