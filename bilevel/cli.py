@@ -671,15 +671,31 @@ def _key_elsewhere(name: str, args: list[str]) -> str:
         return plain
     keys = [str(k) for k in node.keys() if not str(k).startswith("_")] if node else []
     having = sorted(
-        f.stem
-        for f in (root / group).glob("*.yaml")
-        if f.stem != chosen and OmegaConf.select(OmegaConf.load(f), rest) is not None
+        f.stem for f in (root / group).glob("*.yaml") if f.stem != chosen and _has_key(f, rest)
     )
     field = group.replace("/", ".")
-    said = f"{group}={chosen} has no key {rest!r} (its keys: {', '.join(keys) or 'none'})"
+    said = (
+        f"{group}={chosen} has no key {rest!r} (its keys: {', '.join(keys) or 'none'})"
+        if chosen
+        else f"no option of {group} is chosen"
+    )
     if having:
         return f"{said}; {rest} belongs to {field} {', '.join(having)}: choose one ({group}=...)"
     return f"{said}; to pass a new key to its component write +{name}=..."
+
+
+def _has_key(file: Path, dotted: str) -> bool:
+    """Whether the config file ``file`` sets the key ``dotted`` (read, not resolved: its
+    interpolations may point into other groups)."""
+    try:
+        node: Any = OmegaConf.to_container(OmegaConf.load(file), resolve=False)
+    except Exception:  # noqa: BLE001 - a hint only
+        return False
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _close_keys(name: str, args: list[str]) -> list[str]:

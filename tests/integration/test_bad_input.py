@@ -279,6 +279,8 @@ def test_a_misspelt_key_or_target_gets_a_suggestion(tmp_path):
         # which does not take it
         ["experiment=tiny", "solver=cg", "solver.alpha=0.1"],
         ["experiment=tiny", "solver.iterz=3"],
+        # a key of an option not chosen at all (no schedule by default)
+        ["experiment=tiny", "trainer.inner_scheduler.T_max=10"],
     ]
     hints = [
         "trainer.step: no such config key; did you mean trainer.steps?",
@@ -289,6 +291,8 @@ def test_a_misspelt_key_or_target_gets_a_suggestion(tmp_path):
         "(solver=...)",
         "solver.iterz: solver=first_order has no key 'iterz' (its keys: name, products, fd_step)"
         "; to pass a new key to its component write +solver.iterz=...",
+        "trainer.inner_scheduler.T_max: no option of trainer/inner_scheduler is chosen; T_max "
+        "belongs to trainer.inner_scheduler cosine: choose one (trainer/inner_scheduler=...)",
     ]
     runs = [[*args, f"hydra.run.dir={tmp_path / str(i)}"] for i, args in enumerate(cases)]
     for proc, hint in zip(cli_batch(runs), hints, strict=True):
