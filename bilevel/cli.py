@@ -244,7 +244,9 @@ def make_trainer(
         if len(values) != len(data.names):
             raise ConfigError(
                 "weights.init",
-                f"has {len(values)} values but there are {len(data.names)} domains {data.names}",
+                f"has {len(values)} value{'s' if len(values) != 1 else ''} but there are "
+                f"{len(data.names)} domains {data.names}: give one per domain, e.g. "
+                f"weights.init=[{','.join(['1'] * len(data.names))}]",
             )
         if any(not (is_finite_number(v) and v > 0) for v in values):
             raise ConfigError(
@@ -636,11 +638,12 @@ def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
                 # the key may exist in the resumed run's config; either way it is refused there
                 return f"resume: {refused_on_resume([name])}", None
             others = [a for a in args if override_key(a) != name]
+            elsewhere = _key_elsewhere(name, others)
             close = _close_keys(name, others)
-            if close:
+            if close and " belongs to " not in elsewhere:  # another option's key comes first
                 hint = f"did you mean {' or '.join(close)}? "
                 return f"{name}: no such config key; {hint}to add a new key write +{name}=...", None
-            return f"{name}: {_key_elsewhere(name, others)}", None
+            return f"{name}: {elsewhere}", None
         cause = _root_cause(err)
         return (first if cause is err else f"{first} ({first_line(str(cause))})"), None
     return None, OmegaConf.to_container(composed.hydra, resolve=False)

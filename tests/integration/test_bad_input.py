@@ -281,6 +281,11 @@ def test_a_misspelt_key_or_target_gets_a_suggestion(tmp_path):
         ["experiment=tiny", "solver.iterz=3"],
         # a key of an option not chosen at all (no schedule by default)
         ["experiment=tiny", "trainer.inner_scheduler.T_max=10"],
+        # another option's key beats a close name: fd_step, _target_ and label_noise were
+        # suggested for unrolled's steps, hf's lora_targets and digits' pixel_noise
+        ["experiment=tiny", "solver.steps=3"],
+        ["experiment=tiny", "model.lora_targets=[query]"],
+        ["experiment=tiny", "data.pixel_noise=0.1"],
     ]
     hints = [
         "trainer.step: no such config key; did you mean trainer.steps?",
@@ -293,6 +298,9 @@ def test_a_misspelt_key_or_target_gets_a_suggestion(tmp_path):
         "; to pass a new key to its component write +solver.iterz=...",
         "trainer.inner_scheduler.T_max: no option of trainer/inner_scheduler is chosen; T_max "
         "belongs to trainer.inner_scheduler cosine: choose one (trainer/inner_scheduler=...)",
+        "steps belongs to solver unrolled: choose one (solver=...)",
+        "lora_targets belongs to model hf: choose one (model=...)",
+        "pixel_noise belongs to data digits: choose one (data=...)",
     ]
     runs = [[*args, f"hydra.run.dir={tmp_path / str(i)}"] for i, args in enumerate(cases)]
     for proc, hint in zip(cli_batch(runs), hints, strict=True):
