@@ -49,6 +49,12 @@ class DoReMi:
         self._load({n: named[n] for n in loop.param_names})
 
     def _load(self, params: dict[str, Tensor]) -> None:
+        if not isinstance(self.reference, str | Path) or not str(self.reference).strip():
+            raise ConfigError(
+                "solver.reference",
+                f"must be the run directory of a uniform-weight run (or its checkpoint file), "
+                f"got {self.reference!r}",
+            )
         path = Path(self.reference)
         file = path / "checkpoints" / "last.pt" if path.is_dir() else path
         if not file.is_file():

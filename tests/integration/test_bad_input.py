@@ -121,6 +121,8 @@ CASES = [
     (["solver=unrolled", "solver.backend=higher"], "solver.backend"),
     (["solver=doremi"], "solver.reference"),
     (["solver=doremi", "solver.reference=/nonexistent/run"], "solver.reference"),
+    (["solver=doremi", "solver.reference=-3"], "solver.reference: must be the run directory"),
+    (["solver=doremi", "solver.reference=''"], "solver.reference: must be the run directory"),
     (["solver=neumann", "solver.alpha=inf"], "solver"),
     (["solver=cg", "solver.damping=inf"], "solver"),
     (["solver=scalebio", "solver.alpha=inf"], "solver"),
