@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel.errors import is_finite_number
 from bilevel.methods.base import OuterUpdate
 
 __all__ = ["LossReweighting", "loss_factors"]
@@ -64,7 +65,8 @@ class LossReweighting:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"loss_reweighting: mode must be up or down, got {self.mode!r}")
-        if not (self.strength >= 0 and self.clip > 0 and self.strength * self.clip < 1):
+        numbers = is_finite_number(self.strength) and is_finite_number(self.clip)
+        if not (numbers and self.strength >= 0 and self.clip > 0 and self.strength * self.clip < 1):
             raise ValueError(
                 "loss_reweighting: need strength >= 0, clip > 0 and strength * clip < 1 (every "
                 f"factor positive), got strength={self.strength!r}, clip={self.clip!r}"

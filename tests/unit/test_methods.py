@@ -251,6 +251,9 @@ def test_loss_factors_are_bounded_mean_one_and_discount_high_losses():
     assert torch.all(down > 0) and down.max() / down.min() <= (1 + 0.8) / (1 - 0.8) + 1e-6
     with pytest.raises(ValueError, match="strength \\* clip < 1"):
         build("loss_reweighting", strength=0.6, clip=2.0)
+    for bad in ({"clip": True}, {"strength": "abc"}, {"strength": float("nan")}):
+        with pytest.raises(ValueError, match="loss_reweighting: need strength >= 0"):
+            build("loss_reweighting", **bad)  # True read as clip=1; 'abc' a TypeError
 
 
 def test_doge_is_first_order_stepped_by_mirror_descent():
