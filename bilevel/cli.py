@@ -637,7 +637,7 @@ def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
             if any(a.startswith("resume=") for a in args) and not harmless(name):
                 # the key may exist in the resumed run's config; either way it is refused there
                 return f"resume: {refused_on_resume([name])}", None
-            others = [a for a in args if override_key(a) != name]
+            others = _composed([a for a in args if override_key(a) != name])
             elsewhere = _key_elsewhere(name, others)
             close = _close_keys(name, others)
             if close and " belongs to " not in elsewhere:  # another option's key comes first
@@ -649,29 +649,34 @@ def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
     return None, OmegaConf.to_container(composed.hydra, resolve=False)
 
 
-def _key_elsewhere(name: str, args: list[str]) -> str:
-    """Why ``name`` is not a key, for a key of a config group's option: the option chosen has
-    no such key (its keys), and which other options of the group have it (``solver.alpha``
-    belongs to neumann and scalebio, not to cg); ``+name=...`` would only pass the key to a
-    component that does not take it."""
+def _composed(args: list[str]) -> DictConfig | None:
+    """The config ``args`` compose (with Hydra's node), for the hints of an unknown key; ``None``
+    where they do not compose (a hint only: without it the line is still right)."""
     from hydra import compose, initialize_config_dir
 
+    try:
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            return compose("config", overrides=args, return_hydra_config=True)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _key_elsewhere(name: str, cfg: DictConfig | None) -> str:
+    """Why ``name`` is not a key of ``cfg`` (the config without it), for a key of a config
+    group's option: the option chosen has no such key (its keys), and which other options of
+    the group have it (``solver.alpha`` belongs to neumann and scalebio, not to cg);
+    ``+name=...`` would only pass the key to a component that does not take it."""
     parts = name.split(".")
     root = Path(config_dir())
     split = next(
         (i for i in range(len(parts) - 1, 0, -1) if (root / "/".join(parts[:i])).is_dir()), None
     )
     plain = "no such config key; to add a new key write +" + name + "=..."
-    if split is None or parts[0] in ("experiment", "hydra", "hparams_search"):
+    if cfg is None or split is None or parts[0] in ("experiment", "hydra", "hparams_search"):
         return plain
     group, rest = "/".join(parts[:split]), ".".join(parts[split:])
-    try:
-        with initialize_config_dir(config_dir(), version_base="1.3"):
-            cfg = compose("config", overrides=args, return_hydra_config=True)
-        chosen = cfg.hydra.runtime.choices.get(group)
-        node = OmegaConf.select(cfg, ".".join(parts[:split]))
-    except Exception:  # noqa: BLE001 - a hint only: without it the line is still right
-        return plain
+    chosen = cfg.hydra.runtime.choices.get(group)
+    node = OmegaConf.select(cfg, ".".join(parts[:split]))
     keys = [str(k) for k in node.keys() if not str(k).startswith("_")] if node else []
     having = sorted(
         f.stem for f in (root / group).glob("*.yaml") if f.stem != chosen and _has_key(f, rest)
@@ -701,20 +706,16 @@ def _has_key(file: Path, dotted: str) -> bool:
     return True
 
 
-def _close_keys(name: str, args: list[str]) -> list[str]:
-    """Keys of the composed config (without the bad override) that look like ``name``."""
-    from hydra import compose, initialize_config_dir
-
-    parent, _, leaf = name.rpartition(".")
-    try:
-        with initialize_config_dir(config_dir(), version_base="1.3"):
-            cfg = compose("config", overrides=args)
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-    except Exception:  # noqa: BLE001 - a hint only: without it the line is still right
+def _close_keys(name: str, cfg: DictConfig | None) -> list[str]:
+    """Keys of ``cfg`` (the config without the bad override) that look like ``name``."""
+    if cfg is None:
         return []
+    parent, _, leaf = name.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
     if not isinstance(node, DictConfig):
         return []
-    close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=2, cutoff=0.6)
+    keys = [str(k) for k in node.keys() if parent or k != "hydra"]  # the app's keys, not Hydra's
+    close = difflib.get_close_matches(leaf, keys, n=2, cutoff=0.6)
     return [f"{parent}.{c}" if parent else c for c in close]
 
 
