@@ -44,14 +44,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except WriteError:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    except OSError as err:  # a full disk, a quota: one line, the old file kept
-        Path(tmp).unlink(missing_ok=True)
-        raise WriteError(path, err) from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(path, err) from err  # a full disk, a quota: one line, old file kept
         raise
     return path
 
