@@ -37,11 +37,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bilevel import checkpoint as ckpt
 from bilevel import cli_folders as folders
-from bilevel import run_dir as run_dirs
 from bilevel import sweep_failures as sweeps
-from bilevel.cli_resume import harmless, override_key, refused_on_resume, resumed_config
+from bilevel.cli_resume import continue_from, harmless, override_key, refused_on_resume
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed, leave_process_group
 from bilevel.errors import ConfigError, WriteError, first_line, is_bool, is_finite_number
@@ -331,9 +329,7 @@ def run(
     resume = cfg.get("resume")
     run_dir, state = output_dir, None
     if resume:
-        file, resumed_dir = run_dirs.resolve_resume(str(resume))
-        state = ckpt.load(file)
-        cfg = resumed_config(state, own, cfg, config_dir())
+        file, resumed_dir, state, cfg = continue_from(str(resume), own, cfg, config_dir())
         own = list(state.get("overrides") or own)
         seed = check_seed(cfg.seed)
         device_name = check_device(cfg.device)
@@ -549,12 +545,10 @@ def resumed_config_shown(args: list[str]) -> str | None:
         return None
     from hydra import compose, initialize_config_dir
 
-    file, _ = run_dirs.resolve_resume(resume[-1])
-    state = ckpt.load(file)
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=plain)
     own = [a for a in plain if override_key(a) != "resume"]
-    merged = resumed_config(state, own, cfg, config_dir())
+    *_, merged = continue_from(resume[-1], own, cfg, config_dir())
     return (
         f"# the config resume={resume[-1]} continues with: the run's own (saved in its "
         "checkpoint) and the harmless overrides given\n" + OmegaConf.to_yaml(merged)

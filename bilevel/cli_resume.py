@@ -17,9 +17,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from bilevel import checkpoint
+from bilevel import run_dir as run_dirs
 from bilevel.errors import ConfigError
 
-__all__ = ["RESUME_HARMLESS", "harmless", "override_key", "refused_on_resume", "resumed_config"]
+__all__ = [
+    "RESUME_HARMLESS",
+    "continue_from",
+    "harmless",
+    "override_key",
+    "refused_on_resume",
+    "resumed_config",
+]
 
 log = logging.getLogger("bilevel")
 
@@ -151,3 +160,14 @@ def resumed_config(
             OmegaConf.update(merged, key, after[key], force_add=True)
     OmegaConf.update(merged, "resume", current.get("resume"), force_add=True)
     return merged
+
+
+def continue_from(
+    resume: str, new_overrides: list[str], current: DictConfig, configs: str
+) -> tuple[Any, Any, dict[str, Any], DictConfig]:
+    """``resume=<path>`` read: ``(checkpoint file, the run directory it belongs to or None,
+    the checkpoint, the config the run continues with)``. One place for the run itself and
+    for ``--cfg job``, so that what is shown is what runs."""
+    file, resumed_dir = run_dirs.resolve_resume(resume)
+    state = checkpoint.load(file)
+    return file, resumed_dir, state, resumed_config(state, new_overrides, current, configs)
