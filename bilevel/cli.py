@@ -39,7 +39,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bilevel import cli_folders as folders
 from bilevel import sweep_failures as sweeps
-from bilevel.cli_resume import continue_from, harmless, override_key, refused_on_resume
+from bilevel.cli_preflight import config_dir, preflight, resumed_config_shown, root_cause
+from bilevel.cli_resume import continue_from, override_key
 from bilevel.data.domain_data import DomainData
 from bilevel.distributed import DistContext, init_distributed, leave_process_group
 from bilevel.errors import ConfigError, WriteError, first_line, is_bool, is_finite_number
@@ -53,27 +54,6 @@ __all__ = ["main", "run"]
 log = logging.getLogger("bilevel")
 
 _OPTIMIZER_KEYS = ("inner_optimizer", "outer_optimizer", "inner_scheduler")
-
-
-def config_dir() -> str:
-    """``$BILEVEL_CONFIG_DIR`` or the repository's ``configs/`` next to the package."""
-    candidates = [
-        os.environ.get("BILEVEL_CONFIG_DIR"),
-        Path(__file__).resolve().parents[1] / "configs",
-    ]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "config.yaml").is_file():
-            return str(Path(candidate).resolve())
-    raise SystemExit(
-        "bilevel: cannot find the configs/ folder; install the repository with "
-        "`pip install -e .` or set BILEVEL_CONFIG_DIR"
-    )
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
 
 
 def check_target(target: str, field: str) -> None:
@@ -119,7 +99,7 @@ def build(node: Any, field: str, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        cause = _root_cause(err)
+        cause = root_cause(err)
         if isinstance(cause, ConfigError):
             raise cause from None
         if cause is not err and not isinstance(cause, ImportError | TypeError | ValueError):
@@ -522,195 +502,6 @@ def _interpolation_hint(message: str) -> str:
         f"reads ${{{missing}}}, which the chosen {group} does not have: pick a {group} that "
         f"has {leaf} (this preset goes with another {group}), or set +{missing}=..."
     )
-
-
-def resumed_config_shown(args: list[str]) -> str | None:
-    """``--cfg job`` with ``resume=``: the config the resumed run would continue with (the
-    one saved in its checkpoint plus the harmless overrides given), not the defaults that
-    Hydra would compose and print; ``None`` for any other command."""
-    plain, asked, rest = [], None, iter(args)
-    for arg in rest:
-        if arg in ("--cfg", "-c"):
-            asked = next(rest, None)
-        elif arg.startswith("--cfg="):
-            asked = arg.partition("=")[2]
-        elif arg == "--resolve":
-            continue
-        elif arg.startswith("-"):
-            return None  # another Hydra flag: Hydra's to answer
-        else:
-            plain.append(arg)
-    resume = [a.partition("=")[2] for a in plain if override_key(a) == "resume"]
-    if asked != "job" or not resume or not resume[-1]:
-        return None
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=plain)
-    own = [a for a in plain if override_key(a) != "resume"]
-    *_, merged = continue_from(resume[-1], own, cfg, config_dir())
-    return (
-        f"# the config resume={resume[-1]} continues with: the run's own (saved in its "
-        "checkpoint) and the harmless overrides given\n" + OmegaConf.to_yaml(merged)
-    )
-
-
-def preflight(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
-    """Compose the config first, so that an unknown group option or key is reported as one
-    line (with the valid choices) instead of Hydra's multi-line report. A sweep (``-m``) is
-    composed at its points that can differ in what they compose: every key at its first
-    value, and each other value of a group or top-level key (``solver=cg,newton``).
-
-    Returns the error line, or ``None`` when the config composes (or when the arguments ask for
-    something this check does not cover: Hydra flags other than ``-m``, sweeps over intervals
-    or globs, another config source); and the composed ``hydra`` node (unresolved) of a run
-    that is not a ``-m`` sweep, ``None`` where nothing was composed for it.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    for arg in args:  # counts of an Optuna sweep: 0 ends in Optuna's traceback
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") in ("hydra.sweeper.n_trials", "hydra.sweeper.n_jobs"):
-            if not (value.isdigit() and int(value) >= 1):
-                return f"{key.lstrip('+')}: must be an integer >= 1, got {value!r}", None
-    flags = {a for a in args if a.startswith("-")}
-    if not flags <= set(folders.MULTIRUN_FLAGS):
-        return None, None
-    plain = [a for a in args if not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(plain)
-    except HydraException as err:
-        return first_line(str(err)), None
-    if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
-        return None, None  # another config source: Hydra's to check
-    swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
-    if not flags:
-        return (None, None) if swept else _compose_check(plain)
-    try:
-        values = {i: list(parsed[i].sweep_string_iterator()) for i in swept}
-    except HydraException:
-        return None, None  # an interval or glob sweep (Optuna's search space)
-    first = list(plain)
-    for i in swept:
-        first[i] = f"{parsed[i].get_key_element()}={values[i][0]}"
-    points = [first]
-    for i in swept:
-        if "." not in parsed[i].get_key_element():  # a group: each option composes differently
-            points += [
-                [*first[:i], f"{parsed[i].get_key_element()}={v}", *first[i + 1 :]]
-                for v in values[i][1:10]
-            ]
-    for point in points:
-        error, _ = _compose_check(point)
-        if error is not None:
-            return error, None
-    return None, None
-
-
-def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
-    """Compose the config with ``args``: the one-line error (``None``: it composes) and the
-    composed ``hydra`` node, unresolved (``None`` on an error)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException
-
-    try:
-        with initialize_config_dir(config_dir(), version_base="1.3"):
-            composed = compose("config", overrides=args, return_hydra_config=True)
-    except MissingConfigException as err:
-        missing = str(err.missing_cfg_file or "")
-        group, _, option = missing.rpartition("/")
-        if err.options:
-            return f"{group}: unknown option {option!r}; valid: {', '.join(err.options)}", None
-        return first_line(str(err)), None
-    except HydraException as err:
-        first = first_line(str(err))
-        key = re.match(r"Could not override '([^']+)'", first)
-        if key:
-            name = key.group(1)
-            if any(a.startswith("resume=") for a in args) and not harmless(name):
-                # the key may exist in the resumed run's config; either way it is refused there
-                return f"resume: {refused_on_resume([name])}", None
-            others = _composed([a for a in args if override_key(a) != name])
-            elsewhere = _key_elsewhere(name, others)
-            close = _close_keys(name, others)
-            if close and " belongs to " not in elsewhere:  # another option's key comes first
-                hint = f"did you mean {' or '.join(close)}? "
-                return f"{name}: no such config key; {hint}to add a new key write +{name}=...", None
-            return f"{name}: {elsewhere}", None
-        cause = _root_cause(err)
-        return (first if cause is err else f"{first} ({first_line(str(cause))})"), None
-    return None, OmegaConf.to_container(composed.hydra, resolve=False)
-
-
-def _composed(args: list[str]) -> DictConfig | None:
-    """The config ``args`` compose (with Hydra's node), for the hints of an unknown key; ``None``
-    where they do not compose (a hint only: without it the line is still right)."""
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir(), version_base="1.3"):
-            return compose("config", overrides=args, return_hydra_config=True)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _key_elsewhere(name: str, cfg: DictConfig | None) -> str:
-    """Why ``name`` is not a key of ``cfg`` (the config without it), for a key of a config
-    group's option: the option chosen has no such key (its keys), and which other options of
-    the group have it (``solver.alpha`` belongs to neumann and scalebio, not to cg);
-    ``+name=...`` would only pass the key to a component that does not take it."""
-    parts = name.split(".")
-    root = Path(config_dir())
-    split = next(
-        (i for i in range(len(parts) - 1, 0, -1) if (root / "/".join(parts[:i])).is_dir()), None
-    )
-    plain = "no such config key; to add a new key write +" + name + "=..."
-    if cfg is None or split is None or parts[0] in ("experiment", "hydra", "hparams_search"):
-        return plain
-    group, rest = "/".join(parts[:split]), ".".join(parts[split:])
-    chosen = cfg.hydra.runtime.choices.get(group)
-    node = OmegaConf.select(cfg, ".".join(parts[:split]))
-    keys = [str(k) for k in node.keys() if not str(k).startswith("_")] if node else []
-    having = sorted(
-        f.stem for f in (root / group).glob("*.yaml") if f.stem != chosen and _has_key(f, rest)
-    )
-    field = group.replace("/", ".")
-    said = (
-        f"{group}={chosen} has no key {rest!r} (its keys: {', '.join(keys) or 'none'})"
-        if chosen
-        else f"no option of {group} is chosen"
-    )
-    if having:
-        return f"{said}; {rest} belongs to {field} {', '.join(having)}: choose one ({group}=...)"
-    return f"{said}; to pass a new key to its component write +{name}=..."
-
-
-def _has_key(file: Path, dotted: str) -> bool:
-    """Whether the config file ``file`` sets the key ``dotted`` (read, not resolved: its
-    interpolations may point into other groups)."""
-    try:
-        node: Any = OmegaConf.to_container(OmegaConf.load(file), resolve=False)
-    except Exception:  # noqa: BLE001 - a hint only
-        return False
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _close_keys(name: str, cfg: DictConfig | None) -> list[str]:
-    """Keys of ``cfg`` (the config without the bad override) that look like ``name``."""
-    if cfg is None:
-        return []
-    parent, _, leaf = name.rpartition(".")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    if not isinstance(node, DictConfig):
-        return []
-    keys = [str(k) for k in node.keys() if parent or k != "hydra"]  # the app's keys, not Hydra's
-    close = difflib.get_close_matches(leaf, keys, n=2, cutoff=0.6)
-    return [f"{parent}.{c}" if parent else c for c in close]
 
 
 def quiet_third_parties() -> None:
