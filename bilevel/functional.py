@@ -77,37 +77,52 @@ def trainable_params(model: nn.Module) -> Params:
 class _Swapper:
     """Puts tensors in place of a module's parameters for one call, then puts the originals back.
 
-    ``torch.func.functional_call`` does the same with checks for tied weights and
-    parametrizations that cost more than the forward pass of a small model; this splits each name
-    into its submodule path and attribute once, and swaps dictionary entries (the submodule is
-    looked up on every call, so replacing a submodule later is safe). Modules with tied weights
-    or parametrizations keep using ``functional_call``.
+    ``torch.func.functional_call`` does the same with checks that cost more than the forward
+    pass of a small model, and (torch 2.13, pytorch/pytorch#164759) leaves plain tensors in
+    place of the parameters of a submodule registered under two names (``self.shared =
+    self.encoder.embed``, as T5 and BART do), so that the optimizer's parameters no longer
+    reach the model. This splits each name into its submodule path and attribute once and
+    swaps dictionary entries (the submodule is looked up on every call, so replacing a
+    submodule later is safe). Tied weights (one parameter under several names, a module
+    registered twice) are swapped in every place the model holds them, so the call sees one
+    tensor there as the model sees one parameter. Modules with parametrizations keep using
+    ``functional_call``.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.slots: dict[str, tuple[str, str]] = {}
-        seen: set[int] = set()
         self.usable = not any(hasattr(m, "parametrizations") for m in model.modules())
+        self.canonical: dict[str, str] = {}  # any name of a parameter -> its first name
+        self.slots: dict[str, list[tuple[str, str]]] = {}  # first name -> (owner, attribute)s
+        first: dict[int, str] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
-            if id(p) in seen:
-                self.usable = False  # tied weights: functional_call knows how to handle them
-            seen.add(id(p))
             owner, _, attr = name.rpartition(".")
-            self.slots[name] = (owner, attr)
+            canonical = self.canonical[name] = first.setdefault(id(p), name)
+            self.slots.setdefault(canonical, []).append((owner, attr))
 
     def __call__(self, model: nn.Module, params: Params, args: tuple, kwargs: dict) -> Any:
-        if not self.usable or not params.keys() <= self.slots.keys():
+        if not self.usable or not params.keys() <= self.canonical.keys():
             return functional_call(model, params, args, kwargs, strict=False)
         saved = []
+        given: dict[str, str] = {}
         try:
             for name, tensor in params.items():
-                owner, attr = self.slots[name]
-                store = model.get_submodule(owner)._parameters
-                saved.append((store, attr, store[attr]))
-                store[attr] = tensor
+                canonical = self.canonical[name]
+                other = given.setdefault(canonical, name)
+                if other != name:
+                    if params[other] is tensor:
+                        continue
+                    raise ValueError(
+                        f"params hold {other!r} and {name!r}, two names of one tied parameter "
+                        "of the model, with different tensors: pass it once"
+                    )
+                for owner, attr in self.slots[canonical]:
+                    store = model.get_submodule(owner)._parameters
+                    saved.append((store, attr, store[attr]))
+                    store[attr] = tensor
             return model(*args, **kwargs)
         finally:
-            for store, attr, original in saved:
+            # newest first: a module registered twice holds one store, saved twice
+            for store, attr, original in reversed(saved):
                 store[attr] = original
 
 

@@ -216,3 +216,86 @@ def test_functional_calls_follow_a_replaced_submodule():
     want = torch.stack([losses[batch["domain"] == i].mean() for i in range(len(w))])
     torch.testing.assert_close(per_domain(params), want)
     assert torch.equal(model[2].weight, trainable_params(model)["2.weight"])  # restored
+
+
+class _SharedModule(nn.Module):
+    """An MLP registered under two names (as T5 and BART register their shared embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        self.alias = self.body
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class _SharedParameter(nn.Module):
+    """One weight used by two layers (as a tied input embedding and output head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 5)
+        self.head.weight = self.first.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.first(x)))[:, :3]
+
+
+class _Untied(nn.Module):
+    """_SharedParameter with its one weight held once, used twice by hand: the reference."""
+
+    def __init__(self, tied):
+        super().__init__()
+        self.w = nn.Parameter(tied.first.weight.detach().clone())
+        self.b1 = nn.Parameter(tied.first.bias.detach().clone())
+        self.b2 = nn.Parameter(tied.head.bias.detach().clone())
+
+    def forward(self, x):
+        return F.linear(torch.tanh(F.linear(x, self.w, self.b1)), self.w, self.b2)[:, :3]
+
+
+@pytest.mark.parametrize("tying", ["module", "parameter"])
+def test_tied_weights_keep_the_model_intact_and_the_hypergradient_exact(tying):
+    # torch.func.functional_call (2.13) leaves plain tensors in place of the parameters of a
+    # module registered twice (pytorch/pytorch#164759): the inner optimizer then steps
+    # parameters the model no longer uses, and the hypergradient of the next call is zero.
+    _, batch, meta, w = make_problem()
+    torch.manual_seed(1)
+    if tying == "module":
+        tied = _SharedModule().double()
+        reference = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+        reference.load_state_dict(tied.body.state_dict())
+    else:
+        tied = _SharedParameter().double()
+        reference = _Untied(tied)
+    before = dict(tied.named_parameters(remove_duplicate=False))
+    for solver in (build("cg", iters=4), build("unrolled", steps=2), build("cg", iters=4)):
+        got, want = (
+            bilevel.hypergradient(
+                solver,
+                make_per_domain_loss(model, batch, per_example_ce, len(w)),
+                make_outer_loss(model, meta, mean_ce),
+                trainable_params(model),
+                w,
+                inner_lr=0.3,
+            )
+            for model in (tied, reference)
+        )
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert got.abs().max() > 1e-4
+    after = dict(tied.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys()
+    assert all(after[n] is before[n] for n in before)  # the same Parameter objects
+
+
+def test_two_names_of_one_tied_weight_with_different_tensors_are_refused():
+    _, batch, _, w = make_problem()
+    model = _SharedParameter().double()
+    per_domain = make_per_domain_loss(model, batch, per_example_ce, len(w))
+    params = trainable_params(model)
+    same = dict(params, **{"head.weight": params["first.weight"]})
+    torch.testing.assert_close(per_domain(same), per_domain(params))
+    with pytest.raises(ValueError, match="'first.weight' and 'head.weight'.*tied"):
+        per_domain(dict(params, **{"head.weight": params["first.weight"] * 2}))
