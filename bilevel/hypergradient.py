@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Literal
 
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from bilevel.errors import is_finite_number
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
+from bilevel.inner_optim import l2_decay
 from bilevel.solvers.base import Solver
 from bilevel.solvers.products import Reduce
 from bilevel.solvers.sama import preconditionable
@@ -71,17 +73,37 @@ def _check_arguments(solver, params, weights, inner_lr, wrt) -> Solver:
     return solver
 
 
-def _check_optimizer(optimizer, params_of: list[Tensor], params: Params, last_grads) -> None:
-    """For sama's preconditioner: the optimizer must hold the inner variables in the order of
-    ``params`` and, for Adam/AdamW, have stepped and come with the gradients of that step.
-    Each of these fell back to ``inner_lr * I`` silently (or failed with an IndexError), so
-    the optimizer the caller passed was not what preconditioned the result."""
+def uses_hessian(solver) -> bool:
+    """Whether ``solver`` takes Hessian-vector products of the inner objective."""
+    return getattr(solver, "uses_hessian", getattr(solver, "name", None) in ("cg", "neumann"))
+
+
+def takes_l2(solver) -> bool:
+    """Whether ``solver.domain_grad`` takes ``l2`` (the inner optimizer's coupled weight decay,
+    added to the Hessian): bilevel's cg and neumann do; a user's solver may not."""
+    try:
+        return "l2" in inspect.signature(solver.domain_grad).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_order(params_of: list[Tensor], params: Params) -> None:
+    """The optimizer must hold the inner variables in the order of ``params``."""
     shapes = [tuple(t.shape) for t in params.values()]
     if [tuple(p.shape) for p in params_of] != shapes:
         raise ValueError(
             f"optimizer: its {len(params_of)} parameter(s) must be the inner variables in the "
             f"order of params ({len(shapes)} tensor(s) shaped {shapes})"
         )
+
+
+def _check_optimizer(optimizer, params_of: list[Tensor], params: Params, last_grads) -> None:
+    """For sama's preconditioner: the optimizer must hold the inner variables in the order of
+    ``params`` and, for Adam/AdamW, have stepped and come with the gradients of that step.
+    Each of these fell back to ``inner_lr * I`` silently (or failed with an IndexError), so
+    the optimizer the caller passed was not what preconditioned the result."""
+    _check_order(params_of, params)
+    shapes = [tuple(t.shape) for t in params.values()]
     if not preconditionable(optimizer):
         warnings.warn(
             f"sama knows the update Jacobian of SGD, Adam and AdamW (without amsgrad or "
@@ -137,9 +159,12 @@ def hypergradient(
             solvers take their Hessian-vector products from it (and J_L from
             ``per_domain_loss``), so the two factors of the estimate do not share one
             minibatch's noise (see the README's "H from an independent batch").
-        optimizer, last_grads: for ``sama``: the inner optimizer (its parameters in the order
-            of ``params``) and the gradients of its last step, whose update Jacobian
-            preconditions the meta gradient; without them sama uses ``inner_lr * I``.
+        optimizer, last_grads: the inner optimizer (its parameters in the order of ``params``).
+            For ``sama``, with the gradients of its last step: its update Jacobian
+            preconditions the meta gradient (without them sama uses ``inner_lr * I``). For
+            ``cg`` and ``neumann``: its coupled weight decay lambda (SGD, Adam, RMSprop, ...
+            ``weight_decay``; not AdamW's) is an L2 term of the objective the inner steps
+            minimize, so the solve inverts H + lambda I, the Hessian of that objective.
 
     Returns:
         Tensor ``[K]`` on the logits' device and dtype. Non-finite entries are returned as they
@@ -164,6 +189,18 @@ def hypergradient(
         params_of = [p for g in optimizer.param_groups for p in g["params"]]
         _check_optimizer(optimizer, params_of, params, last_grads)
         extra.update(optimizer=optimizer, last_grads=last_grads, optimizer_params=params_of)
+    elif optimizer is not None and uses_hessian(solver):
+        params_of = [p for g in optimizer.param_groups for p in g["params"]]
+        _check_order(params_of, params)
+        l2 = l2_decay(optimizer, params_of)
+        if l2 is not None and takes_l2(solver):
+            extra["l2"] = l2
+        elif l2 is not None:
+            warnings.warn(
+                f"{getattr(solver, 'name', type(solver).__name__)}.domain_grad takes no l2: the "
+                "optimizer's weight decay is not added to the Hessian",
+                stacklevel=2,
+            )
     with torch.enable_grad():
         grad_values = solver.domain_grad(
             per_domain_loss, outer_loss, params, values, inner_lr, reduce=reduce, **extra

@@ -19,6 +19,7 @@ from bilevel.errors import ConfigError, first_line, is_bool, is_finite_number
 __all__ = [
     "check_hyperparameters",
     "default_sgd",
+    "l2_decay",
     "make_optimizer",
     "make_scheduler",
     "rehearse_schedule",
@@ -180,6 +181,45 @@ def rehearse_schedule(
         raise ConfigError(
             field, f"{name} gives learning rate 0 at every inner step: nothing would move"
         )
+
+
+#: optimizers whose ``weight_decay`` adds lambda * theta to the gradient: an L2 term
+#: lambda/2 |theta|^2 of the objective they minimize (Adam, NAdam and RAdam unless
+#: ``decoupled_weight_decay``; AdamW's decay is decoupled: it shrinks the parameters outside
+#: the gradient, so its fixed point is not a stationary point of any one objective)
+_COUPLED_DECAY = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.Adadelta,
+    torch.optim.ASGD,
+)
+
+
+def l2_decay(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[float] | None:
+    """The L2 coefficient that ``optimizer``'s coupled weight decay adds to the inner objective,
+    one per tensor of ``params`` (by identity; 0.0 for a tensor it does not hold), or ``None``
+    where it adds none: the objective the inner steps minimize is then the weighted loss plus
+    sum_i lambda_i/2 |theta_i|^2, whose Hessian an implicit solve must invert (H + lambda I).
+    Decoupled decay (AdamW, ``decoupled_weight_decay=True``) and optimizers this does not know
+    count as none. A tensor learning rate or decay is not read here (it would synchronize); a
+    number is."""
+    if not isinstance(optimizer, _COUPLED_DECAY):
+        return None
+    decay_of: dict[int, float] = {}
+    for group in optimizer.param_groups:
+        value = group.get("weight_decay", 0.0)
+        if group.get("decoupled_weight_decay") or isinstance(optimizer, torch.optim.AdamW):
+            value = 0.0
+        value = float(value) if isinstance(value, Tensor) else value
+        for p in group["params"]:
+            decay_of[id(p)] = value
+    decay = [float(decay_of.get(id(p), 0.0)) for p in params]
+    return decay if any(decay) else None
 
 
 def check_hyperparameters(optimizer: torch.optim.Optimizer, field: str) -> None:

@@ -26,10 +26,11 @@ from typing import Any
 from torch import nn
 
 from bilevel.functional import trainable_params
-from bilevel.hypergradient import hypergradient
+from bilevel.hypergradient import hypergradient, takes_l2, uses_hessian
+from bilevel.inner_optim import l2_decay
 from bilevel.methods.base import OuterUpdate, require_second_derivatives
 from bilevel.outer import MirrorDescent
-from bilevel.solvers.backends import HessianFrom
+from bilevel.solvers.backends import HessianFrom, WithL2
 from bilevel.solvers.products import InnerProducts
 from bilevel.solvers.sama import preconditionable
 from bilevel.trainer_checks import check_fsdp_solver
@@ -49,6 +50,7 @@ class HypergradientMethod:
         self.name = solver.name
         self.path = "api"
         self._preconditioned = False
+        self._l2: list[float] | None = None  # the inner optimizer's coupled weight decay
 
     @property
     def inner_lr_unused(self) -> str | None:
@@ -68,7 +70,7 @@ class HypergradientMethod:
     @property
     def uses_hessian(self) -> bool:
         """Whether the solver takes Hessian-vector products (``trainer.hessian_batch`` applies)."""
-        return getattr(self.solver, "uses_hessian", self.name in ("cg", "neumann"))
+        return uses_hessian(self.solver)
 
     def setup(self, loop) -> list[str]:
         solver = self.solver
@@ -94,6 +96,10 @@ class HypergradientMethod:
                     "jumps (autograd's do not); prefer a smooth activation (GELU, SiLU, tanh) or "
                     "solver.products=autograd"
                 )
+        if self.uses_hessian and (self.path != "api" or takes_l2(solver)):
+            self._l2 = l2_decay(loop.inner_opt, loop.params)
+            if self._l2 is not None:
+                notes.append(l2_note(self.name, self._l2, getattr(solver, "damping", 0)))
         check = getattr(solver, "check", None)
         if callable(check):  # a solver's own validation (e.g. DoReMi's reference run)
             check(loop)
@@ -109,6 +115,8 @@ class HypergradientMethod:
         return notes
 
     def _solve(self, loop, products, g_outer) -> Any:
+        if self._l2 is not None:
+            products = WithL2(products, self._l2)
         kwargs: dict[str, Any] = {}
         if getattr(self.solver, "uses_optimizer", False):
             kwargs = dict(
@@ -160,6 +168,8 @@ class HypergradientMethod:
         if getattr(self.solver, "uses_optimizer", False) and preconditionable(loop.inner_opt):
             # another optimizer: inner_lr * I, said once in the run's first lines
             extra = dict(optimizer=loop.inner_opt, last_grads=loop.last_grads)
+        elif self._l2 is not None:  # its coupled weight decay, added to the Hessian
+            extra = dict(optimizer=loop.inner_opt)
         grad = hypergradient(
             self.solver,
             loop.per_domain_loss(batch),
@@ -181,6 +191,18 @@ class HypergradientMethod:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "solver" in state and callable(getattr(self.solver, "load_state_dict", None)):
             self.solver.load_state_dict(state["solver"])
+
+
+def l2_note(name: str, l2: list[float], damping: float) -> str:
+    """The run's first-lines note for an inner optimizer's coupled weight decay."""
+    values = sorted({v for v in l2 if v})
+    where = "" if all(l2) else f" on {sum(map(bool, l2))} of {len(l2)} parameter tensors"
+    plus = f", plus solver.damping={damping}" if damping else ""
+    return (
+        f"{name}: the inner optimizer's weight_decay={', '.join(f'{v:g}' for v in values)}"
+        f"{where} is an L2 term of the objective the inner steps minimize, so the solve "
+        f"inverts that objective's Hessian, H + weight_decay I{plus}"
+    )
 
 
 def wants_values(outer_opt) -> bool:

@@ -27,6 +27,7 @@ from bilevel.solvers.products import (
 __all__ = [
     "PRODUCTS",
     "HessianFrom",
+    "WithL2",
     "SolvesAtParams",
     "check_products",
     "jvp_at",
@@ -71,6 +72,34 @@ class HessianFrom:
 
     def hvp_jvp(self, u: Sequence[Tensor]) -> tuple[TensorList, Tensor]:
         return self.hessian.hvp(u), self.jvp.domain_jvp(u)
+
+
+class WithL2:
+    """Products of the inner objective F + sum_i lambda_i/2 |theta_i|^2, where the L2 term is
+    the inner optimizer's coupled weight decay (:func:`bilevel.inner_optim.l2_decay`): H u gains
+    lambda_i u_i; J_L v is unchanged (the term does not depend on the weights)."""
+
+    def __init__(self, products, decay: Sequence[float]) -> None:
+        self.products, self.decay = products, list(decay)
+
+    def dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+        return self.products.dot(a, b)
+
+    def _add(self, hu: TensorList, u: Sequence[Tensor]) -> TensorList:
+        for h, x, lam in zip(hu, u, self.decay, strict=True):
+            if lam:
+                h.add_(x, alpha=lam)  # the product's own output (neumann's damping does the same)
+        return hu
+
+    def hvp(self, u: Sequence[Tensor]) -> TensorList:
+        return self._add(self.products.hvp(u), u)
+
+    def domain_jvp(self, v: Sequence[Tensor]) -> Tensor:
+        return self.products.domain_jvp(v)
+
+    def hvp_jvp(self, u: Sequence[Tensor]) -> tuple[TensorList, Tensor]:
+        hu, jl = self.products.hvp_jvp(u)
+        return self._add(hu, u), jl
 
 
 def products_at(
@@ -134,10 +163,15 @@ class SolvesAtParams:
         inner_lr: float,
         reduce: Reduce | None = None,
         hessian_loss: PerDomainLoss | None = None,
+        l2: Sequence[float] | None = None,
     ) -> Tensor:
+        """``l2``: one L2 coefficient per tensor of ``params`` (the inner optimizer's coupled
+        weight decay), added to the Hessian; ``None``: none."""
         names, theta = leaves(params)
         g_outer = grad_outer(outer_loss, names, theta, reduce)
         products = products_at(
             self.products, per_domain_loss, names, theta, w, reduce, self.fd_step, hessian_loss
         )
+        if l2 is not None:
+            products = WithL2(products, l2)
         return self.solve(products, g_outer, inner_lr)

@@ -1,5 +1,6 @@
 """Exact resume after SIGKILL, non-finite guard, input validation, torchrun."""
 
+import functools
 import json
 import signal
 import subprocess
@@ -341,7 +342,7 @@ def test_data_builder_must_return_domain_data():
 # -- the trainer's hypergradient is the exact derivative through its last inner step ------------
 
 
-def captured_outer_grad(solver, **opts):
+def captured_outer_grad(solver, inner_optimizer=None, config=None, **opts):
     """The gradient the trainer hands its outer optimizer after one window of one inner step,
     and what it needs to check it: theta before the step, the batch, the meta set. Everything
     is float64, so the comparison is tight."""
@@ -357,7 +358,10 @@ def captured_outer_grad(solver, **opts):
         per_example_cross_entropy,
         cross_entropy,
         data,
-        TrainerConfig(steps=1, outer_every=1, batch_size=32, progress=False),
+        TrainerConfig(
+            **{"steps": 1, "outer_every": 1, "batch_size": 32, "progress": False} | (config or {})
+        ),
+        inner_optimizer=inner_optimizer,
     )
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = trainer.train_sampler.state_dict()
@@ -404,6 +408,32 @@ def test_trainer_hypergradient_is_exact_through_the_last_step(solver, opts):
     # float64 throughout: agreement to rounding, while reading theta_T instead of theta_{T-1}
     # in the kept graph would differ at the level of lr * grad
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "opts,config",
+    [
+        ({}, {}),  # the last inner step's graph
+        ({"products": "finite_difference"}, {}),  # the module itself
+        ({}, {"sampling": "weights"}),  # the public API on a uniform batch
+        ({}, {"hessian_batch": "independent"}),
+    ],
+    ids=["graph", "module", "api", "independent"],
+)
+def test_the_inner_optimizers_weight_decay_is_damping_of_the_implicit_solve(
+    opts, config, monkeypatch
+):
+    """SGD's weight_decay lambda makes the inner objective L_w + lambda/2 |theta|^2: every path
+    of the trainer solves with H + lambda I, as cg with damping=lambda on the loss alone does."""
+    import bilevel.methods.hypergradient as method
+
+    sgd = functools.partial(torch.optim.SGD, lr=0.1, weight_decay=0.5)
+    with_decay, *_ = captured_outer_grad("cg", sgd, config, iters=3, **opts)
+    monkeypatch.setattr(method, "l2_decay", lambda *args: None)
+    as_damping, *_ = captured_outer_grad("cg", sgd, config, iters=3, damping=0.5, **opts)
+    ignored, *_ = captured_outer_grad("cg", sgd, config, iters=3, **opts)
+    torch.testing.assert_close(with_decay, as_damping, rtol=1e-9, atol=1e-13)
+    assert (with_decay - ignored).norm() > 0.01 * ignored.norm()
 
 
 # Every outer method and the settings that keep state of their own (a warm solution, ScaleBiO's
