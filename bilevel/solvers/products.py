@@ -129,6 +129,25 @@ def grad_of_outer_value(value: Tensor, theta: Sequence[Tensor]) -> TensorList:
     return grads
 
 
+_FORWARD_AD_READY = False
+
+
+def _load_forward_ad_quietly() -> None:
+    """torch loads its forward-mode decompositions at the first ``make_dual`` of a process and
+    scripts them with ``torch.jit.script``, which warns that it is deprecated (torch 2.13): a
+    warning the caller cannot act on, and an error in test suites that turn warnings into
+    errors. Load them once here with that one warning silenced."""
+    global _FORWARD_AD_READY
+    if not _FORWARD_AD_READY:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*torch.jit.script.*", category=DeprecationWarning
+            )
+            with fwAD.dual_level():
+                fwAD.make_dual(torch.zeros(1), torch.zeros(1))
+        _FORWARD_AD_READY = True
+
+
 def domain_jvp(
     per_domain_loss: PerDomainLoss,
     names: list[str],
@@ -142,6 +161,7 @@ def domain_jvp(
     Falls back to reverse-over-reverse when an operation of the model has no forward-mode
     derivative.
     """
+    _load_forward_ad_quietly()
     try:
         with fwAD.dual_level():
             duals = {

@@ -1,5 +1,8 @@
 """Solvers against closed forms (ridge regression) and against autograd through explicit steps."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -449,3 +452,19 @@ def test_a_per_domain_loss_without_gradient_or_a_frozen_parameter_is_refused(nam
     model = torch.nn.Linear(2, 1)
     model.bias.requires_grad_(False)
     assert list(bilevel.trainable_params(model)) == ["weight"]
+
+
+def test_a_first_hypergradient_warns_nothing_where_warnings_are_errors():
+    # torch scripts its forward-mode decompositions at a process's first dual tensor and warns
+    # DeprecationWarning for it: a user's suite run with -W error failed inside bilevel
+    code = (
+        "import torch, bilevel\n"
+        "w = bilevel.DomainWeights(['a', 'b'])\n"
+        "loss = lambda p: torch.stack([(p['t'] ** 2).sum(), p['t'].sum()])\n"
+        "meta = lambda p: ((p['t'] - 1) ** 2).sum()\n"
+        "print(bilevel.hypergradient('first_order', loss, meta, {'t': torch.ones(3)}, w))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
