@@ -86,12 +86,21 @@ class ScaleBiO:
             )
         u = [p.detach().clone().requires_grad_(True) for p in loop.params]
         opt = loop.inner_opt
-        defaults = {k: v for k, v in opt.defaults.items() if k not in ("differentiable",)}
+        # the copy's optimizer has the inner optimizer's groups (their own learning rates and
+        # decay), each over the copies of that group's tensors; it was built from the
+        # optimizer's defaults, so a group's own lr did not reach u
+        copy_of = {id(p): t for p, t in zip(loop.params, u)}
+        groups = [
+            {**_settings(group), "params": [copy_of[id(p)] for p in group["params"]]}
+            for group in opt.param_groups
+        ]
         try:
-            u_opt = type(opt)(u, **defaults)
+            u_opt = type(opt)(groups)
         except (TypeError, ValueError):
             u_opt = copy.deepcopy(opt)
-            u_opt.param_groups[0]["params"] = u
+            for group, mine in zip(u_opt.param_groups, groups, strict=True):
+                group["params"] = mine["params"]
+            u_opt.state.clear()
         self._state.update(u=u, u_opt=u_opt, step=0)
         count = sum(t.numel() for t in u)
         return [
@@ -118,6 +127,10 @@ class ScaleBiO:
             found = loop.found_inf([*grads, losses_u.detach()])
             for t, g in zip(u, grads):
                 t.grad = g
+            # this step's learning rate (and whatever else the inner schedule moves, such as
+            # OneCycleLR's momentum): u follows the schedule that theta's steps follow
+            for mine, group in zip(u_opt.param_groups, loop.inner_opt.param_groups):
+                mine.update(_settings(group))
             guarded_step(u_opt, found)
             # theta descends F_w(theta) + M(theta) / alpha_t
             meta = loop.meta_batch()
@@ -149,3 +162,9 @@ class ScaleBiO:
                 t.copy_(saved)
         self._state["u_opt"].load_state_dict(state["u_opt"])
         self._state["step"] = int(state["step"])
+
+
+def _settings(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group's settings without its tensors (a tensor lr is shared, not copied: a
+    schedule fills it in place for both)."""
+    return {k: v for k, v in group.items() if k not in ("params", "differentiable")}

@@ -161,6 +161,46 @@ def test_scalebio_copy_is_only_of_the_trainable_parameters():
     assert shapes == [tuple(p.shape) for p in model.net[2].parameters()]
 
 
+def test_scalebio_copy_steps_with_the_inner_optimizers_groups_and_schedule():
+    # the copy u had one group built from the optimizer's defaults: a group's own lr and the
+    # inner schedule never reached it, so u descended at another rate than theta
+    torch.manual_seed(0)
+    data = noisy_domains(per_domain=32, meta_size=16, test_size=16)
+    model = MLP(**data.model_kwargs, hidden=8)
+
+    def two_groups(params):
+        params = list(params)
+        return torch.optim.SGD([{"params": params[:2], "lr": 0.3}, {"params": params[2:]}], lr=0.05)
+
+    solver = build("scalebio")
+    trainer = BilevelTrainer(
+        model,
+        DomainWeights(data.names),
+        solver,
+        per_example_cross_entropy,
+        cross_entropy,
+        data,
+        TrainerConfig(steps=3, outer_every=3, batch_size=16, progress=False),
+        inner_optimizer=two_groups,
+        inner_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5),
+    )
+    loop = trainer.loop
+    u_opt = solver._state["u_opt"]
+    assert [len(g["params"]) for g in u_opt.param_groups] == [2, 2]
+    u0 = [t.detach().clone() for t in solver._state["u"]]
+    state = loop.train_sampler.state_dict()
+    batch = loop.next_batch()
+    loop.train_sampler.load_state_dict(state)
+    names = loop.param_names
+    losses = loop.per_domain_loss(batch)(dict(zip(names, [t.requires_grad_() for t in u0])))
+    grads = torch.autograd.grad(torch.dot(loop.w, losses), u0)
+    solver.window(loop, 1, False)  # one step at the groups' first learning rates
+    for t, t0, g, lr in zip(solver._state["u"], u0, grads, [0.3, 0.3, 0.05, 0.05]):
+        torch.testing.assert_close(t, t0 - lr * g)
+    solver.window(loop, 2, True)  # the third step halved twice by the schedule
+    assert [g["lr"] for g in u_opt.param_groups] == [0.3 * 0.25, 0.05 * 0.25]
+
+
 def test_meta_weight_net_hypergradient_through_one_explicit_step():
     torch.manual_seed(0)
     data = noisy_domains(per_domain=32, meta_size=16, test_size=16)
