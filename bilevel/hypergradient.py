@@ -66,8 +66,14 @@ def _check_arguments(solver, params, weights, inner_lr, wrt) -> Solver:
                 "bilevel.trainable_params(model)"
             )
     # >= 0: a schedule may end at 0. A tensor (a scheduler's device lr) is not read: no sync.
-    if not isinstance(inner_lr, Tensor) and not (is_finite_number(inner_lr) and inner_lr >= 0):
-        raise ValueError(f"inner_lr must be a finite number >= 0, got {inner_lr!r}")
+    steps = list(inner_lr) if isinstance(inner_lr, list | tuple) else [inner_lr]
+    if isinstance(inner_lr, list | tuple) and len(steps) != len(params):
+        raise ValueError(
+            f"inner_lr: one step size per tensor of params ({len(params)}), got {len(steps)}"
+        )
+    for step in steps:
+        if not isinstance(step, Tensor) and not (is_finite_number(step) and step >= 0):
+            raise ValueError(f"inner_lr must be a finite number >= 0, got {inner_lr!r}")
     if wrt not in ("logits", "values"):
         raise ValueError(f"wrt must be 'logits' or 'values', got {wrt!r}")
     return solver
@@ -150,7 +156,9 @@ def hypergradient(
             the inner optimizer trains: :func:`bilevel.trainable_params`); frozen weights stay
             in the model, so a frozen ``nn.Parameter`` here is refused.
         weights: the :class:`~bilevel.DomainWeights` whose logits the result refers to.
-        inner_lr: the inner SGD learning rate (used by ``first_order`` and ``unrolled``).
+        inner_lr: the inner SGD learning rate (used by ``first_order``, ``unrolled`` and
+            ``sama`` without an optimizer): one number, or a list with one per tensor of
+            ``params`` (an optimizer whose parameter groups have learning rates of their own).
         wrt: ``"logits"`` (default: dM/dlogits, shaped like ``weights.logits``) or ``"values"``
             (dM/dw, what mirror descent uses).
         reduce: for data-parallel training, averages gradients and products across ranks in

@@ -89,6 +89,10 @@ class InnerLoop:
         self.plain_sgd = (
             is_plain_sgd(self.inner_opt) and len(self.inner_opt.param_groups) == 1 and fused
         )
+        group_of = {
+            id(p): i for i, g in enumerate(self.inner_opt.param_groups) for p in g["params"]
+        }
+        self._group_of_param = [group_of.get(id(p)) for p in self.params]
         if strategy.sharded and isinstance(self.inner_opt, torch.optim.SGD):
             # torch's fused SGD kernel has no rule for sharded tensors; plain SGD steps still
             # run fused on the local shards (below), other SGD steps use the foreach kernel
@@ -120,6 +124,7 @@ class InnerLoop:
         self.last_batch: dict[str, Any] | None = None
         self.last_per_example: Tensor | None = None
         self.last_lr = self.current_lr()
+        self.last_step_sizes = self.current_step_sizes()
         self._steps_left, self._after_last_step = 0, None
         self.refresh_weights()
 
@@ -133,12 +138,27 @@ class InnerLoop:
         lr = self.inner_opt.param_groups[0]["lr"]
         return float(lr) if not isinstance(lr, Tensor) else lr
 
-    def hyper_lr(self) -> float:
+    def current_step_sizes(self) -> list[Any] | None:
+        """Each trainable tensor's learning rate (in the order of ``params``) where the inner
+        optimizer's parameter groups have learning rates of their own; ``None`` where one
+        applies to all (:meth:`current_lr`). A tensor the optimizer does not hold gets 0: it
+        does not move."""
+        groups = self.inner_opt.param_groups
+        if len(groups) == 1 and None not in self._group_of_param:
+            return None
+        lrs = [g["lr"] for g in groups]
+        same = not any(isinstance(lr, Tensor) for lr in lrs) and len(set(lrs)) == 1
+        if same and None not in self._group_of_param:
+            return None
+        return [0.0 if i is None else lrs[i] for i in self._group_of_param]
+
+    def hyper_lr(self) -> float | list[Any]:
         """The step size the hypergradient assumes: ``trainer.inner_lr`` when set, else the
-        learning rate of the last inner step actually taken."""
+        learning rate of the last inner step actually taken (one per trainable tensor where
+        the optimizer's parameter groups have their own)."""
         if self.config.inner_lr is not None:
             return float(self.config.inner_lr)
-        return self.last_lr
+        return self.last_step_sizes if self.last_step_sizes is not None else self.last_lr
 
     @property
     def applies_weights(self) -> bool:
@@ -305,6 +325,7 @@ class InnerLoop:
             ]
         found = self.found_inf([*local_grads, objective.detach().reshape(-1)])
         self.last_lr = self.current_lr()
+        self.last_step_sizes = self.current_step_sizes()
         if self.plain_sgd:
             live = [p for p in self.params if p.grad is not None]
             plain_sgd_step(

@@ -109,8 +109,12 @@ class HypergradientMethod:
             if not self._preconditioned:
                 notes.append(
                     f"sama cannot precondition {type(loop.inner_opt).__name__} (it knows SGD, "
-                    f"Adam, AdamW): it falls back to the identity times inner_lr="
-                    f"{loop.hyper_lr()}"
+                    f"Adam, AdamW): it falls back to the identity times "
+                    + (
+                        "each parameter group's lr"
+                        if isinstance(loop.hyper_lr(), list)
+                        else f"inner_lr={loop.hyper_lr()}"
+                    )
                 )
         return notes
 

@@ -82,7 +82,8 @@ class UnrolledMethod:
             losses = loop.per_domain_loss(batch)(dict(zip(names, current)))
             objective = loop.weighted(losses, w)
             loop.last_lr = loop.current_lr()
-            current = sgd_step(objective, current, loop.last_lr)
+            loop.last_step_sizes = sizes = loop.current_step_sizes()
+            current = sgd_step(objective, current, loop.last_lr if sizes is None else sizes)
             loop.inner_opt._opt_called = True  # the step is taken here, not by opt.step()
             if loop.scheduler is not None:
                 loop.scheduler.step()

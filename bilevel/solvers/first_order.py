@@ -14,7 +14,7 @@ from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.backends import check_products, jvp_at
-from bilevel.solvers.products import Reduce, grad_outer, leaves
+from bilevel.solvers.products import Reduce, grad_outer, leaves, per_tensor, scaled
 
 __all__ = ["FirstOrder"]
 
@@ -47,9 +47,15 @@ class FirstOrder:
     ) -> Tensor:
         names, theta = leaves(params)
         g_outer = grad_outer(outer_loss, names, theta, reduce)
+        if per_tensor(inner_lr):  # v = lr_i grad_i M: each tensor's own step size
+            g_outer, inner_lr = scaled(g_outer, inner_lr), 1.0
         jl = jvp_at(self.products, per_domain_loss, names, theta, g_outer, w, reduce, self.fd_step)
         return jl * (-inner_lr)
 
-    def solve(self, products, g_outer: list[Tensor], inner_lr: float) -> Tensor:
-        """dM/dw from existing products (the J_L v product of the last inner step's graph)."""
+    def solve(self, products, g_outer: list[Tensor], inner_lr) -> Tensor:
+        """dM/dw from existing products (the J_L v product of the last inner step's graph).
+        ``inner_lr``: one step size, or one per tensor (parameter groups' own learning
+        rates)."""
+        if per_tensor(inner_lr):
+            return -products.domain_jvp(scaled(g_outer, inner_lr))
         return products.domain_jvp(g_outer) * (-inner_lr)

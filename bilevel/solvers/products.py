@@ -34,6 +34,8 @@ from bilevel.functional import (
 )
 
 __all__ = [
+    "per_tensor",
+    "scaled",
     "InnerProducts",
     "Reduce",
     "domain_jvp",
@@ -94,6 +96,22 @@ def check_outer_value(value: Tensor) -> Tensor:
             stacklevel=2,
         )
     return value
+
+
+StepSize = "float | Tensor | Sequence[float | Tensor]"
+
+
+def per_tensor(step: object) -> bool:
+    """Whether a step size is one per tensor (an optimizer whose parameter groups have learning
+    rates of their own) rather than one number for all."""
+    return isinstance(step, list | tuple)
+
+
+def scaled(tensors: Sequence[Tensor], step) -> TensorList:
+    """``step * t`` for each tensor: one number for all, or one per tensor."""
+    if per_tensor(step):
+        return [t * s for t, s in zip(tensors, step, strict=True)]
+    return torch._foreach_mul(list(tensors), step)
 
 
 def tree_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
 from bilevel.solvers.backends import check_products, jvp_at
-from bilevel.solvers.products import Reduce, grad_outer, leaves
+from bilevel.solvers.products import Reduce, grad_outer, leaves, per_tensor, scaled
 
 __all__ = ["SAMA", "optimizer_preconditioner", "preconditionable"]
 
@@ -127,9 +127,10 @@ class SAMA:
         if optimizer is not None and params is not None:
             pre = optimizer_preconditioner(optimizer, params, last_grads, local)
         if pre is None:
-            if not math.isfinite(inner_lr):
+            steps = inner_lr if per_tensor(inner_lr) else [inner_lr]
+            if not all(isinstance(s, Tensor) or math.isfinite(s) for s in steps):
                 raise ValueError(f"sama: inner_lr must be finite, got {inner_lr}")
-            return torch._foreach_mul([g.detach() for g in g_outer], inner_lr)
+            return scaled([g.detach() for g in g_outer], inner_lr)
         return torch._foreach_mul([g.detach() for g in g_outer], pre)
 
     def domain_grad(

@@ -28,6 +28,7 @@ from bilevel.solvers.products import (
     check_outer_value,
     grads_or_zeros,
     leaves,
+    per_tensor,
     poison_nonfinite,
 )
 
@@ -90,13 +91,16 @@ class Unrolled:
         return poison_nonfinite(grad_w, value.detach(), *seen)
 
 
-def sgd_step(objective: Tensor, theta: list[Tensor], lr: float) -> list[Tensor]:
+def sgd_step(objective: Tensor, theta: list[Tensor], lr) -> list[Tensor]:
     """theta - lr * grad objective, differentiable: the gradient keeps its graph
     (``create_graph``), so the result stays differentiable in theta and in whatever the
-    objective was built from (the weights)."""
+    objective was built from (the weights). ``lr``: one number, or one per tensor (an SGD
+    optimizer whose parameter groups have learning rates of their own)."""
     grads = torch.autograd.grad(
         objective, theta, create_graph=True, allow_unused=True, materialize_grads=True
     )
+    if per_tensor(lr):
+        return [t - s * g for t, s, g in zip(theta, lr, grads, strict=True)]
     return list(torch._foreach_add(theta, grads, alpha=-lr))
 
 
@@ -107,7 +111,11 @@ def _unroll_higher(inner, theta: list[Tensor], inner_lr: float, steps: int) -> l
         raise ImportError(
             "unrolled backend='higher' needs the 'higher' package: pip install higher"
         ) from err
-    reference = torch.optim.SGD(theta, lr=inner_lr)
+    if per_tensor(inner_lr):  # one group per tensor, each with its own step size
+        groups = [{"params": [t], "lr": s} for t, s in zip(theta, inner_lr, strict=True)]
+        reference = torch.optim.SGD(groups)
+    else:
+        reference = torch.optim.SGD(theta, lr=inner_lr)
     diffopt = higher.optim.DifferentiableSGD(reference, theta, track_higher_grads=True)
     current = list(theta)
     for _ in range(steps):

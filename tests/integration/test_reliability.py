@@ -379,10 +379,22 @@ def captured_outer_grad(solver, inner_optimizer=None, config=None, **opts):
     return captured["grad"], theta0, batch, trainer
 
 
+def two_groups(params):
+    """SGD whose first layer steps at 0.3 and the rest at 0.1 (a head/body split)."""
+    params = list(params)
+    return torch.optim.SGD([{"params": params[:2], "lr": 0.3}, {"params": params[2:]}], lr=0.1)
+
+
+@pytest.mark.parametrize("groups", [False, True], ids=["one lr", "two groups"])
 @pytest.mark.parametrize("solver,opts", [("first_order", {}), ("unrolled", {"steps": 1})])
-def test_trainer_hypergradient_is_exact_through_the_last_step(solver, opts):
-    grad, theta0, batch, trainer = captured_outer_grad(solver, **opts)
-    model, lr, k = trainer.module, 0.1, 4
+def test_trainer_hypergradient_is_exact_through_the_last_step(solver, opts, groups):
+    # with parameter groups, each tensor steps at its own group's lr: the derivative through
+    # that step (first_order took the first group's lr for every tensor, and unrolled stepped
+    # every tensor at it, off the optimizer's trajectory)
+    optimizer = two_groups if groups else None
+    grad, theta0, batch, trainer = captured_outer_grad(solver, optimizer, **opts)
+    model, k = trainer.module, 4
+    lrs = [0.3, 0.3, 0.1, 0.1] if groups else [0.1] * 4
     names = list(theta0)
     leaves = [theta0[n].clone().requires_grad_(True) for n in names]
     logits = trainer.weights.logits.detach().clone()
@@ -401,7 +413,7 @@ def test_trainer_hypergradient_is_exact_through_the_last_step(solver, opts):
         return torch.stack([losses[batch["domain"] == i].mean() for i in range(k)])
 
     g = torch.autograd.grad((w * per_domain(leaves)).sum(), leaves, create_graph=True)
-    theta1 = [p - lr * gi for p, gi in zip(leaves, g)]
+    theta1 = [p - lr * gi for p, gi, lr in zip(leaves, g, lrs, strict=True)]
     meta = trainer.meta_sampler.columns
     out = torch.func.functional_call(model, dict(zip(names, theta1)), (meta["x"],))
     expected = torch.autograd.grad(F.cross_entropy(out, meta["y"]), logits)[0]

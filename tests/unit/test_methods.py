@@ -317,3 +317,34 @@ def test_doge_is_first_order_stepped_by_mirror_descent():
     doge = run(build("doge", lr=0.7), None)
     reference = run(build("first_order"), lambda ps: MirrorDescent(ps, lr=0.7))
     assert doge == pytest.approx(reference, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["first_order", "sama", "unrolled"])
+def test_a_step_size_per_tensor_is_the_derivative_through_that_step(name):
+    # bilevel.hypergradient(inner_lr=[...]): one lr per tensor of params, as an optimizer whose
+    # parameter groups have learning rates of their own steps them
+    model, per_domain, outer, weights = mlp_problem()
+    params = bilevel.functional.trainable_params(model)
+    lrs = [0.3, 0.3, 0.05, 0.05]
+    names = list(params)
+    logits = weights.logits.detach().clone().requires_grad_(True)
+    w = torch.softmax(logits, 0)
+    theta = [params[n].clone().requires_grad_(True) for n in names]
+    g = torch.autograd.grad(w @ per_domain(dict(zip(names, theta))), theta, create_graph=True)
+    stepped = [t - lr * gi for t, gi, lr in zip(theta, g, lrs)]
+    if name == "unrolled":  # exact: M after that step, differentiated to the logits
+        expected = torch.autograd.grad(outer(dict(zip(names, stepped))), logits)[0]
+    else:  # first-order: grad M at theta, not after the step
+        g_meta = torch.autograd.grad(outer(dict(zip(names, theta))), theta)
+        lookahead = sum((gm.detach() * s).sum() for gm, s in zip(g_meta, stepped))
+        expected = torch.autograd.grad(lookahead, logits)[0]
+    solver = build(name, steps=1) if name == "unrolled" else build(name)
+    got = bilevel.hypergradient(solver, per_domain, outer, params, weights, inner_lr=lrs)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+    if name == "unrolled":
+        higher = build("unrolled", steps=1, backend="higher")
+        torch.testing.assert_close(
+            bilevel.hypergradient(higher, per_domain, outer, params, weights, inner_lr=lrs), got
+        )
+    with pytest.raises(ValueError, match=r"inner_lr: one step size per tensor of params \(4\)"):
+        bilevel.hypergradient(solver, per_domain, outer, params, weights, inner_lr=lrs[:3])
