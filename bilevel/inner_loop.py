@@ -92,7 +92,8 @@ class InnerLoop:
         group_of = {
             id(p): i for i, g in enumerate(self.inner_opt.param_groups) for p in g["params"]
         }
-        self._group_of_param = [group_of.get(id(p)) for p in self.params]
+        check_holds_trainable(group_of, named)
+        self._group_of_param = [group_of[id(p)] for p in self.params]
         if strategy.sharded and isinstance(self.inner_opt, torch.optim.SGD):
             # torch's fused SGD kernel has no rule for sharded tensors; plain SGD steps still
             # run fused on the local shards (below), other SGD steps use the foreach kernel
@@ -141,16 +142,14 @@ class InnerLoop:
     def current_step_sizes(self) -> list[Any] | None:
         """Each trainable tensor's learning rate (in the order of ``params``) where the inner
         optimizer's parameter groups have learning rates of their own; ``None`` where one
-        applies to all (:meth:`current_lr`). A tensor the optimizer does not hold gets 0: it
-        does not move."""
+        applies to all (:meth:`current_lr`)."""
         groups = self.inner_opt.param_groups
-        if len(groups) == 1 and None not in self._group_of_param:
+        if len(groups) == 1:
             return None
         lrs = [g["lr"] for g in groups]
-        same = not any(isinstance(lr, Tensor) for lr in lrs) and len(set(lrs)) == 1
-        if same and None not in self._group_of_param:
+        if not any(isinstance(lr, Tensor) for lr in lrs) and len(set(lrs)) == 1:
             return None
-        return [0.0 if i is None else lrs[i] for i in self._group_of_param]
+        return [lrs[i] for i in self._group_of_param]
 
     def hyper_lr(self) -> float | list[Any]:
         """The step size the hypergradient assumes: ``trainer.inner_lr`` when set, else the
@@ -431,4 +430,31 @@ class InnerLoop:
             f"the hypergradient assumes inner steps of size trainer.inner_lr="
             f"{self.config.inner_lr}; the inner optimizer trains with its own lr="
             f"{self.current_lr()}"
+        )
+
+
+def check_holds_trainable(group_of: dict[int, int], named: list[tuple[str, Tensor]]) -> None:
+    """The inner optimizer must hold exactly the trainable tensors (those with
+    ``requires_grad``): the hypergradient treats every one of them as an inner variable, and
+    the trainer's fused SGD step moved them all, so a tensor the optimizer left out still
+    moved, and one it held beyond them was stepped outside the weighted loss."""
+    ids = {id(p) for _, p in named}
+    missing = [n for n, p in named if id(p) not in group_of]
+    extra = sum(1 for i in group_of if i not in ids)
+    problems = []
+    if missing:
+        shown = ", ".join(missing[:4]) + (
+            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        )
+        problems.append(
+            f"leaves out {len(missing)} of the model's {len(named)} trainable tensors ({shown})"
+        )
+    if extra:
+        problems.append(f"holds {extra} tensor(s) that are not trainable parameters of the model")
+    if problems:
+        raise ConfigError(
+            "trainer.inner_optimizer",
+            f"{' and '.join(problems)}: it must hold exactly the parameters with requires_grad "
+            "(the inner variables); freeze the others (requires_grad_(False)) or build the "
+            "optimizer over the tensors it is given",
         )

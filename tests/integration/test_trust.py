@@ -1402,6 +1402,31 @@ def test_an_optimizer_or_scheduler_already_built_is_one_line(key):
         )
 
 
+@pytest.mark.parametrize("holds", ["some", "more"])
+def test_an_inner_optimizer_over_other_tensors_than_the_trainable_ones_is_refused(holds):
+    """An optimizer over half the model: the trainer's fused step still moved every trainable
+    tensor, and the hypergradient counted them all as inner variables."""
+    data = noisy_domains(per_domain=16, meta_size=8, test_size=8, seed=0)
+    stray = torch.zeros(3, requires_grad=True)
+
+    def factory(params):
+        params = list(params)
+        return torch.optim.SGD(params[:2] if holds == "some" else [*params, stray], lr=0.1)
+
+    message = "leaves out 2 of the model's 4 trainable tensors" if holds == "some" else "holds 1"
+    with pytest.raises(ConfigError, match=rf"^trainer.inner_optimizer: {message}"):
+        BilevelTrainer(
+            MLP(**data.model_kwargs, hidden=4),
+            DomainWeights(data.names),
+            build("first_order"),
+            per_example_cross_entropy,
+            cross_entropy,
+            data,
+            TrainerConfig(steps=5, progress=False),
+            inner_optimizer=factory,
+        )
+
+
 @pytest.mark.parametrize("key", ["inner_loss", "outer_loss"])
 def test_a_loss_that_is_not_a_function_is_named_in_python_too(key):
     """The command line said so; the Python trainer failed with "'str' object is not callable"."""
