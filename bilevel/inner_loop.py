@@ -39,7 +39,13 @@ from bilevel.functional import (
     segment_mean,
 )
 from bilevel.guard import SkipCounter, found_inf, guarded_step, is_plain_sgd, plain_sgd_step
-from bilevel.inner_optim import OptimizerFactory, default_sgd, make_optimizer, make_scheduler
+from bilevel.inner_optim import (
+    OptimizerFactory,
+    check_holds_exactly,
+    default_sgd,
+    make_optimizer,
+    make_scheduler,
+)
 from bilevel.solvers.finite_difference import FiniteDifferenceProducts, ModulePoint, default_step
 from bilevel.solvers.products import InnerProducts, grad_of_outer_value, poison_nonfinite
 from bilevel.strategies.base import Strategy
@@ -89,10 +95,16 @@ class InnerLoop:
         self.plain_sgd = (
             is_plain_sgd(self.inner_opt) and len(self.inner_opt.param_groups) == 1 and fused
         )
+        check_holds_exactly(
+            self.inner_opt,
+            named,
+            "trainer.inner_optimizer",
+            "trainable tensors of the model",
+            "; to keep a tensor of the model out of training, freeze it (requires_grad_(False))",
+        )
         group_of = {
             id(p): i for i, g in enumerate(self.inner_opt.param_groups) for p in g["params"]
         }
-        check_holds_trainable(group_of, named)
         self._group_of_param = [group_of[id(p)] for p in self.params]
         if strategy.sharded and isinstance(self.inner_opt, torch.optim.SGD):
             # torch's fused SGD kernel has no rule for sharded tensors; plain SGD steps still
@@ -430,31 +442,4 @@ class InnerLoop:
             f"the hypergradient assumes inner steps of size trainer.inner_lr="
             f"{self.config.inner_lr}; the inner optimizer trains with its own lr="
             f"{self.current_lr()}"
-        )
-
-
-def check_holds_trainable(group_of: dict[int, int], named: list[tuple[str, Tensor]]) -> None:
-    """The inner optimizer must hold exactly the trainable tensors (those with
-    ``requires_grad``): the hypergradient treats every one of them as an inner variable, and
-    the trainer's fused SGD step moved them all, so a tensor the optimizer left out still
-    moved, and one it held beyond them was stepped outside the weighted loss."""
-    ids = {id(p) for _, p in named}
-    missing = [n for n, p in named if id(p) not in group_of]
-    extra = sum(1 for i in group_of if i not in ids)
-    problems = []
-    if missing:
-        shown = ", ".join(missing[:4]) + (
-            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        )
-        problems.append(
-            f"leaves out {len(missing)} of the model's {len(named)} trainable tensors ({shown})"
-        )
-    if extra:
-        problems.append(f"holds {extra} tensor(s) that are not trainable parameters of the model")
-    if problems:
-        raise ConfigError(
-            "trainer.inner_optimizer",
-            f"{' and '.join(problems)}: it must hold exactly the parameters with requires_grad "
-            "(the inner variables); freeze the others (requires_grad_(False)) or build the "
-            "optimizer over the tensors it is given",
         )

@@ -17,6 +17,7 @@ from torch import Tensor
 from bilevel.errors import ConfigError, first_line, is_bool, is_finite_number
 
 __all__ = [
+    "check_holds_exactly",
     "check_hyperparameters",
     "default_sgd",
     "l2_decay",
@@ -220,6 +221,39 @@ def l2_decay(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[flo
             decay_of[id(p)] = value
     decay = [float(decay_of.get(id(p), 0.0)) for p in params]
     return decay if any(decay) else None
+
+
+def check_holds_exactly(
+    optimizer: torch.optim.Optimizer,
+    named: list[tuple[str, Tensor]],
+    field: str,
+    of: str,
+    hint: str = "",
+) -> None:
+    """``ConfigError`` unless ``optimizer`` holds exactly the tensors of ``named``.
+
+    An optimizer over fewer tensors (a factory that keeps part of what it is given) still had
+    every inner tensor moved by the trainer's fused SGD step and counted as an inner variable
+    by the hypergradient; an outer optimizer over other tensors left the weights where they
+    started, and both runs ended with exit 0. ``of`` names the set (``"trainable tensors of
+    the model"``)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    ids = {id(p) for _, p in named}
+    missing = [n for n, p in named if id(p) not in held]
+    extra = len(held - ids)
+    problems = []
+    if missing:
+        shown = ", ".join(missing[:4]) + (
+            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        )
+        problems.append(f"leaves out {len(missing)} of the {len(named)} {of} ({shown})")
+    if extra:
+        problems.append(f"holds {extra} tensor(s) that are not {of}")
+    if problems:
+        raise ConfigError(
+            field,
+            f"{' and '.join(problems)}: it must hold exactly the tensors it is given" + hint,
+        )
 
 
 def check_hyperparameters(optimizer: torch.optim.Optimizer, field: str) -> None:

@@ -39,7 +39,7 @@ from bilevel.functional import forward_batch
 from bilevel.guard import guarded_step
 from bilevel.hypergradient import chain_through_parametrization
 from bilevel.inner_loop import InnerLoop
-from bilevel.inner_optim import make_optimizer
+from bilevel.inner_optim import check_holds_exactly, make_optimizer
 from bilevel.logging import RunLog
 from bilevel.methods import OuterMethod, OuterUpdate, method_for
 from bilevel.methods.fixed import FixedWeights
@@ -182,6 +182,12 @@ class BilevelTrainer:
             outer_optimizer or _default_adam(fused),
             list(self.weights.parameters()),
             "trainer.outer_optimizer",
+        )
+        check_holds_exactly(
+            self.outer_opt,
+            list(self.weights.named_parameters()),
+            "trainer.outer_optimizer",
+            "parameters of the weights",
         )
         self.method = method_for(solver, weights)
         self._check_outer_optimizer()

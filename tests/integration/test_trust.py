@@ -1413,7 +1413,7 @@ def test_an_inner_optimizer_over_other_tensors_than_the_trainable_ones_is_refuse
         params = list(params)
         return torch.optim.SGD(params[:2] if holds == "some" else [*params, stray], lr=0.1)
 
-    message = "leaves out 2 of the model's 4 trainable tensors" if holds == "some" else "holds 1"
+    message = "leaves out 2 of the 4 trainable tensors" if holds == "some" else "holds 1"
     with pytest.raises(ConfigError, match=rf"^trainer.inner_optimizer: {message}"):
         BilevelTrainer(
             MLP(**data.model_kwargs, hidden=4),
@@ -1424,6 +1424,23 @@ def test_an_inner_optimizer_over_other_tensors_than_the_trainable_ones_is_refuse
             data,
             TrainerConfig(steps=5, progress=False),
             inner_optimizer=factory,
+        )
+
+
+def test_an_outer_optimizer_over_other_tensors_than_the_weights_is_refused():
+    """It left the weights where they started, and the run ended with exit 0."""
+    data = noisy_domains(per_domain=16, meta_size=8, test_size=8, seed=0)
+    stray = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ConfigError, match=r"^trainer.outer_optimizer: leaves out 1 of the 1 "):
+        BilevelTrainer(
+            MLP(**data.model_kwargs, hidden=4),
+            DomainWeights(data.names),
+            build("first_order"),
+            per_example_cross_entropy,
+            cross_entropy,
+            data,
+            TrainerConfig(steps=5, progress=False),
+            outer_optimizer=lambda params: torch.optim.Adam([stray], lr=0.1),
         )
 
 
