@@ -159,6 +159,15 @@ def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
                 hint = f"did you mean {' or '.join(close)}? "
                 return f"{name}: no such config key; {hint}to add a new key write +{name}=...", None
             return f"{name}: {elsewhere}", None
+        taken = re.match(r"Could not append to config\. An item is already at '([^']+)'", first)
+        if taken:  # +key=value for a key the config already has
+            name = taken.group(1)
+            given = next((a for a in args if override_key(a) == name and a.startswith("+")), None)
+            value = given.partition("=")[2] if given else "..."
+            return (
+                f"{name}: the config already has this key, so '+' (add a new key) does not "
+                f"apply: set it with {name}={value}"
+            ), None
         cause = root_cause(err)
         return (first if cause is err else f"{first} ({first_line(str(cause))})"), None
     return None, OmegaConf.to_container(composed.hydra, resolve=False)

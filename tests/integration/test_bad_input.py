@@ -167,6 +167,8 @@ CASES = [
     (["solver=neumann", "solver.simultaneous=1"], "solver"),
     (["print_config=maybe"], "print_config"),
     (["trainer.inner_optimizer.fused=maybe"], "trainer.inner_optimizer.fused"),
+    # '+' (add a key) on a key the preset has: Hydra's "Could not append to config"
+    (["+trainer.inner_optimizer.lr=0.2"], "trainer.inner_optimizer.lr: the config already"),
     (["weights=meta_weight_net", "weights.use_domain=no"], "weights"),
     (["trainer.strategy=fsdp", "solver.products=finite_difference"], "trainer.strategy"),
     (["weights=meta_weight_net", "trainer.sampling=weights"], "trainer.sampling"),
