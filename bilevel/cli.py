@@ -517,6 +517,9 @@ def main() -> None:
     directory."""
     quiet_third_parties()
     sweeps.codes.clear()
+    # -m anywhere: Hydra's parser takes it only before the overrides ("unrecognized arguments")
+    flags = [a for a in sys.argv[1:] if a in folders.MULTIRUN_FLAGS]
+    sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in folders.MULTIRUN_FLAGS]
     args = sys.argv[1:]
     try:
         shown = resumed_config_shown(args)

@@ -106,8 +106,8 @@ def preflight(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
     if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
         return None, None  # another config source: Hydra's to check
     swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
-    if not flags:
-        return (None, None) if swept else _compose_check(plain)
+    if not flags and not swept:
+        return _compose_check(plain)
     try:
         values = {i: list(parsed[i].sweep_string_iterator()) for i in swept}
     except HydraException:
@@ -115,6 +115,17 @@ def preflight(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
     first = list(plain)
     for i in swept:
         first[i] = f"{parsed[i].get_key_element()}={values[i][0]}"
+    if not flags:  # a sweep without -m: fine where the config is a multirun (hparams_search)
+        error, hydra = _compose_check(first)
+        mode = (hydra or {}).get("mode")
+        if error is not None or getattr(mode, "name", mode) == "MULTIRUN":
+            return error, None
+        shown = plain[swept[0]]  # Hydra: "Ambiguous value ..." or "... requires --multirun"
+        return (
+            f"{parsed[swept[0]].get_key_element()}: {shown} is a sweep (several values), which "
+            f"runs only as a multirun: bilevel-run -m {shown} (quote a single value that "
+            "holds a comma: key='a,b')"
+        ), None
     points = [first]
     for i in swept:
         if "." not in parsed[i].get_key_element():  # a group: each option composes differently
@@ -143,6 +154,8 @@ def _compose_check(args: list[str]) -> tuple[str | None, dict[str, Any] | None]:
         group, _, option = missing.rpartition("/")
         if err.options:
             return f"{group}: unknown option {option!r}; valid: {', '.join(err.options)}", None
+        return first_line(str(err)), None
+    except (ValueError, TypeError) as err:  # e.g. trainer=null: Hydra's own ValueError
         return first_line(str(err)), None
     except HydraException as err:
         first = first_line(str(err))

@@ -167,6 +167,10 @@ CASES = [
     (["solver=neumann", "solver.simultaneous=1"], "solver"),
     (["print_config=maybe"], "print_config"),
     (["trainer.inner_optimizer.fused=maybe"], "trainer.inner_optimizer.fused"),
+    # a sweep without -m: Hydra's "Ambiguous value" (exit 1, several lines) or a traceback
+    (["solver=first_order,cg"], "solver: solver=first_order,cg is a sweep"),
+    (["trainer.steps=range(1,3)"], "trainer.steps: trainer.steps=range(1,3) is a sweep"),
+    (["trainer=null"], "Config group override must be a string"),
     # '+' (add a key) on a key the preset has: Hydra's "Could not append to config"
     (["+trainer.inner_optimizer.lr=0.2"], "trainer.inner_optimizer.lr: the config already"),
     (["weights=meta_weight_net", "weights.use_domain=no"], "weights"),
