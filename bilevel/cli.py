@@ -247,10 +247,7 @@ def make_trainer(
         for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
         if k not in _OPTIMIZER_KEYS
     }
-    try:
-        trainer_config = TrainerConfig(**loop)
-    except TypeError as err:
-        raise ConfigError("trainer", str(err)) from None
+    trainer_config = TrainerConfig.from_mapping(loop)
     optimizers = {
         key: build(cfg.trainer[key], f"trainer.{key}") if cfg.trainer.get(key) else None
         for key in _OPTIMIZER_KEYS

@@ -70,10 +70,7 @@ def check_arguments(model, weights, solver, data, config) -> tuple[Any, TrainerC
     if config is None:
         config = TrainerConfig()
     elif isinstance(config, Mapping):
-        try:
-            config = TrainerConfig(**config)
-        except TypeError as err:
-            raise ConfigError("trainer", str(err)) from None
+        config = TrainerConfig.from_mapping(config)
     elif not isinstance(config, TrainerConfig):
         raise TypeError(f"config must be a bilevel.TrainerConfig, got {type(config).__name__}")
     return solver, config

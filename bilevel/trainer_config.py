@@ -3,7 +3,10 @@ config group without its optimizers), checked before any training."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 from bilevel.data.samplers import SAMPLING
 from bilevel.errors import ConfigError, is_bool, is_finite_number, is_integer
@@ -67,6 +70,22 @@ class TrainerConfig:
     strategy: str = "ddp"
     learn_weights: bool = True
     progress: bool = True
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> TrainerConfig:
+        """``TrainerConfig(**values)``; a key it does not have is one line naming the closest
+        settings (it was Python's "__init__() got an unexpected keyword argument")."""
+        known = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=2)
+                hint = (
+                    f"did you mean {' or '.join(close)}?"
+                    if close
+                    else f"its settings: {', '.join(known)}"
+                )
+                raise ConfigError(f"trainer.{key}", f"no such setting; {hint}")
+        return cls(**values)
 
     def validate(self) -> None:
         positive = ["steps", "outer_every", "batch_size", "log_every", "max_skipped"]
