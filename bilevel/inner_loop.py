@@ -242,7 +242,7 @@ class InnerLoop:
 
     def per_example(self, batch: dict[str, Any], model: nn.Module | None = None) -> Tensor:
         with self.autocast():
-            out = self.inner_loss(forward_batch(model or self.net, batch), batch)
+            out = self.inner_loss(forward_batch(self.net if model is None else model, batch), batch)
         return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
     def domain_losses(self, per_example: Tensor, batch: dict[str, Any]) -> Tensor:

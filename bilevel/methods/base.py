@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
+import torch._dynamo
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,13 +80,25 @@ def require_second_derivatives(module, method: str) -> None:
     attention, reentrant checkpointing): it says so in ``second_derivatives_missing``."""
     from bilevel.errors import ConfigError
 
+    products = (
+        "a solver with solver.products=finite_difference (unrolled has no other products)"
+        if "unrolled" in method
+        else "solver.products=finite_difference"
+    )
     for sub in module.modules():
+        if isinstance(sub, torch._dynamo.eval_frame.OptimizedModule):
+            raise ConfigError(
+                "model",
+                f"a torch.compile'd model: its compiled backward takes no double backward "
+                f"(torch frees its buffers after one), which {method} with autograd products "
+                f"needs: use {products}, or pass the model uncompiled",
+            )
         missing = getattr(sub, "second_derivatives_missing", None)
         if missing:
             field, what = missing
             raise ConfigError(
                 field,
                 f"{what} has no double backward or forward mode, which {method} with autograd "
-                "products needs: use solver.products=finite_difference, or attn_implementation="
-                "eager and non-reentrant checkpointing",
+                f"products needs: use {products}, or attn_implementation=eager and "
+                "non-reentrant checkpointing",
             )

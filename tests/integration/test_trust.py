@@ -1531,3 +1531,26 @@ def test_a_presets_value_that_changes_nothing_is_no_note():
     assert noted(run_config={"seed": 0}, overrides=["experiment=prm"]) == set()
     cli_set = ["trainer.inner_lr=0.1", "+trainer.temperature=2.0"]
     assert noted(run_config={"seed": 0}, overrides=cli_set) == {"inner_lr", "temperature"}
+
+
+def test_a_compiled_model_with_autograd_products_is_one_line_and_runs_with_finite_differences():
+    """torch.compile's backward takes no double backward: a traceback from inside torch
+    ("compiled with non-empty donated buffers"); with finite differences, ``model or net``
+    asked the compiled module for its length and failed with "MLP does not support len()"."""
+    data = noisy_domains(per_domain=16, meta_size=8, test_size=8, seed=0)
+
+    def make(solver):
+        return BilevelTrainer(
+            torch.compile(MLP(**data.model_kwargs, hidden=4)),
+            DomainWeights(data.names),
+            solver,
+            per_example_cross_entropy,
+            cross_entropy,
+            data,
+            TrainerConfig(steps=2, outer_every=2, batch_size=8, progress=False),
+        )
+
+    with pytest.raises(ConfigError, match=r"^model: a torch.compile'd model: .*finite_difference"):
+        make(build("cg"))
+    summary = make(build("first_order", products="finite_difference")).fit()
+    assert summary["steps"] == 2
