@@ -210,9 +210,18 @@ def hypergradient(
                 stacklevel=2,
             )
     with torch.enable_grad():
-        grad_values = solver.domain_grad(
-            per_domain_loss, outer_loss, params, values, inner_lr, reduce=reduce, **extra
-        )
+        try:
+            grad_values = solver.domain_grad(
+                per_domain_loss, outer_loss, params, values, inner_lr, reduce=reduce, **extra
+            )
+        except RuntimeError as err:
+            if "donated buffers" not in str(err):
+                raise
+            raise RuntimeError(
+                "the losses run a torch.compile'd model, whose compiled backward takes no "
+                "double backward, which autograd products need: build the solver with "
+                "products='finite_difference', or call the model uncompiled"
+            ) from err
     grad_values = grad_values.detach().to(weights.logits.dtype)
     if wrt == "values":
         return grad_values

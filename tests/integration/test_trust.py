@@ -12,10 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import bilevel
-from bilevel import BilevelTrainer, DomainWeights, TrainerConfig
+from bilevel import (
+    BilevelTrainer,
+    DomainWeights,
+    TrainerConfig,
+    make_outer_loss,
+    make_per_domain_loss,
+)
 from bilevel.cli import format_summary
 from bilevel.data import DomainData, noisy_domains
 from bilevel.errors import ConfigError, NonFiniteError
+from bilevel.functional import trainable_params
 from bilevel.logging import read_jsonl
 from bilevel.losses import cross_entropy, per_example_cross_entropy
 from bilevel.models import MLP
@@ -1552,5 +1559,15 @@ def test_a_compiled_model_with_autograd_products_is_one_line_and_runs_with_finit
 
     with pytest.raises(ConfigError, match=r"^model: a torch.compile'd model: .*finite_difference"):
         make(build("cg"))
-    summary = make(build("first_order", products="finite_difference")).fit()
-    assert summary["steps"] == 2
+    trainer = make(build("first_order", products="finite_difference"))
+    assert trainer.fit()["steps"] == 2
+    # the public API cannot see the model: it says what the error from inside torch means
+    batch, meta = trainer.loop.last_batch, trainer.meta_sampler.columns
+    with pytest.raises(RuntimeError, match="torch.compile'd model, whose compiled backward"):
+        bilevel.hypergradient(
+            build("cg", iters=1),
+            make_per_domain_loss(trainer.module, batch, per_example_cross_entropy, 4),
+            make_outer_loss(trainer.module, meta, cross_entropy),
+            trainable_params(trainer.module),
+            trainer.weights,
+        )
