@@ -34,8 +34,15 @@ def found_inf(tensors: Sequence[Tensor], one: Tensor) -> Tensor:
 
 
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
-    return isinstance(optimizer, MirrorDescent) or getattr(
-        optimizer, "_step_supports_amp_scaling", False
+    """Whether ``optimizer.step()`` reads ``found_inf`` on the device: a fused kernel in every
+    group. torch marks the optimizer when it is built with ``fused=True``, and keeps the mark
+    when a group turns the kernel off later (the trainer does under FSDP, whose sharded tensors
+    the fused SGD kernel does not take): the step then failed with "Expected grad_scale and
+    found_inf to be None"."""
+    if isinstance(optimizer, MirrorDescent):
+        return True
+    return getattr(optimizer, "_step_supports_amp_scaling", False) and all(
+        group.get("fused") for group in optimizer.param_groups
     )
 
 

@@ -75,8 +75,11 @@ def test_fsdp_resume_equals_an_uninterrupted_run(runs):
 
 def test_fsdp_with_cg_runs(tmp_path):
     """Also: batch sizes that the 2 ranks cannot split evenly are said in the first lines
-    (each rank draws batch_size // 2 rows: 33 trained on 32 in all, silently)."""
+    (each rank draws batch_size // 2 rows: 33 trained on 32 in all, silently); SGD with
+    momentum and weight decay, which the fused kernel (off under FSDP) used to be asked to
+    skip on the device ("Expected grad_scale and found_inf to be None")."""
     extra = ["trainer.strategy=fsdp", "solver=cg", "solver.iters=3"]
+    extra += ["+trainer.inner_optimizer.momentum=0.9", "+trainer.inner_optimizer.weight_decay=0.01"]
     extra += ["trainer.batch_size=33", "trainer.meta_batch_size=9"]
     torchrun(*COMMON, *extra, "solver.products=finite_difference", f"hydra.run.dir={tmp_path}")
     summary = read_summary(tmp_path)

@@ -99,3 +99,21 @@ def test_the_rehearsal_leaves_a_tensor_learning_rate_alone():
     optimizer = torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=torch.tensor(0.1))
     make_scheduler(functools.partial(lr_scheduler.StepLR, step_size=1, gamma=0.5), optimizer, 30)
     assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.1)
+
+
+def test_an_optimizer_whose_fused_kernel_was_turned_off_skips_on_the_host():
+    # torch keeps an optimizer built fused=True marked as able to skip on the device after a
+    # group turns the kernel off (the trainer does under FSDP): the step then failed
+    from bilevel.guard import guarded_step, supports_device_skip
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.5, momentum=0.9, fused=True)
+    assert supports_device_skip(opt)
+    opt.param_groups[0]["fused"] = False
+    assert not supports_device_skip(opt)
+    p.grad = torch.ones(3)
+    guarded_step(opt, torch.zeros(()))
+    torch.testing.assert_close(p.detach(), torch.full((3,), 0.5))
+    p.grad = torch.ones(3)
+    guarded_step(opt, torch.ones(()))  # found: skipped
+    torch.testing.assert_close(p.detach(), torch.full((3,), 0.5))
