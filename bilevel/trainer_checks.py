@@ -296,11 +296,18 @@ def check_fsdp_solver(solver: Any, hypergradient: bool = False) -> None:
     products = getattr(solver, "products", None)
     if products is None and not hypergradient:
         return  # a method without products (odm, doremi, ...) says itself what it refuses
-    if products != "finite_difference" or not callable(getattr(solver, "solve", None)):
-        name = getattr(solver, "name", type(solver).__name__)
+    name = getattr(solver, "name", type(solver).__name__)
+    if products != "finite_difference":
         raise ConfigError(
             "solver.products",
             f"trainer.strategy=fsdp shards the parameters, where double backward is not "
             f"available: use solver.products=finite_difference (solver {name!r} has "
             f"products={products or 'autograd'!r})",
+        )
+    if hypergradient and not callable(getattr(solver, "solve", None)):
+        # a method with its own window (doge) checks the solver it runs inside it
+        raise ConfigError(
+            "solver",
+            f"{name!r} has no solve step, which runs the products on the local shards under "
+            "trainer.strategy=fsdp: use first_order, sama, neumann or cg",
         )

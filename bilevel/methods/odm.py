@@ -90,7 +90,9 @@ class ODM:
                 k,
                 torch.ones(k, dtype=torch.float64, device=pi.device),
             )
-            estimate = sums / (sampler.batch_size * pi)
+            # each rank's estimate from its own batch, averaged over ranks: every rank keeps
+            # the same rewards and so the same policy (they drifted apart under torchrun)
+            (estimate,) = loop.strategy.reduce([sums / (sampler.batch_size * pi)])
             rewards = self._state["rewards"]
             self._state["rewards"] = self.smoothing * rewards + (1 - self.smoothing) * estimate
             self._state["t"] += 1

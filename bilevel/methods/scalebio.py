@@ -147,6 +147,9 @@ class ScaleBiO:
             self._state["step"] = step + 1
         if not update:
             return None
+        # the penalty's gradient from each rank's batches, averaged over ranks: the weights
+        # stay the same on every rank (they drifted apart under torchrun)
+        (diff,) = loop.strategy.reduce([diff])
         return OuterUpdate(grad=self.alpha * diff / n)
 
     def state_dict(self) -> dict[str, Any]:

@@ -117,3 +117,23 @@ def test_fsdp_refuses_what_cannot_run_sharded(tmp_path, args, field):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"bilevel: error: {field}")
+
+
+def test_doge_with_finite_differences_may_run_sharded():
+    """DoGE has no solve step of its own (its first_order inside has): it was refused under
+    fsdp even with solver.products=finite_difference."""
+    from bilevel.errors import ConfigError
+    from bilevel.solvers import build
+    from bilevel.trainer_checks import check_fsdp_solver
+
+    check_fsdp_solver(build("doge", products="finite_difference"))
+    with pytest.raises(ConfigError, match="^solver.products: .*'doge' has products='autograd'"):
+        check_fsdp_solver(build("doge"))
+
+    class OnlyDomainGrad:  # a user's solver: products, but nothing to run on the shards
+        name, products = "mine", "finite_difference"
+
+        def domain_grad(self, *args, **kwargs): ...
+
+    with pytest.raises(ConfigError, match="^solver: 'mine' has no solve step"):
+        check_fsdp_solver(OnlyDomainGrad(), hypergradient=True)

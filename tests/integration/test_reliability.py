@@ -333,6 +333,17 @@ def test_torchrun_two_cpu_ranks(tmp_path):
     assert not list(scratch.glob("bilevel-rank*"))  # and its temporary folder is gone
 
 
+@pytest.mark.parametrize("solver", ["scalebio", "odm"])
+def test_methods_of_their_own_rule_keep_the_weights_equal_on_every_rank(tmp_path, solver):
+    """ScaleBiO's penalty gradient and ODM's reward estimates came from each rank's own
+    batches: the weights drifted apart between ranks (summary's ranks_agree false, exit 0)."""
+    torchrun(
+        "experiment=tiny", f"solver={solver}", "trainer.progress=false", f"hydra.run.dir={tmp_path}"
+    )
+    summary = read_summary(tmp_path)
+    assert summary["world_size"] == 2 and summary["ranks_agree"] is True
+
+
 def test_data_builder_must_return_domain_data():
     with pytest.raises(Exception, match="no training examples"):
         d = noisy_domains(per_domain=4, meta_size=4, test_size=4)
