@@ -222,6 +222,7 @@ class BilevelTrainer:
         # counter, read once at the end: a run whose weights never moved says why)
         self._gradient_updates = 0
         self._nonzero_updates = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._ranks_differ_said = False
         self._resumed_from: str | None = None
         #: this trainer has written its run directory (a second fit() continues in it)
         self._wrote_run_dir = False
@@ -475,6 +476,7 @@ class BilevelTrainer:
         return {"step": self.step, "weights": self.weights.as_dict(), "meta_loss": self.meta_loss()}
 
     def _log(self) -> dict[str, Any]:
+        self._check_ranks_agree()
         weights = self.weights.as_dict()
         last = self.loop.last
         totals = self.loop.skips.totals()
@@ -501,6 +503,23 @@ class BilevelTrainer:
         shown = dict(list(weights.items())[:6])
         self.log.show(inner=record["inner_loss"], meta=record["meta_loss"], **shown)
         return record
+
+    def _check_ranks_agree(self) -> None:
+        """At a log event under torchrun: the weights must be the same on every rank (one
+        gather of K numbers). A method that updates them from one rank's own batches made them
+        drift apart with nothing said until the summary; the first time, a note says so."""
+        if self.strategy.world_size == 1 or self._ranks_differ_said:
+            return
+        if not self.strategy.all_equal(self.weights.logits.detach()):
+            self._ranks_differ_said = True
+            note = (
+                f"the weights differ between ranks at step {self.step}: the method "
+                f"{self.method.name!r} updates them from each rank's own batches instead of "
+                "an average over ranks (the summary records ranks_agree=false)"
+            )
+            self.notes.append(note)
+            if self.strategy.is_main:
+                log.warning(f"note: {note}")
 
     def evaluate(self) -> dict[str, float]:
         """Test-set metrics of the current model ({} without a test set)."""

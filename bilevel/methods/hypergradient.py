@@ -47,7 +47,7 @@ class HypergradientMethod:
 
     def __init__(self, solver: Any) -> None:
         self.solver = solver
-        self.name = solver.name
+        self.name = getattr(solver, "name", type(solver).__name__)
         self.path = "api"
         self._preconditioned = False
         self._l2: list[float] | None = None  # the inner optimizer's coupled weight decay

@@ -344,6 +344,51 @@ def test_methods_of_their_own_rule_keep_the_weights_equal_on_every_rank(tmp_path
     assert summary["world_size"] == 2 and summary["ranks_agree"] is True
 
 
+LOCAL_METHOD = """
+import torch
+import torch.distributed as dist
+from bilevel.methods.base import OuterUpdate
+
+
+class PerRank:  # a user's method with a bug: each rank sets its own weights
+    name, uses_meta, uses_outer_optimizer = "per_rank", False, False
+
+    def setup(self, loop):
+        return []
+
+    def window(self, loop, n, update):
+        for _ in range(n):
+            loop.inner_step(loop.next_batch())
+        if not update:
+            return None
+        scores = torch.arange(len(loop.w), dtype=loop.w.dtype) * (1.0 + dist.get_rank())
+        return OuterUpdate(values=torch.softmax(scores, 0))
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+"""
+
+
+def test_weights_that_drift_apart_between_ranks_are_said_at_the_first_log_event(tmp_path):
+    (tmp_path / "per_rank.py").write_text(LOCAL_METHOD)
+    out = tmp_path / "run"
+    torchrun(
+        "experiment=tiny",
+        "solver=custom",
+        "solver._target_=per_rank.PerRank",
+        "trainer.log_every=10",
+        "trainer.progress=false",
+        f"hydra.run.dir={out}",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    summary = read_summary(out)
+    assert summary["ranks_agree"] is False
+    assert [n for n in summary["notes"] if "differ between ranks at step 10" in n]
+
+
 def test_data_builder_must_return_domain_data():
     with pytest.raises(Exception, match="no training examples"):
         d = noisy_domains(per_domain=4, meta_size=4, test_size=4)
