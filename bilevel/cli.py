@@ -517,6 +517,7 @@ def main() -> None:
     # -m anywhere: Hydra's parser takes it only before the overrides ("unrecognized arguments")
     flags = [a for a in sys.argv[1:] if a in folders.MULTIRUN_FLAGS]
     sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in folders.MULTIRUN_FLAGS]
+    sys.argv[1:] = folders.expand_paths(sys.argv[1:])
     args = sys.argv[1:]
     try:
         shown = resumed_config_shown(args)

@@ -50,9 +50,42 @@ DEFAULT_SWEEP_DIR = "runs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
+#: overrides whose values are paths: ``~`` is expanded, quotes are read as Hydra reads them
+PATH_KEYS = ("resume", "hydra.run.dir", "hydra.sweep.dir")
+
+
+def override_value(arg: str) -> str:
+    """The value of a ``key=value`` override as Hydra reads it: quotes and escapes removed
+    (``resume="/my runs/x"`` is ``/my runs/x``; read raw, the quotes were part of the path)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        value = OverridesParser.create().parse_override(arg).value()
+    except HydraException:
+        return arg.split("=", 1)[1]
+    return value if isinstance(value, str) else str(value)
+
+
+def expand_paths(args: list[str]) -> list[str]:
+    """``args`` with a leading ``~`` of a path override expanded to the home folder: Hydra
+    takes it literally (a folder named ``~`` in the working directory) or refuses it unquoted
+    (``LexerNoViableAltException``)."""
+    out = []
+    for arg in args:
+        key, eq, raw = arg.partition("=")
+        if eq and key.lstrip("+") in PATH_KEYS and raw.lstrip("\"'").startswith("~"):
+            value = os.path.expanduser(raw.strip("\"'") if raw[:1] in "\"'" else raw)
+            quoted = value.replace("'", "\\'")
+            arg = f"{key}='{quoted}'"
+        out.append(arg)
+    return out
+
+
 def last_value(args: list[str], key: str) -> str | None:
-    """The value of the last ``key=value`` among the command-line ``args`` (``None``: absent)."""
-    values = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
+    """The value of the last ``key=value`` among the command-line ``args``, as Hydra reads it
+    (``None``: absent)."""
+    values = [override_value(a) for a in args if a.startswith(f"{key}=")]
     return values[-1] if values else None
 
 

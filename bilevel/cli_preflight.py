@@ -61,7 +61,7 @@ def resumed_config_shown(args: list[str]) -> str | None:
             return None  # another Hydra flag: Hydra's to answer
         else:
             plain.append(arg)
-    resume = [a.partition("=")[2] for a in plain if override_key(a) == "resume"]
+    resume = [folders.override_value(a) for a in plain if override_key(a) == "resume"]
     if asked != "job" or not resume or not resume[-1]:
         return None
     from hydra import compose, initialize_config_dir

@@ -246,10 +246,18 @@ def resolve_resume(path: str | Path) -> tuple[Path, Path | None]:
         raise ConfigError("resume", f"{path} does not exist")
     if path.is_dir():
         if not is_run_dir(path):
+            jobs = sorted(
+                (p for p in path.iterdir() if p.is_dir() and is_run_dir(p)),
+                key=lambda p: (len(p.name), p.name),
+            )
+            hint = (
+                f"; it holds {len(jobs)} run director{'y' if len(jobs) == 1 else 'ies'} (a "
+                f"sweep's jobs?): resume one of them, e.g. resume={jobs[0]}"
+                if jobs
+                else "; give a run directory that bilevel created, or a checkpoint file"
+            )
             raise ConfigError(
-                "resume",
-                f"{path} is not a bilevel run directory (no {MARKER}); give a run directory "
-                "that bilevel created, or a checkpoint file",
+                "resume", f"{path} is not a bilevel run directory (no {MARKER}){hint}"
             )
         return checkpoint.in_run(path), path
     run = path.parent.parent

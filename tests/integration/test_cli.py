@@ -9,7 +9,7 @@ from bilevel import checkpoint
 from bilevel.cli import format_summary
 from bilevel.errors import ConfigError
 from bilevel.logging import read_jsonl
-from tests.integration.helpers import cli, cli_batch, read_summary
+from tests.integration.helpers import REPO, cli, cli_batch, read_summary
 
 
 def test_tiny_run_writes_the_run_directory(run_cli):
@@ -401,3 +401,22 @@ def test_odm_runs_and_meta_weight_net_beats_uniform(run_cli, tmp_path):
     title = format_summary(mwn, tmp_path / "mwn").strip().splitlines()[0]
     assert title.startswith("learned per-example weights: each domain's mean in the last batch")
     assert format_summary(uniform, tmp_path).strip().startswith("fixed domain weights")
+
+
+def test_paths_with_spaces_quotes_and_a_home_tilde(tmp_path):
+    """resume="<path>" was read with its quotes as part of the path ("does not exist"); a
+    leading ~ made a folder named ~ in the working directory (hydra.run.dir) or a Hydra lexer
+    error (resume)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    spaced = tmp_path / "my runs" / "run"
+    cases = [  # in order, in one process: each resume continues the run before it
+        ["experiment=tiny", "trainer.steps=20", f'hydra.run.dir="{spaced}"'],
+        [f'resume="{spaced}"', "trainer.steps=40"],
+        ["experiment=tiny", "trainer.steps=20", "hydra.run.dir=~/r"],
+        ["resume=~/r", "trainer.steps=60"],
+    ]
+    for proc in cli_batch(cases, env={"HOME": str(home)}):
+        assert proc.returncode == 0, proc.stderr
+    assert read_summary(spaced)["steps"] == 40
+    assert read_summary(home / "r")["steps"] == 60 and not (REPO / "~").exists()

@@ -889,6 +889,18 @@ def test_the_trainer_checks_device_and_seed_as_the_command_line_does():
             small_trainer(config, device="xpu")
 
 
+def test_resume_of_a_sweep_folder_names_one_of_its_jobs(tmp_path):
+    from bilevel.run_dir import claim, resolve_resume
+
+    for job in ("0", "1", "10", "2"):
+        claim(tmp_path / "sweep" / job)
+    with pytest.raises(ConfigError, match=r"holds 4 run directories .*resume=.*sweep/0$"):
+        resolve_resume(tmp_path / "sweep")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="give a run directory that bilevel created"):
+        resolve_resume(tmp_path / "empty")
+
+
 def test_an_empty_resume_is_refused_not_read_as_the_current_folder():
     """``resume=$RUN`` with RUN unset: Path('') is '.', and the line spoke of the current folder
     as if it had been named."""
