@@ -50,10 +50,6 @@ DEFAULT_SWEEP_DIR = "runs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
-#: overrides whose values are paths: ``~`` is expanded, quotes are read as Hydra reads them
-PATH_KEYS = ("resume", "hydra.run.dir", "hydra.sweep.dir")
-
-
 def override_value(arg: str) -> str:
     """The value of a ``key=value`` override as Hydra reads it: quotes and escapes removed
     (``resume="/my runs/x"`` is ``/my runs/x``; read raw, the quotes were part of the path)."""
@@ -68,13 +64,14 @@ def override_value(arg: str) -> str:
 
 
 def expand_paths(args: list[str]) -> list[str]:
-    """``args`` with a leading ``~`` of a path override expanded to the home folder: Hydra
-    takes it literally (a folder named ``~`` in the working directory) or refuses it unquoted
-    (``LexerNoViableAltException``)."""
+    """``args`` with a value that starts with ``~/`` (a path: ``resume``, ``hydra.run.dir``,
+    ``model.path``, ...) expanded to the home folder: Hydra refuses it unquoted
+    (``LexerNoViableAltException``) and takes it literally quoted (a folder named ``~`` in the
+    working directory)."""
     out = []
     for arg in args:
         key, eq, raw = arg.partition("=")
-        if eq and key.lstrip("+") in PATH_KEYS and raw.lstrip("\"'").startswith("~"):
+        if eq and not key.startswith("-") and raw.lstrip("\"'").startswith("~/"):
             value = os.path.expanduser(raw.strip("\"'") if raw[:1] in "\"'" else raw)
             quoted = value.replace("'", "\\'")
             arg = f"{key}='{quoted}'"

@@ -59,7 +59,7 @@ def default_model_path() -> str:
 
 
 def _resolve(path: str | os.PathLike | None, field: str = "model.path") -> str:
-    path = str(path) if path else default_model_path()
+    path = os.path.expanduser(str(path)) if path else default_model_path()
     if not (Path(path) / "config.json").is_file():
         follows = " (data.tokenizer is model.path unless set)" if field == "data.tokenizer" else ""
         raise ConfigError(
