@@ -10,11 +10,10 @@ branches on the method.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
-import torch._dynamo
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,8 +84,11 @@ def require_second_derivatives(module, method: str) -> None:
         if "unrolled" in method
         else "solver.products=finite_difference"
     )
+    # torch.compile imports torch._dynamo; importing it here would cost every process ~2 s
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = eval_frame.OptimizedModule if eval_frame is not None else ()
     for sub in module.modules():
-        if isinstance(sub, torch._dynamo.eval_frame.OptimizedModule):
+        if isinstance(sub, compiled):
             raise ConfigError(
                 "model",
                 f"a torch.compile'd model: its compiled backward takes no double backward "
