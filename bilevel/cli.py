@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from bilevel.files import write_text_atomic
 from bilevel.run_settings import check_device, check_seed
 from bilevel.stopping import StopRequested
 from bilevel.trainer import BilevelTrainer, NonFiniteError, TrainerConfig
+from bilevel.weights import values_by_name
 
 __all__ = ["main", "run"]
 
@@ -218,6 +220,12 @@ def make_trainer(
             raise ConfigError(
                 "weights.init", f"must be a list of {len(data.names)} numbers, got {init!r}"
             )
+        if isinstance(init, Mapping):  # weights.init={d0:0.4,d1:0.4,d2:0.1,d3:0.1}
+            try:
+                init = values_by_name(init, data.names)
+            except ValueError as err:
+                raise ConfigError("weights.init", str(err).removeprefix("init ")) from None
+            OmegaConf.update(cfg, "weights.init", init, merge=False)
         values = list(init) if not isinstance(init, (int, float)) else [init]
         if len(values) != len(data.names):
             raise ConfigError(

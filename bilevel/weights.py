@@ -18,7 +18,7 @@ name           w = p(lambda)                       range                default 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,21 @@ def domain_names(names: Sequence[str], owner: str) -> list[str]:
     return names
 
 
+def values_by_name(values: Mapping[str, float], names: Sequence[str]) -> list[float]:
+    """``{name: value}`` as a list in the order of ``names``; every name needs a value and no
+    other name may appear (a misspelt one would otherwise be dropped silently)."""
+    unknown = [str(n) for n in values if n not in names]
+    missing = [n for n in names if n not in values]
+    if unknown or missing:
+        said = []
+        if unknown:
+            said.append(f"names no domain {unknown}")
+        if missing:
+            said.append(f"gives no value for {missing}")
+        raise ValueError(f"init {' and '.join(said)}: the domains are {list(names)}")
+    return [values[n] for n in names]
+
+
 class DomainWeights(nn.Module):
     """K named domain weights ``w = p(logits)`` whose logits are learned by the outer loop.
 
@@ -119,7 +134,8 @@ class DomainWeights(nn.Module):
         names: domain names, one per domain, unique; their order is the index order of every
             per-domain loss vector ``[K]`` and of ``batch["domain"]``.
         parametrization: ``"softmax"`` | ``"exp"`` | ``"sigmoid"`` | ``"softplus"``.
-        init: initial weight VALUES (not logits), length K. Defaults to uniform (1/K for softmax,
+        init: initial weight VALUES (not logits): K numbers in the order of ``names``, or
+            ``{name: value}`` for every name. Defaults to uniform (1/K for softmax,
             1 for exp and softplus, 0.5 for sigmoid). Softmax values are normalised to sum 1 and
             softplus values to mean 1, since those are the only reachable values.
         device: where the logits live (the model's device).
@@ -135,7 +151,7 @@ class DomainWeights(nn.Module):
         self,
         names: Sequence[str],
         parametrization: str = "softmax",
-        init: Sequence[float] | Tensor | None = None,
+        init: Sequence[float] | Mapping[str, float] | Tensor | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -149,6 +165,8 @@ class DomainWeights(nn.Module):
         k = len(names)
         if init is None:
             init = _default_values(parametrization, k)
+        elif isinstance(init, Mapping):
+            init = values_by_name(init, names)
         values = torch.as_tensor(init, dtype=torch.float64).flatten().cpu()
         if values.numel() != k:
             raise ValueError(

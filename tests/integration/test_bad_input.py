@@ -171,6 +171,9 @@ CASES = [
     (["solver=first_order,cg"], "solver: solver=first_order,cg is a sweep"),
     (["trainer.steps=range(1,3)"], "trainer.steps: trainer.steps=range(1,3) is a sweep"),
     (["trainer=null"], "Config group override must be a string"),
+    # initial weights by name: every domain, and only domains
+    (["weights.init={d0:0.4,d1:0.4,d2:0.2}"], "weights.init: gives no value for ['d3']"),
+    (["weights.init={d0:1,d1:1,d2:1,d3:1,d9:1}"], "weights.init: names no domain ['d9']"),
     # '+' (add a key) on a key the preset has: Hydra's "Could not append to config"
     (["+trainer.inner_optimizer.lr=0.2"], "trainer.inner_optimizer.lr: the config already"),
     (["weights=meta_weight_net", "weights.use_domain=no"], "weights"),

@@ -901,6 +901,29 @@ def test_resume_of_a_sweep_folder_names_one_of_its_jobs(tmp_path):
         resolve_resume(tmp_path / "empty")
 
 
+def test_initial_weights_by_name_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    (proc,) = cli_batch(
+        [
+            [
+                "experiment=tiny",
+                "weights.init={d3:0.1,d0:0.4,d1:0.4,d2:0.1}",
+                "trainer.learn_weights=false",
+                "trainer.steps=2",
+                f"hydra.run.dir={out}",
+            ]
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    weights = read_summary(out)["weights"]
+    assert {k: round(v, 6) for k, v in weights.items()} == {
+        "d0": 0.4,
+        "d1": 0.4,
+        "d2": 0.1,
+        "d3": 0.1,
+    }
+
+
 def test_an_empty_resume_is_refused_not_read_as_the_current_folder():
     """``resume=$RUN`` with RUN unset: Path('') is '.', and the line spoke of the current folder
     as if it had been named."""

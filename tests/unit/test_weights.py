@@ -129,3 +129,14 @@ def test_dreamprm_mse_losses():
     torch.testing.assert_close(
         aggregation_loss(logits, batch, loss="mse"), ((score - batch["outcome"]) ** 2).mean()
     )
+
+
+def test_init_by_name_in_any_order_and_every_name_needed():
+    w = DomainWeights(["a", "b", "c"], init={"c": 0.6, "a": 0.2, "b": 0.2})
+    torch.testing.assert_close(w.value(), torch.tensor([0.2, 0.2, 0.6]))
+    w.set_values({"a": 0.5, "b": 0.25, "c": 0.25})
+    torch.testing.assert_close(w.value(), torch.tensor([0.5, 0.25, 0.25]))
+    with pytest.raises(ValueError, match=r"init gives no value for \['c'\]"):
+        DomainWeights(["a", "b", "c"], init={"a": 0.5, "b": 0.5})
+    with pytest.raises(ValueError, match=r"init names no domain \['x'\]: the domains are"):
+        DomainWeights(["a", "b", "c"], init={"a": 1, "b": 1, "c": 1, "x": 1})
