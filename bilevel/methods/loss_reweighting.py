@@ -31,16 +31,36 @@ __all__ = ["LossReweighting", "loss_factors"]
 MODES = ("up", "down")
 
 
-def loss_factors(losses: Tensor, mode: str, strength: float, clip: float) -> Tensor:
-    """Per-example factors ``[B]`` (mean 1) from the detached losses ``[B]``."""
+def loss_factors(
+    losses: Tensor, mode: str, strength: float, clip: float, reduce=None, world_size: int = 1
+) -> Tensor:
+    """Per-example factors ``[B]`` (mean 1) from the detached losses ``[B]``.
+
+    ``reduce`` (averages tensors over the ``world_size`` data-parallel ranks): the mean and
+    standard deviation of the losses, and the factors' mean, are those of the global batch, as
+    one process training on all of it computes them (each rank's own batch gave other
+    z-scores)."""
     losses = losses.detach().float()
-    if losses.numel() < 2:
-        return torch.ones_like(losses)
-    z = (losses - losses.mean()) / losses.std().clamp_min(1e-12)
-    z = z.clamp(-clip, clip)
+    if reduce is None:
+        if losses.numel() < 2:
+            return torch.ones_like(losses)
+        mean, std = losses.mean(), losses.std()
+    else:
+        sums = torch.stack(  # in double: E[l^2] - E[l]^2 without cancellation
+            [losses.double().sum(), (losses.double() ** 2).sum(), losses.new_tensor(len(losses))]
+        )
+        (sums,) = reduce([sums.double()])
+        count = sums[2] * world_size  # the global batch's size (sums[2] is the ranks' mean)
+        mean = sums[0] / sums[2]
+        variance = (sums[1] / sums[2] - mean * mean) * count / (count - 1).clamp_min(1)
+        mean, std = mean.float(), variance.clamp_min(0).sqrt().float()
+    z = ((losses - mean) / std.clamp_min(1e-12)).clamp(-clip, clip)
     sign = 1.0 if mode == "up" else -1.0
     factors = 1 + sign * strength * z
-    return factors / factors.mean()
+    if reduce is None:
+        return factors / factors.mean()
+    (total,) = reduce([torch.stack([factors.sum(), factors.new_tensor(len(factors))])])
+    return factors / (total[0] / total[1])
 
 
 @dataclass(frozen=True)
@@ -75,12 +95,16 @@ class LossReweighting:
     def setup(self, loop) -> list[str]:
         return []
 
-    def _factors(self, per_example: Tensor, batch: dict) -> Tensor:
-        return loss_factors(per_example, self.mode, self.strength, self.clip).to(per_example.dtype)
-
     def window(self, loop, n: int, update: bool) -> OuterUpdate | None:
+        world = loop.strategy.world_size
+        reduce = loop.strategy.reduce if world > 1 else None
+
+        def factors(per_example: Tensor, batch: dict) -> Tensor:
+            found = loss_factors(per_example, self.mode, self.strength, self.clip, reduce, world)
+            return found.to(per_example.dtype)
+
         for _ in range(n):
-            loop.inner_step(loop.next_batch(), example_weights=self._factors)
+            loop.inner_step(loop.next_batch(), example_weights=factors)
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -348,3 +348,33 @@ def test_a_step_size_per_tensor_is_the_derivative_through_that_step(name):
         )
     with pytest.raises(ValueError, match=r"inner_lr: one step size per tensor of params \(4\)"):
         bilevel.hypergradient(solver, per_domain, outer, params, weights, inner_lr=lrs[:3])
+
+
+def test_loss_factors_under_data_parallel_are_those_of_the_global_batch():
+    # two ranks (threads) each with half of the batch: their factors, put together, are the
+    # factors of one process on the whole batch (each rank's own z-scores were not)
+    import threading
+
+    torch.manual_seed(0)
+    losses = torch.cat([torch.rand(32), torch.rand(32) * 3])  # halves with other statistics
+    barrier, sent = threading.Barrier(2), [None, None]
+    out = [None, None]
+
+    def rank(r):
+        def reduce(tensors):
+            sent[r] = tensors[0]
+            barrier.wait()
+            mean = (sent[0] + sent[1]) / 2
+            barrier.wait()
+            return [mean]
+
+        out[r] = loss_factors(losses[32 * r : 32 * (r + 1)], "down", 0.4, 2.0, reduce, 2)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    whole = loss_factors(losses, "down", 0.4, 2.0)
+    torch.testing.assert_close(torch.cat(out), whole, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss_factors(losses[:32], "down", 0.4, 2.0), whole[:32], atol=1e-3)
