@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from bilevel import buffers
 from bilevel.data.columns import Columns, num_rows, take, tensors, to_device
 from bilevel.data.domain_data import DomainData
+from bilevel.data.evaluate import classification_metrics, output_logits
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
 from bilevel.input_checks import check_labels, check_step_positions, check_token_ids
@@ -155,7 +156,9 @@ def check_losses(
             )
         if isinstance(data.test, Mapping) and "x" in data.test and num_rows(data.test):
             # the test set is used only at the end: a mistake there would cost the whole run
-            _forward(module, _first_rows(data.test, 4, device), "data.test")
+            output = _forward(module, _first_rows(data.test, 4, device), "data.test")
+            if data.evaluate is classification_metrics:
+                output_logits(output)  # the class scores it reads are in this output
         return outer_differentiable is not False
 
 

@@ -15,7 +15,29 @@ from bilevel.data.columns import Columns, chunks
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
 
-__all__ = ["checked_metrics", "classification_metrics"]
+__all__ = ["checked_metrics", "classification_metrics", "output_logits"]
+
+
+def output_logits(output: Any) -> torch.Tensor:
+    """The class scores ``[B, C]`` in a model's output: the output itself, its ``logits`` (a
+    Hugging Face ``ModelOutput`` or a dict), or the first element of a tuple. Anything else is
+    a :class:`ConfigError` that says to give ``data.evaluate`` metrics of one's own (a model
+    returning a dict failed after the whole run with "'dict' object has no attribute
+    'float'")."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ConfigError(
+        "data.evaluate",
+        f"the classification metrics read class scores [B, C] from the model's output, which "
+        f"is a {type(output).__name__} without a tensor 'logits': give data.evaluate a "
+        "function of your own, (model, columns, device) -> {metric: number}",
+    )
 
 
 @torch.no_grad()
@@ -28,7 +50,7 @@ def classification_metrics(
     n = 0
     with modes.evaluation(model):
         for batch in chunks(columns, chunk):
-            logits = forward_batch(model, batch).float()
+            logits = output_logits(forward_batch(model, batch)).float()
             correct += (logits.argmax(-1) == batch["y"]).sum()
             loss += F.cross_entropy(logits, batch["y"], reduction="sum").double()
             n += len(batch["y"])

@@ -1606,3 +1606,35 @@ def test_a_compiled_model_with_autograd_products_is_one_line_and_runs_with_finit
             trainable_params(trainer.module),
             trainer.weights,
         )
+
+
+def test_the_shipped_metrics_read_logits_from_a_dict_or_tuple_output_and_refuse_others_at_start():
+    """A model returning {"logits": ...} (as Hugging Face models do) trained the whole run and
+    then failed in the test evaluation with "'dict' object has no attribute 'float'"."""
+    data = noisy_domains(per_domain=16, meta_size=8, test_size=8, seed=0)
+
+    class Wrapped(nn.Module):
+        def __init__(self, key):
+            super().__init__()
+            self.net, self.key = MLP(**data.model_kwargs, hidden=4), key
+
+        def forward(self, x):
+            out = self.net(x)
+            return (out, out) if self.key is None else {self.key: out}
+
+    def trainer(key):
+        read = (lambda o: o[0]) if key is None else (lambda o: o[key])  # noqa: E731
+        return BilevelTrainer(
+            Wrapped(key),
+            DomainWeights(data.names),
+            build("first_order"),
+            lambda o, b: per_example_cross_entropy(read(o), b),
+            lambda o, b: cross_entropy(read(o), b),
+            data,
+            TrainerConfig(steps=2, outer_every=2, batch_size=8, progress=False),
+        )
+
+    assert set(trainer("logits").fit()["test"]) == {"accuracy", "loss"}
+    assert set(trainer(None).fit()["test"]) == {"accuracy", "loss"}
+    with pytest.raises(ConfigError, match=r"^data.evaluate: .*a dict without a tensor 'logits'"):
+        trainer("scores")
