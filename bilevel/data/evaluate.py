@@ -14,24 +14,20 @@ from bilevel import modes
 from bilevel.data.columns import Columns, chunks
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
+from bilevel.losses.shapes import model_scores
 
 __all__ = ["checked_metrics", "classification_metrics", "output_logits"]
 
 
 def output_logits(output: Any) -> torch.Tensor:
-    """The class scores ``[B, C]`` in a model's output: the output itself, its ``logits`` (a
-    Hugging Face ``ModelOutput`` or a dict), or the first element of a tuple. Anything else is
-    a :class:`ConfigError` that says to give ``data.evaluate`` metrics of one's own (a model
-    returning a dict failed after the whole run with "'dict' object has no attribute
+    """The class scores ``[B, C]`` in a model's output (:func:`~bilevel.losses.shapes.
+    model_scores`: the output itself, its ``logits``, or a tuple's first element). Anything
+    else is a :class:`ConfigError` that says to give ``data.evaluate`` metrics of one's own (a
+    model returning a dict failed after the whole run with "'dict' object has no attribute
     'float'")."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    if isinstance(getattr(output, "logits", None), torch.Tensor):
-        return output.logits
-    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
+    scores = model_scores(output)
+    if isinstance(scores, torch.Tensor):
+        return scores
     raise ConfigError(
         "data.evaluate",
         f"the classification metrics read class scores [B, C] from the model's output, which "

@@ -22,11 +22,11 @@ __all__ = ["per_example_cross_entropy", "cross_entropy"]
 
 def per_example_cross_entropy(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
     """Inner loss: cross-entropy of logits ``[B, C]`` against ``batch["y"]`` ``[B]`` -> ``[B]``."""
-    expect_output("per_example_cross_entropy", output, 2, _READS, _HINT)
+    output = expect_output("per_example_cross_entropy", output, 2, _READS, _HINT)
     return F.cross_entropy(upcast(output), batch["y"], reduction="none")
 
 
 def cross_entropy(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
     """Outer loss: mean cross-entropy of logits ``[B, C]`` against ``batch["y"]`` -> scalar."""
-    expect_output("cross_entropy", output, 2, _READS, _HINT)
+    output = expect_output("cross_entropy", output, 2, _READS, _HINT)
     return F.cross_entropy(upcast(output), batch["y"])

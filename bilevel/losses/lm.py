@@ -18,7 +18,7 @@ __all__ = ["per_sequence_token_cross_entropy", "token_cross_entropy"]
 
 
 def _token_losses(loss: str, output: Tensor, targets: Tensor) -> Tensor:
-    expect_output(
+    output = expect_output(
         loss, output, 3, "next-token logits [B, T, V]", "class logits [B, C] go with cross_entropy"
     )
     expect_column(loss, "y", targets, output.shape[:2], "target token ids [B, T]")

@@ -31,11 +31,12 @@ from bilevel.losses.shapes import expect_column, expect_output
 _HINT = "one score per step; a [B, S, 1] head needs .squeeze(-1)"
 
 
-def _steps(loss: str, output: Any, batch: Mapping[str, Any], *columns: str) -> None:
-    """``output`` must be step logits ``[B, S]`` and each named column shaped like it."""
-    expect_output(loss, output, 2, "step logits [B, S]", _HINT)
+def _steps(loss: str, output: Any, batch: Mapping[str, Any], *columns: str) -> Tensor:
+    """The step logits ``[B, S]`` in ``output``, each named column shaped like them."""
+    output = expect_output(loss, output, 2, "step logits [B, S]", _HINT)
     for name in columns:
         expect_column(loss, name, batch[name], output.shape, "one value per step [B, S]")
+    return output
 
 
 def _per_solution(loss: str, output: Tensor, batch: Mapping[str, Any], *columns: str) -> None:
@@ -58,7 +59,7 @@ AGGREGATIONS = ("mean_logodds", "min", "product", "last")
 def step_mse(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
     """Inner loss as DreamPRM's code: mean squared error between each step's probability
     sigmoid(logit) and its (soft, e.g. Monte-Carlo) label, over each trajectory's steps -> [B]."""
-    _steps("step_mse", output, batch, "step_mask", "step_labels")
+    output = _steps("step_mse", output, batch, "step_mask", "step_labels")
     probs = torch.sigmoid(upcast(output))
     mask = batch["step_mask"].to(probs.dtype)
     errors = (probs - batch["step_labels"].to(probs.dtype)) ** 2
@@ -67,7 +68,7 @@ def step_mse(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
 
 def step_bce(output: Tensor, batch: Mapping[str, Any]) -> Tensor:
     """Inner loss: mean binary cross-entropy over each trajectory's real steps -> ``[B]``."""
-    _steps("step_bce", output, batch, "step_mask", "step_labels")
+    output = _steps("step_bce", output, batch, "step_mask", "step_labels")
     logits = upcast(output)
     mask = batch["step_mask"].float()
     losses = F.binary_cross_entropy_with_logits(
@@ -82,7 +83,7 @@ def trajectory_logits(output: Tensor, batch: Mapping[str, Any], aggregation: str
     For ``product`` the value is log P (a log-probability, not a logit); use
     :func:`aggregation_loss` or compare scores only within one aggregation.
     """
-    _steps("trajectory_logits", output, batch, "step_mask")
+    output = _steps("trajectory_logits", output, batch, "step_mask")
     logits = upcast(output)
     mask = batch["step_mask"].float()
     if aggregation == "mean_logodds":
@@ -112,7 +113,7 @@ def aggregation_loss(
     if loss not in ("bce", "mse"):
         raise ValueError(f"aggregation_loss: loss must be bce or mse, got {loss!r}")
     score = trajectory_logits(output, batch, aggregation)
-    _per_solution("aggregation_loss", output, batch, "outcome")
+    _per_solution("aggregation_loss", score, batch, "outcome")
     outcome = batch["outcome"].to(score.dtype)
     if loss == "mse":
         prob = score.exp() if aggregation == "product" else torch.sigmoid(score)
@@ -134,7 +135,7 @@ def pairwise_ranking_loss(
     not on how calibrated the scores are.
     """
     score = trajectory_logits(output, batch, aggregation)
-    _per_solution("pairwise_ranking_loss", output, batch, "outcome", "problem")
+    _per_solution("pairwise_ranking_loss", score, batch, "outcome", "problem")
     outcome = batch["outcome"].to(score.dtype)
     problem = batch["problem"]
     pairs = (

@@ -8,11 +8,12 @@ Shape reads only: no host synchronization, a few hundred nanoseconds per call.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["expect_column", "expect_output", "shape_of"]
+__all__ = ["expect_column", "expect_output", "model_scores", "shape_of"]
 
 
 def shape_of(value: Any) -> str:
@@ -20,11 +21,28 @@ def shape_of(value: Any) -> str:
     return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
 
 
-def expect_output(loss: str, output: Any, dims: int, reads: str, hint: str = "") -> None:
-    """Raise a ValueError naming ``loss`` unless ``output`` is a tensor with ``dims``
-    dimensions; ``reads`` says what the loss reads (e.g. ``class logits [B, C]``)."""
+def model_scores(output: Any) -> Any:
+    """The tensor a loss or a metric reads from a model's output: the output itself, its
+    ``logits`` (a Hugging Face ``ModelOutput`` or a dict), or the first element of a tuple;
+    anything else is returned as it is (for the caller's message)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    if isinstance(getattr(output, "logits", None), Tensor):
+        return output.logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return output
+
+
+def expect_output(loss: str, output: Any, dims: int, reads: str, hint: str = "") -> Tensor:
+    """The scores ``loss`` reads (:func:`model_scores`); a ValueError naming ``loss`` unless
+    they are a tensor with ``dims`` dimensions. ``reads`` says what the loss reads (e.g.
+    ``class logits [B, C]``)."""
+    output = model_scores(output)
     if isinstance(output, Tensor) and output.dim() == dims:
-        return
+        return output
     raise ValueError(
         f"{loss} reads {reads} from the model, got output {shape_of(output)}"
         + (f" ({hint})" if hint else "")

@@ -29,6 +29,7 @@ from bilevel import modes
 from bilevel.data.checks import check_counts, check_seed
 from bilevel.data.columns import Columns, chunks, domain_columns
 from bilevel.data.domain_data import DomainData
+from bilevel.data.evaluate import output_logits
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
 
@@ -120,7 +121,7 @@ def lm_metrics(model: nn.Module, columns: Columns, device: torch.device) -> dict
     count = 0
     with modes.evaluation(model):
         for batch in chunks(columns, 16):
-            logits = forward_batch(model, batch).float()
+            logits = output_logits(forward_batch(model, batch)).float()
             y = batch["y"]
             total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
             count += y.numel()

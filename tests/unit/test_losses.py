@@ -58,3 +58,35 @@ def test_class_and_token_losses_refuse_each_others_outputs():
     # soft targets for class logits stay allowed
     soft = torch.softmax(torch.randn(2, 3), -1)
     assert losses.cross_entropy(torch.randn(2, 3), {"y": soft}).dim() == 0
+
+
+def test_the_library_losses_read_logits_from_a_dict_a_model_output_or_a_tuple():
+    # a Hugging Face model returns a ModelOutput: the shipped losses failed on it with a
+    # shape error although its logits were what they read
+    from collections import namedtuple
+
+    from bilevel.losses import cross_entropy, per_example_cross_entropy
+    from bilevel.losses.lm import token_cross_entropy
+    from bilevel.losses.prm import pairwise_ranking_loss, step_mse
+
+    Output = namedtuple("Output", ["logits", "hidden"])  # attribute access, like ModelOutput
+    logits, batch = torch.randn(4, 3), {"y": torch.tensor([0, 1, 2, 0])}
+    for wrapped in ({"logits": logits}, (logits, None), Output(logits, None)):
+        assert torch.equal(cross_entropy(wrapped, batch), cross_entropy(logits, batch))
+        assert torch.equal(
+            per_example_cross_entropy(wrapped, batch), per_example_cross_entropy(logits, batch)
+        )
+    tokens = {"y": torch.randint(0, 5, (2, 3))}
+    lm = torch.randn(2, 3, 5)
+    assert torch.equal(token_cross_entropy({"logits": lm}, tokens), token_cross_entropy(lm, tokens))
+    steps = torch.randn(4, 5)
+    prm = {
+        "step_mask": torch.ones(4, 5),
+        "step_labels": torch.rand(4, 5),
+        "outcome": torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        "problem": torch.tensor([0, 0, 1, 1]),
+    }
+    assert torch.equal(step_mse({"logits": steps}, prm), step_mse(steps, prm))
+    assert torch.equal(pairwise_ranking_loss((steps,), prm), pairwise_ranking_loss(steps, prm))
+    with pytest.raises(ValueError, match="cross_entropy reads class logits .* got output dict"):
+        cross_entropy({"scores": logits}, batch)
