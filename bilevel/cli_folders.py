@@ -53,6 +53,9 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 def override_value(arg: str) -> str:
     """The value of a ``key=value`` override as Hydra reads it: quotes and escapes removed
     (``resume="/my runs/x"`` is ``/my runs/x``; read raw, the quotes were part of the path)."""
+    raw = arg.split("=", 1)[1]
+    if not any(c in raw for c in "\"'\\"):  # nothing to unquote: Hydra reads it as written
+        return raw
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -127,7 +130,10 @@ def check_explicit(args: list[str]) -> None:
     """An explicit ``hydra.run.dir`` (or ``hydra.sweep.dir`` of a sweep) that holds files bilevel
     did not write, or an earlier run (sweep) that it would overwrite, is refused before Hydra
     writes its own files (``.hydra/``, the log) there; without one, ``runs/`` must be
-    creatable."""
+    creatable. Under torchrun only rank 0 checks: it alone writes there, and another rank that
+    looked after rank 0 had begun to write refused the folder as foreign (exit 2 on that rank)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        return
     sweep = any(a in MULTIRUN_FLAGS for a in args)
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     explicit = last_value(args, key)

@@ -1638,3 +1638,19 @@ def test_the_shipped_metrics_read_logits_from_a_dict_or_tuple_output_and_refuse_
     assert set(trainer(None).fit()["test"]) == {"accuracy", "loss"}
     with pytest.raises(ConfigError, match=r"^data.evaluate: .*a dict without a tensor 'logits'"):
         trainer("scores")
+
+
+def test_only_rank_0_checks_the_run_folder_under_torchrun(tmp_path, monkeypatch):
+    """Rank 1 checked the folder after rank 0 had claimed it, took it for an earlier run and
+    stopped with exit 2 (a race: seen once in CI on test_fsdp_with_cg_runs)."""
+    from bilevel import cli_folders
+    from bilevel.run_dir import claim
+
+    claim(tmp_path / "run")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0}\n')  # rank 0 has begun
+    args = ["experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}"]
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="holds an earlier run"):
+        cli_folders.check_explicit(args)
+    monkeypatch.setenv("RANK", "1")
+    cli_folders.check_explicit(args)
