@@ -690,11 +690,14 @@ def small_trainer(
 ):
     """A first_order trainer of a small MLP (or ``model``) on a small noisy_domains problem;
     ``kwargs`` go to :class:`BilevelTrainer`."""
-    data = data or noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0)
+    # `is None`, not `or`: a compiled module answers truthiness with "does not support len()"
+    data = (
+        noisy_domains(per_domain=32, meta_size=16, test_size=16, seed=0) if data is None else data
+    )
     return BilevelTrainer(
-        model or MLP(**data.model_kwargs, hidden=8, activation=activation),
-        weights or DomainWeights(data.names),
-        solver or build("first_order"),
+        MLP(**data.model_kwargs, hidden=8, activation=activation) if model is None else model,
+        DomainWeights(data.names) if weights is None else weights,
+        build("first_order") if solver is None else solver,
         inner_loss,
         outer_loss,
         data,
@@ -1457,16 +1460,7 @@ def test_an_inner_optimizer_over_other_tensors_than_the_trainable_ones_is_refuse
 
     message = "leaves out 2 of the 4 trainable tensors" if holds == "some" else "holds 1"
     with pytest.raises(ConfigError, match=rf"^trainer.inner_optimizer: {message}"):
-        BilevelTrainer(
-            MLP(**data.model_kwargs, hidden=4),
-            DomainWeights(data.names),
-            build("first_order"),
-            per_example_cross_entropy,
-            cross_entropy,
-            data,
-            TrainerConfig(steps=5, progress=False),
-            inner_optimizer=factory,
-        )
+        small_trainer(TrainerConfig(steps=5, progress=False), data=data, inner_optimizer=factory)
 
 
 def test_an_outer_optimizer_over_other_tensors_than_the_weights_is_refused():
@@ -1474,14 +1468,9 @@ def test_an_outer_optimizer_over_other_tensors_than_the_weights_is_refused():
     data = noisy_domains(per_domain=16, meta_size=8, test_size=8, seed=0)
     stray = torch.zeros(3, requires_grad=True)
     with pytest.raises(ConfigError, match=r"^trainer.outer_optimizer: leaves out 1 of the 1 "):
-        BilevelTrainer(
-            MLP(**data.model_kwargs, hidden=4),
-            DomainWeights(data.names),
-            build("first_order"),
-            per_example_cross_entropy,
-            cross_entropy,
-            data,
+        small_trainer(
             TrainerConfig(steps=5, progress=False),
+            data=data,
             outer_optimizer=lambda params: torch.optim.Adam([stray], lr=0.1),
         )
 
@@ -1582,14 +1571,11 @@ def test_a_compiled_model_with_autograd_products_is_one_line_and_runs_with_finit
     data = noisy_domains(per_domain=16, meta_size=8, test_size=8, seed=0)
 
     def make(solver):
-        return BilevelTrainer(
-            torch.compile(MLP(**data.model_kwargs, hidden=4)),
-            DomainWeights(data.names),
-            solver,
-            per_example_cross_entropy,
-            cross_entropy,
-            data,
+        return small_trainer(
             TrainerConfig(steps=2, outer_every=2, batch_size=8, progress=False),
+            solver,
+            data=data,
+            model=torch.compile(MLP(**data.model_kwargs, hidden=4)),
         )
 
     with pytest.raises(ConfigError, match=r"^model: a torch.compile'd model: .*finite_difference"):
@@ -1624,14 +1610,12 @@ def test_the_shipped_metrics_read_logits_from_a_dict_or_tuple_output_and_refuse_
 
     def trainer(key):
         read = (lambda o: o[0]) if key is None else (lambda o: o[key])  # noqa: E731
-        return BilevelTrainer(
-            Wrapped(key),
-            DomainWeights(data.names),
-            build("first_order"),
-            lambda o, b: per_example_cross_entropy(read(o), b),
-            lambda o, b: cross_entropy(read(o), b),
-            data,
+        return small_trainer(
             TrainerConfig(steps=2, outer_every=2, batch_size=8, progress=False),
+            data=data,
+            model=Wrapped(key),
+            inner_loss=lambda o, b: per_example_cross_entropy(read(o), b),
+            outer_loss=lambda o, b: cross_entropy(read(o), b),
         )
 
     assert set(trainer("logits").fit()["test"]) == {"accuracy", "loss"}
