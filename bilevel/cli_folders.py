@@ -62,7 +62,7 @@ def override_value(arg: str) -> str:
     try:
         value = OverridesParser.create().parse_override(arg).value()
     except HydraException:
-        return arg.split("=", 1)[1]
+        return raw
     return value if isinstance(value, str) else str(value)
 
 
