@@ -20,12 +20,14 @@ __all__ = [
     "Batch",
     "PerDomainLoss",
     "OuterLoss",
+    "Reduce",
     "segment_mean",
     "forward_batch",
     "trainable_params",
     "make_per_domain_loss",
     "make_per_example_loss",
     "make_outer_loss",
+    "model_scores",
     "check_per_domain_shape",
     "no_gradient_error",
 ]
@@ -34,6 +36,9 @@ Batch = Mapping[str, Any]
 Params = dict[str, Tensor]
 PerDomainLoss = Callable[[Params], Tensor]
 OuterLoss = Callable[[Params], Tensor]
+TensorList = list[Tensor]
+Reduce = Callable[[TensorList], TensorList]
+"""Averages a list of tensors across data-parallel ranks in place (identity on one process)."""
 
 
 def segment_mean(
@@ -67,6 +72,21 @@ def forward_batch(model: nn.Module, batch: Batch) -> Any:
     """Call ``model`` on ``batch["x"]``: keyword arguments if it is a mapping, else positional."""
     x = batch["x"]
     return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def model_scores(output: Any) -> Any:
+    """The tensor a loss or a metric reads from a model's output: the output itself, its
+    ``logits`` (a Hugging Face ``ModelOutput`` or a dict), or the first element of a tuple;
+    anything else is returned as it is (for the caller's message)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    if isinstance(getattr(output, "logits", None), Tensor):
+        return output.logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return output
 
 
 def trainable_params(model: nn.Module) -> Params:

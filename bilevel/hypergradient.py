@@ -1,23 +1,77 @@
-"""``bilevel.hypergradient``: d outer_loss / d weight logits for any solver."""
+"""``bilevel.hypergradient``: d outer_loss / d weight logits for any solver.
+
+This module defines what a solver is (:class:`Solver`, a protocol) and calls one; the solvers
+themselves live a layer above, in :mod:`bilevel.solvers`, which registers how a solver's name
+becomes a solver (:func:`register_solver_builder`), so ``hypergradient("cg", ...)`` works
+without this module importing them."""
 
 from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from bilevel.errors import is_finite_number
-from bilevel.functional import OuterLoss, Params, PerDomainLoss
-from bilevel.inner_optim import l2_decay
-from bilevel.solvers.base import Solver
-from bilevel.solvers.products import Reduce
-from bilevel.solvers.sama import preconditionable
+from bilevel.functional import OuterLoss, Params, PerDomainLoss, Reduce
+from bilevel.optim import l2_decay, preconditionable
 from bilevel.weights import DomainWeights, parametrization_vjp
 
-__all__ = ["hypergradient", "chain_through_parametrization"]
+__all__ = ["Solver", "chain_through_parametrization", "hypergradient", "register_solver_builder"]
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """A hypergradient method: the gradient of the outer loss with respect to the weight VALUES.
+
+    ``domain_grad`` returns dM/dw, shape ``[K]``; :func:`bilevel.hypergradient` chains it through
+    the weight parametrization. Implementations are small frozen dataclasses holding only their
+    own options, so ``dataclasses.asdict(solver)`` is their configuration.
+
+    Optional: ``state_dict()`` / ``load_state_dict(state)`` (checkpointed with the run, e.g. a
+    warm start's kept solution), and ``notes() -> list[str]``, read once when a run ends (and
+    when it stops because every outer update was skipped): what the user should be told, e.g.
+    :class:`~bilevel.solvers.neumann.Neumann`'s count of diverged series.
+    """
+
+    name: str
+
+    def domain_grad(
+        self,
+        per_domain_loss: PerDomainLoss,
+        outer_loss: OuterLoss,
+        params: Params,
+        w: Tensor,
+        inner_lr: float,
+        reduce: Reduce | None = None,
+    ) -> Tensor:
+        """dM/dw ``[K]`` at weight values ``w`` ``[K]`` (each solver says what params means).
+
+        ``reduce`` (optional) averages gradients and products across data-parallel ranks.
+        """
+        ...
+
+
+#: turns a solver's name into a solver (:func:`bilevel.solvers.build`, registered by
+#: :mod:`bilevel.solvers` when it is imported, which ``import bilevel`` does)
+_build_by_name: Callable[[str], Any] | None = None
+
+
+def register_solver_builder(build: Callable[[str], Any]) -> None:
+    """Let :func:`hypergradient` take a solver's name: ``build(name)`` makes the solver."""
+    global _build_by_name
+    _build_by_name = build
+
+
+def _built(name: str) -> Any:
+    if _build_by_name is None:  # only when bilevel.hypergradient is loaded without bilevel
+        raise TypeError(
+            f"solver {name!r} given by name, but no solver is registered: import bilevel"
+        )
+    return _build_by_name(name)
 
 
 def chain_through_parametrization(weights: DomainWeights, grad_values: Tensor) -> Tensor:
@@ -30,9 +84,7 @@ def _check_arguments(solver, params, weights, inner_lr, wrt) -> Solver:
     worse, return a wrong number (a negative ``inner_lr`` flips the sign of first_order's and
     unrolled's result). A solver's name stands for ``build(name)``."""
     if isinstance(solver, str):
-        from bilevel.solvers import build
-
-        solver = build(solver)
+        solver = _built(solver)
     if not callable(getattr(solver, "domain_grad", None)) and callable(
         getattr(solver, "window", None)
     ):
@@ -162,23 +214,25 @@ def hypergradient(
         wrt: ``"logits"`` (default: dM/dlogits, shaped like ``weights.logits``) or ``"values"``
             (dM/dw, what mirror descent uses).
         reduce: for data-parallel training, averages gradients and products across ranks in
-            place (see :mod:`bilevel.distributed`); ``None`` on one process.
+            place (see :mod:`bilevel.strategies.distributed`); ``None`` on one process.
         hessian_loss: the per-domain loss on an independent batch; when given, the implicit
             solvers take their Hessian-vector products from it (and J_L from
             ``per_domain_loss``), so the two factors of the estimate do not share one
-            minibatch's noise (see the README's "H from an independent batch").
-        optimizer, last_grads: the inner optimizer (its parameters in the order of ``params``).
-            For ``sama``, with the gradients of its last step: its update Jacobian
-            preconditions the meta gradient (without them sama uses ``inner_lr * I``). For
-            ``cg`` and ``neumann``: its coupled weight decay lambda (SGD, Adam, RMSprop, ...
-            ``weight_decay``; not AdamW's) is an L2 term of the objective the inner steps
-            minimize, so the solve inverts H + lambda I, the Hessian of that objective.
+            minibatch's noise (see "H from an independent batch" in the docs' Long runs).
+        optimizer: the inner optimizer (its parameters in the order of ``params``). For
+            ``sama``, with ``last_grads``: its update Jacobian preconditions the meta gradient
+            (without them sama uses ``inner_lr * I``). For ``cg`` and ``neumann``: its
+            coupled weight decay lambda (SGD, Adam, RMSprop, ... ``weight_decay``; not
+            AdamW's) is an L2 term of the objective the inner steps minimize, so the solve
+            inverts H + lambda I, the Hessian of that objective.
+        last_grads: for ``sama`` with Adam or AdamW, the gradients of the optimizer's last
+            step, one per tensor of ``params``.
 
     Returns:
         Tensor ``[K]`` on the logits' device and dtype. Non-finite entries are returned as they
         are; the caller decides what to do with them.
 
-    Example:
+    Examples:
         >>> import torch, bilevel
         >>> from bilevel.solvers import build
         >>> w = bilevel.DomainWeights(["a", "b"])

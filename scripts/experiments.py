@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from bilevel import run_dir as run_dirs
 from bilevel.cli import config_dir, quiet_third_parties, run
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, check_seed
 from bilevel.files import write_atomic, write_text_atomic
 from bilevel.logging import read_jsonl
-from bilevel.run_settings import check_seed
+from bilevel.logging import run_dir as run_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLVERS = ["first_order", "unrolled", "neumann", "cg"]

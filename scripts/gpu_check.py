@@ -27,9 +27,9 @@ from arguments import nonnegative_int, positive_int  # noqa: E402
 from bilevel import BilevelTrainer, DomainWeights, TrainerConfig  # noqa: E402
 from bilevel.data import noisy_domains  # noqa: E402
 from bilevel.losses import cross_entropy, per_example_cross_entropy  # noqa: E402
-from bilevel.meta_weight_net import MetaWeightNet  # noqa: E402
 from bilevel.models import MLP  # noqa: E402
 from bilevel.solvers import build  # noqa: E402
+from bilevel.weights.meta_weight_net import MetaWeightNet  # noqa: E402
 
 METHODS = [
     ("fixed weights", "first_order", {}, {"learn_weights": False}),

@@ -1,4 +1,6 @@
-"""Data builders (the ``data`` config group) and the samplers the trainer draws batches from."""
+"""The domains: ``DomainData`` (K named domains, meta and test sets, in memory), the samplers
+the trainer draws batches from, test-set evaluation, and the ``noisy_domains`` builder of the
+``data`` config group. It imports only the core."""
 
 from bilevel.data.domain_data import DomainData
 from bilevel.data.noisy_domains import noisy_domains

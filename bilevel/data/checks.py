@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from bilevel.errors import ConfigError, is_finite_number, is_integer
-from bilevel.run_settings import check_seed as _check_seed
+from bilevel.errors import check_seed as _check_seed
 
 __all__ = ["check_counts", "check_fractions", "check_list", "check_names", "check_seed"]
 

@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bilevel import modes
+from bilevel import module_state
 from bilevel.data.columns import Columns, chunks
 from bilevel.errors import ConfigError
-from bilevel.functional import forward_batch
-from bilevel.losses.shapes import model_scores
+from bilevel.functional import forward_batch, model_scores
 
 __all__ = ["checked_metrics", "classification_metrics", "output_logits"]
 
@@ -44,7 +43,7 @@ def classification_metrics(
     correct = torch.zeros((), device=device)
     loss = torch.zeros((), device=device, dtype=torch.float64)
     n = 0
-    with modes.evaluation(model):
+    with module_state.evaluation(model):
         for batch in chunks(columns, chunk):
             logits = output_logits(forward_batch(model, batch)).float()
             correct += (logits.argmax(-1) == batch["y"]).sum()

@@ -72,7 +72,9 @@ class DomainSampler:
         num_domains: K.
         batch_size: global batch size (split evenly across ranks).
         sampling: ``"uniform"`` | ``"size"`` | ``"weights"`` | ``"temperature"``.
-        seed, rank, world_size: the random stream (one per rank).
+        seed: the random stream's seed.
+        rank: this process's rank (each rank draws from its own stream).
+        world_size: the number of ranks.
         temperature: T for ``sampling="temperature"``.
     """
 

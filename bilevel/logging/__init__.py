@@ -1,4 +1,6 @@
-"""Run logging: ``metrics.jsonl`` always, wandb when configured, plots at the end."""
+"""What a run leaves behind: its folder (which folders the library may write into, and the lock
+of a running one), ``metrics.jsonl`` always, wandb when configured, ``summary.json`` and the
+plots at the end. It imports only the core."""
 
 from bilevel.logging.jsonl import JsonlWriter, read_jsonl
 from bilevel.logging.plots import plot_weights

@@ -1,4 +1,5 @@
-"""Losses, built from configs with ``_target_`` + ``_partial_: true``.
+"""The shipped inner and outer losses (classification, language modelling, process reward
+models), built from configs with ``_target_`` + ``_partial_: true``. It imports only the core.
 
 Inner losses map ``(output, batch)`` to one value per example ``[B]`` (the framework averages them
 per domain with ``batch["domain"]``); outer losses map ``(output, batch)`` to a scalar.

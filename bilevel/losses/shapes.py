@@ -8,32 +8,18 @@ Shape reads only: no host synchronization, a few hundred nanoseconds per call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["expect_column", "expect_output", "model_scores", "shape_of"]
+from bilevel.functional import model_scores
+
+__all__ = ["expect_column", "expect_output", "shape_of"]
 
 
 def shape_of(value: Any) -> str:
     """``(4, 32)`` for a tensor, the type's name for anything else (for messages)."""
     return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
-
-
-def model_scores(output: Any) -> Any:
-    """The tensor a loss or a metric reads from a model's output: the output itself, its
-    ``logits`` (a Hugging Face ``ModelOutput`` or a dict), or the first element of a tuple;
-    anything else is returned as it is (for the caller's message)."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
-        return output["logits"]
-    if isinstance(getattr(output, "logits", None), Tensor):
-        return output.logits
-    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
-        return output[0]
-    return output
 
 
 def expect_output(loss: str, output: Any, dims: int, reads: str, hint: str = "") -> Tensor:

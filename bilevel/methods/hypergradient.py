@@ -27,13 +27,12 @@ from torch import nn
 
 from bilevel.functional import trainable_params
 from bilevel.hypergradient import hypergradient, takes_l2, uses_hessian
-from bilevel.inner_optim import l2_decay
-from bilevel.methods.base import OuterUpdate, require_second_derivatives
+from bilevel.methods.base import OuterUpdate
+from bilevel.methods.checks import check_fsdp_solver, require_second_derivatives
+from bilevel.optim import l2_decay, preconditionable
 from bilevel.outer import MirrorDescent
 from bilevel.solvers.backends import HessianFrom, WithL2
 from bilevel.solvers.products import InnerProducts
-from bilevel.solvers.sama import preconditionable
-from bilevel.trainer_checks import check_fsdp_solver
 
 __all__ = ["HypergradientMethod"]
 
@@ -41,7 +40,7 @@ _KINKED = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish)
 
 
 class HypergradientMethod:
-    """Any :class:`~bilevel.solvers.base.Solver` as an outer method."""
+    """Any :class:`~bilevel.hypergradient.Solver` as an outer method."""
 
     uses_meta = True
 

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel import buffers
+from bilevel import module_state
 from bilevel.errors import ConfigError, is_finite_number, is_integer
 from bilevel.functional import forward_batch
-from bilevel.guard import guarded_step
 from bilevel.methods.base import OuterUpdate
+from bilevel.optim import guarded_step
 
 __all__ = ["ScaleBiO"]
 
@@ -118,7 +118,7 @@ class ScaleBiO:
             alpha_t = self.alpha_at(step)
             # u descends F_w(u); its forward pass leaves the model's buffers to theta's steps
             # (put back after the backward, which may read them)
-            with buffers.kept(loop.module):
+            with module_state.buffers_kept(loop.module):
                 losses_u = loop.per_domain_loss(batch)(dict(zip(names, u)))
                 grads = torch.autograd.grad(
                     loop.weighted(losses_u), u, allow_unused=True, materialize_grads=True

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from bilevel.errors import ConfigError
-from bilevel.guard import is_plain_sgd
-from bilevel.methods.base import OuterUpdate, require_second_derivatives
+from bilevel.methods.base import OuterUpdate
+from bilevel.methods.checks import require_second_derivatives
+from bilevel.optim import is_plain_sgd
 from bilevel.solvers.products import grads_or_zeros
 from bilevel.solvers.unrolled import sgd_step
 

@@ -1,5 +1,10 @@
 """Hypergradient solvers, one method per module, built by name with :func:`build`.
 
+A solver turns the inner problem's derivative products into dM/dw (:class:`Solver`). This
+layer imports only the core (:mod:`bilevel.functional`, :mod:`bilevel.optim`, ...); the outer
+methods a layer above (ScaleBiO, ODM, DoGE, ...) add themselves to :data:`SOLVERS` with
+:func:`register`, so that ``build("scalebio")`` finds them without this package knowing them.
+
 >>> from bilevel.solvers import build
 >>> build("cg", iters=10, damping=0.0).iters
 10
@@ -10,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from bilevel.solvers.base import Solver
+from bilevel.hypergradient import Solver, register_solver_builder
 from bilevel.solvers.cg import ConjugateGradient
 from bilevel.solvers.first_order import FirstOrder
 from bilevel.solvers.neumann import Neumann
@@ -27,8 +32,10 @@ __all__ = [
     "Unrolled",
     "build",
     "options",
+    "register",
 ]
 
+#: every name ``build`` (and ``solver=<name>`` on the command line) knows, with its class
 SOLVERS: dict[str, type] = {
     "first_order": FirstOrder,
     "unrolled": Unrolled,
@@ -38,12 +45,10 @@ SOLVERS: dict[str, type] = {
 }
 
 
-def _register_methods() -> None:
-    # Outer methods that are not hypergradient solvers but are chosen the same way
-    # (``solver=scalebio``, ``solver=odm``, ...): imported here so ``build`` finds them.
-    from bilevel.methods import METHOD_SOLVERS
-
-    SOLVERS.update(METHOD_SOLVERS)
+def register(name: str, cls: type) -> None:
+    """Make ``build(name)`` build ``cls`` (a dataclass of its options): how the outer methods
+    of :mod:`bilevel.methods` that are not hypergradient solvers are chosen the same way."""
+    SOLVERS[name] = cls
 
 
 def options(name: str) -> list[str]:
@@ -57,7 +62,6 @@ def options(name: str) -> list[str]:
 
 def build(name: str, **opts: Any) -> Solver:
     """The solver called ``name`` with ``opts``; ``ValueError`` names the valid choices."""
-    _register_methods()
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(sorted(SOLVERS))}")
     valid = options(name)
@@ -68,3 +72,6 @@ def build(name: str, **opts: Any) -> Solver:
             f"valid options: {', '.join(valid) if valid else '(none)'}"
         )
     return SOLVERS[name](**opts)
+
+
+register_solver_builder(build)

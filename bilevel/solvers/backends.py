@@ -76,7 +76,7 @@ class HessianFrom:
 
 class WithL2:
     """Products of the inner objective F + sum_i lambda_i/2 |theta_i|^2, where the L2 term is
-    the inner optimizer's coupled weight decay (:func:`bilevel.inner_optim.l2_decay`): H u gains
+    the inner optimizer's coupled weight decay (:func:`bilevel.optim.l2_decay`): H u gains
     lambda_i u_i; J_L v is unchanged (the term does not depend on the weights)."""
 
     def __init__(self, products, decay: Sequence[float]) -> None:

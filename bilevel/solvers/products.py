@@ -19,7 +19,7 @@ on small models has far less per-call overhead than the equivalent ``torch.func`
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -29,6 +29,8 @@ from bilevel.functional import (
     OuterLoss,
     Params,
     PerDomainLoss,
+    Reduce,
+    TensorList,
     check_per_domain_shape,
     no_gradient_error,
 )
@@ -45,10 +47,6 @@ __all__ = [
     "poison_nonfinite",
     "tree_dot",
 ]
-
-TensorList = list[Tensor]
-Reduce = Callable[[TensorList], TensorList]
-"""Averages a list of tensors across data-parallel ranks in place (identity on one process)."""
 
 
 def _identity(tensors: TensorList) -> TensorList:

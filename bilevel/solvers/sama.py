@@ -29,17 +29,11 @@ import torch
 from torch import Tensor
 
 from bilevel.functional import OuterLoss, Params, PerDomainLoss
+from bilevel.optim import preconditionable
 from bilevel.solvers.backends import check_products, jvp_at
 from bilevel.solvers.products import Reduce, grad_outer, leaves, per_tensor, scaled
 
-__all__ = ["SAMA", "optimizer_preconditioner", "preconditionable"]
-
-
-def preconditionable(optimizer: Any) -> bool:
-    """Whether :func:`optimizer_preconditioner` knows ``optimizer``'s update Jacobian."""
-    return type(optimizer) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) and not any(
-        g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups
-    )
+__all__ = ["SAMA", "optimizer_preconditioner"]
 
 
 def _float(value: Any) -> float:

@@ -1,14 +1,16 @@
 """How a run is laid out across processes: ``ddp`` (replicated; one process without torchrun)
-and ``fsdp`` (FSDP2 sharding), both behind :class:`~bilevel.strategies.base.Strategy`."""
+and ``fsdp`` (FSDP2 sharding), both behind :class:`~bilevel.strategies.base.Strategy`, with
+the plumbing they share: joining torchrun's process group (:mod:`.distributed`) and checkpoint
+files that load with the safe unpickler (:mod:`.checkpoint`). It imports only the core."""
 
 from __future__ import annotations
 
 import torch
 
-from bilevel.distributed import DistContext
 from bilevel.errors import ConfigError
 from bilevel.strategies.base import Strategy
 from bilevel.strategies.ddp import DDPStrategy
+from bilevel.strategies.distributed import DistContext
 from bilevel.strategies.fsdp import FSDPStrategy
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from bilevel.distributed import DistContext
+from bilevel.strategies.distributed import DistContext
 
 __all__ = ["Collectives", "Strategy"]
 
@@ -99,9 +99,9 @@ class Strategy(Protocol):
 
 class Collectives:
     """The process-group calls every strategy makes the same way, through its
-    :class:`~bilevel.distributed.DistContext` (identities on one process); a strategy sets
-    ``self.dist`` and inherits them. Only :meth:`Strategy.sum` differs (a sharded result
-    sums over ranks, a replicated one does not)."""
+    :class:`~bilevel.strategies.distributed.DistContext` (identities on one process); a
+    strategy sets ``self.dist`` and inherits them. Only :meth:`Strategy.sum` differs (a
+    sharded result sums over ranks, a replicated one does not)."""
 
     dist: DistContext
 

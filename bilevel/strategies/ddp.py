@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bilevel import checkpoint as ckpt
-from bilevel.distributed import DistContext
+from bilevel.strategies import checkpoint as ckpt
 from bilevel.strategies.base import Collectives
+from bilevel.strategies.distributed import DistContext
 
 __all__ = ["DDPStrategy"]
 

@@ -32,9 +32,9 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from bilevel import checkpoint as ckpt
-from bilevel.distributed import DistContext
+from bilevel.strategies import checkpoint as ckpt
 from bilevel.strategies.base import Collectives
+from bilevel.strategies.distributed import DistContext
 
 __all__ = ["FSDPStrategy", "block_modules"]
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bilevel import modes
+from bilevel import module_state
 from bilevel.data.checks import check_counts, check_seed
 from bilevel.data.columns import Columns, chunks, domain_columns
 from bilevel.data.domain_data import DomainData
@@ -105,7 +105,7 @@ def lm_metrics(model: nn.Module, columns: Columns, device: torch.device) -> dict
     total = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), device=device)
     count = 0
-    with modes.evaluation(model):
+    with module_state.evaluation(model):
         for batch in chunks(columns, 256):
             logits = output_logits(forward_batch(model, batch)).float()
             y = batch["y"]

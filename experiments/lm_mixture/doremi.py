@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bilevel import checkpoint
 from bilevel.errors import ConfigError
+from bilevel.strategies import checkpoint
 
 __all__ = ["DoReMi"]
 

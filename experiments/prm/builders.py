@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bilevel import modes
+from bilevel import module_state
 from bilevel.data.best_of_n import selection_accuracy
 from bilevel.data.checks import check_counts, check_fractions, check_seed
 from bilevel.data.columns import Columns, domain_columns
@@ -112,7 +112,7 @@ def best_of_n(
     """Best-of-N accuracy of the PRM, majority vote and random choice, for N in 1..32
     (:func:`bilevel.data.best_of_n.selection_accuracy`; ``columns`` hold
     ``problems * candidates`` solutions, grouped by problem)."""
-    with modes.evaluation(model):
+    with module_state.evaluation(model):
         scores = trajectory_logits(forward_batch(model, columns), columns, aggregation)
     candidates = int(columns["candidates"][0])
     return selection_accuracy(scores, columns["outcome"], columns["answer"], candidates, N_VALUES)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bilevel import modes
+from bilevel import module_state
 from bilevel.data.best_of_n import selection_accuracy
 from bilevel.data.checks import check_counts, check_fractions, check_seed
 from bilevel.data.columns import Columns, domain_columns
@@ -257,7 +257,7 @@ def best_of_n(
     :func:`bilevel.data.best_of_n.selection_accuracy`), scored in chunks of ``chunk``."""
     from bilevel.data.columns import chunks
 
-    with modes.evaluation(model):
+    with module_state.evaluation(model):
         scores = torch.cat(
             [
                 trajectory_logits(forward_batch(model, c), c, aggregation)

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from bilevel import checkpoint
 from bilevel.cli import format_summary
 from bilevel.errors import ConfigError
 from bilevel.logging import read_jsonl
+from bilevel.strategies import checkpoint
 from tests.integration.helpers import REPO, cli, cli_batch, read_summary
 
 
@@ -210,7 +210,7 @@ def test_sweep_writes_one_summary_per_job(tmp_path):
 
 
 def test_a_sweep_folder_with_foreign_files_is_refused_and_foreign_tables_are_kept(tmp_path):
-    from bilevel.logging.collect import main as collect_main
+    from bilevel.cli.collect import main as collect_main
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -341,7 +341,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     import datetime
 
     from bilevel import cli as app
-    from bilevel import cli_folders as folders
+    from bilevel.cli import folders
 
     class Frozen(datetime.datetime):
         @classmethod

@@ -97,7 +97,7 @@ def test_a_batch_smaller_than_the_ranks_is_one_line():
     """It left every rank without rows: the sampler's ValueError on each rank."""
     from bilevel import TrainerConfig
     from bilevel.errors import ConfigError
-    from bilevel.trainer_checks import check_batch_sizes
+    from bilevel.trainer.checks import check_batch_sizes
 
     with pytest.raises(ConfigError, match="^trainer.batch_size: 3 is smaller than the 4 ranks"):
         check_batch_sizes(TrainerConfig(batch_size=3), 4)
@@ -123,8 +123,8 @@ def test_doge_with_finite_differences_may_run_sharded():
     """DoGE has no solve step of its own (its first_order inside has): it was refused under
     fsdp even with solver.products=finite_difference."""
     from bilevel.errors import ConfigError
+    from bilevel.methods.checks import check_fsdp_solver
     from bilevel.solvers import build
-    from bilevel.trainer_checks import check_fsdp_solver
 
     check_fsdp_solver(build("doge", products="finite_difference"))
     with pytest.raises(ConfigError, match="^solver.products: .*'doge' has products='autograd'"):

@@ -532,7 +532,7 @@ def test_a_checkpoint_continues_every_method_exactly(overrides, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from bilevel.cli import config_dir, make_trainer, seed_everything
-    from bilevel.distributed import DistContext
+    from bilevel.strategies.distributed import DistContext
 
     def trainer():
         with initialize_config_dir(config_dir(), version_base="1.3"):

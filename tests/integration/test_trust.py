@@ -510,7 +510,7 @@ def test_resume_alone_restores_the_saved_config_and_refuses_changes(tmp_path):
 
 
 def test_checkpoint_is_written_in_the_first_window(tmp_path):
-    from bilevel import checkpoint
+    from bilevel.strategies import checkpoint
 
     data = noisy_domains(per_domain=64, meta_size=32, test_size=64)
     trainer = small_trainer(
@@ -527,8 +527,8 @@ def test_checkpoint_is_written_in_the_first_window(tmp_path):
 def test_a_final_evaluation_that_fails_costs_no_training(tmp_path):
     """The last checkpoint is written before the test set is evaluated: a bug in the user's
     evaluate (or memory on a large test set) is fixed and `resume` evaluates again."""
-    from bilevel import checkpoint
     from bilevel.logging import read_jsonl
+    from bilevel.strategies import checkpoint
 
     data = noisy_domains(per_domain=64, meta_size=32, test_size=64)
     evaluate, broken = data.evaluate, {"on": True}
@@ -569,7 +569,7 @@ def _stop_after(fn, n):
 
 
 def test_checkpoints_hold_the_trainable_part_and_a_base_fingerprint(tmp_path):
-    from bilevel import checkpoint
+    from bilevel.strategies import checkpoint
 
     class Frozen(nn.Module):
         def __init__(self, scale=1.0):
@@ -893,7 +893,7 @@ def test_the_trainer_checks_device_and_seed_as_the_command_line_does():
 
 
 def test_resume_of_a_sweep_folder_names_one_of_its_jobs(tmp_path):
-    from bilevel.run_dir import claim, resolve_resume
+    from bilevel.logging.run_dir import claim, resolve_resume
 
     for job in ("0", "1", "10", "2"):
         claim(tmp_path / "sweep" / job)
@@ -930,7 +930,7 @@ def test_initial_weights_by_name_from_the_command_line(tmp_path):
 def test_an_empty_resume_is_refused_not_read_as_the_current_folder():
     """``resume=$RUN`` with RUN unset: Path('') is '.', and the line spoke of the current folder
     as if it had been named."""
-    from bilevel.run_dir import resolve_resume
+    from bilevel.logging.run_dir import resolve_resume
 
     with pytest.raises(ConfigError, match="resume: is empty"):
         resolve_resume("")
@@ -991,7 +991,7 @@ def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, finished
     import subprocess
     import sys
 
-    from bilevel import run_dir as run_dirs
+    from bilevel.logging import run_dir as run_dirs
 
     run = shutil.copytree(finished, tmp_path / "run")
     before = (run / "metrics.jsonl").read_text()
@@ -999,7 +999,7 @@ def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, finished
         [
             sys.executable,
             "-c",
-            "import sys, time; from bilevel import run_dir as r\n"
+            "import sys, time; from bilevel.logging import run_dir as r\n"
             f"with r.locked({str(run)!r}):\n    print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -1227,7 +1227,7 @@ def test_an_evaluator_answering_tensors_finishes_its_run(tmp_path):
 def test_step_positions_past_the_sequence_are_one_line_before_training():
     """A step head gathers each step's score at x['step_positions']: a position past the
     sequence failed only when a batch drew it (an IndexError, a device assert on a GPU)."""
-    from bilevel.input_checks import check_step_positions
+    from bilevel.trainer.input_checks import check_step_positions
 
     ids = torch.zeros(6, 10, dtype=torch.int64)
     positions = torch.tensor([[3, 7, -1]] * 6)  # -1: a padded step
@@ -1395,8 +1395,7 @@ def test_a_wandb_run_that_cannot_start_is_one_line_and_leaves_the_folder_unclaim
     monkeypatch, tmp_path
 ):
     wandb = pytest.importorskip("wandb")
-    from bilevel import run_dir
-    from bilevel.logging import WandbLogger
+    from bilevel.logging import WandbLogger, run_dir
 
     def unreachable(**kwargs):  # what an online run on a machine without internet ends in
         (tmp_path / "run" / "wandb" / "debug.log").parent.mkdir(parents=True)
@@ -1627,8 +1626,8 @@ def test_the_shipped_metrics_read_logits_from_a_dict_or_tuple_output_and_refuse_
 def test_only_rank_0_checks_the_run_folder_under_torchrun(tmp_path, monkeypatch):
     """Rank 1 checked the folder after rank 0 had claimed it, took it for an earlier run and
     stopped with exit 2 (a race: seen once in CI on test_fsdp_with_cg_runs)."""
-    from bilevel import cli_folders
-    from bilevel.run_dir import claim
+    from bilevel.cli import folders as cli_folders
+    from bilevel.logging.run_dir import claim
 
     claim(tmp_path / "run")
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0}\n')  # rank 0 has begun

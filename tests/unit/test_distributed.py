@@ -11,9 +11,9 @@ from torch import nn
 
 import bilevel
 from bilevel import DomainWeights, make_outer_loss, make_per_domain_loss
-from bilevel.distributed import DistContext
 from bilevel.functional import trainable_params
 from bilevel.solvers import build
+from bilevel.strategies.distributed import DistContext
 
 SOLVERS = {"first_order": {}, "cg": {"iters": 5, "damping": 1.0}, "neumann": {"iters": 5}}
 
@@ -96,8 +96,8 @@ def test_what_fsdp_refuses_is_decided_in_one_place():
     passed in) ask the same check: products that need double backward, and a solver without
     the shard-local solve step, are refused; methods without products are left to themselves."""
     from bilevel.errors import ConfigError
+    from bilevel.methods.checks import check_fsdp_solver
     from bilevel.methods.odm import ODM
-    from bilevel.trainer_checks import check_fsdp_solver
 
     check_fsdp_solver(build("cg", products="finite_difference"))
     check_fsdp_solver(build("first_order", products="finite_difference"), hypergradient=True)

@@ -61,7 +61,7 @@ def test_a_plot_that_fails_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
 def test_an_unreadable_summary_costs_its_row_not_the_sweep_table(tmp_path):
     import json
 
-    from bilevel.logging.collect import collect
+    from bilevel.cli.collect import collect
 
     for job, text in (("0", json.dumps({"meta_loss": 0.5, "weights": {"a": 1.0}})), ("1", "{")):
         (tmp_path / job).mkdir()
@@ -82,7 +82,7 @@ def test_collect_pointed_one_level_off_says_where_the_runs_are(tmp_path, capsys,
     """A run folder, or a day's folder of sweeps, gave 'no runs under X' and nothing else."""
     import json
 
-    from bilevel.logging.collect import main
+    from bilevel.cli.collect import main
 
     job = tmp_path / "day" / "sweep" / "0"
     job.mkdir(parents=True)
@@ -152,7 +152,7 @@ def test_a_metrics_line_that_cannot_be_written_names_its_file(tmp_path):
 
 
 def test_collect_that_cannot_write_its_tables_is_one_line(tmp_path, capsys, monkeypatch):
-    from bilevel.logging import collect
+    from bilevel.cli import collect
 
     def full_disk(folder):
         raise WriteError(folder / "results.csv", OSError(28, "No space left on device"))

@@ -11,7 +11,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from bilevel.errors import ConfigError
-from bilevel.inner_optim import make_scheduler
+from bilevel.trainer.optimizers import make_scheduler
 
 
 def sgd(**kwargs):
@@ -104,7 +104,7 @@ def test_the_rehearsal_leaves_a_tensor_learning_rate_alone():
 def test_an_optimizer_whose_fused_kernel_was_turned_off_skips_on_the_host():
     # torch keeps an optimizer built fused=True marked as able to skip on the device after a
     # group turns the kernel off (the trainer does under FSDP): the step then failed
-    from bilevel.guard import guarded_step, supports_device_skip
+    from bilevel.optim import guarded_step, supports_device_skip
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([p], lr=0.5, momentum=0.9, fused=True)

@@ -12,11 +12,11 @@ import bilevel
 from bilevel import BilevelTrainer, DomainWeights, MirrorDescent, TrainerConfig
 from bilevel.data import noisy_domains
 from bilevel.losses import cross_entropy, per_example_cross_entropy
-from bilevel.meta_weight_net import MetaWeightNet
 from bilevel.methods.loss_reweighting import loss_factors
 from bilevel.models import MLP
 from bilevel.solvers import build
 from bilevel.solvers.sama import optimizer_preconditioner
+from bilevel.weights.meta_weight_net import MetaWeightNet
 from tests.unit.test_products import mlp_problem
 
 

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from bilevel.stopping import StopRequested, stop_requests
+from bilevel.trainer.stopping import StopRequested, stop_requests
 
 
 @pytest.fixture(autouse=True)

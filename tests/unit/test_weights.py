@@ -65,7 +65,7 @@ def test_bad_input(kwargs, match):
 
 
 def test_a_string_of_names_is_refused():
-    from bilevel.meta_weight_net import MetaWeightNet
+    from bilevel.weights.meta_weight_net import MetaWeightNet
 
     for outer_variables in (DomainWeights, MetaWeightNet):
         with pytest.raises(TypeError, match="the string 'abc'"):  # not three domains a, b, c

@@ -12,15 +12,12 @@ inner optimizer's state. :class:`~bilevel.BilevelTrainer` calls :func:`capture` 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
-from bilevel import checkpoint as ckpt
 from bilevel.errors import ConfigError, first_line
-
-if TYPE_CHECKING:  # pragma: no cover
-    from bilevel.trainer import BilevelTrainer
+from bilevel.strategies import checkpoint as ckpt
 
 __all__ = ["CHECKPOINT_VERSION", "capture", "checkpoint_keys", "restore"]
 
@@ -39,7 +36,7 @@ def checkpoint_keys(module: nn.Module) -> tuple[set[str], dict[str, Any]]:
     return keys, {"source": source, "parameters": len(frozen)}
 
 
-def capture(trainer: BilevelTrainer) -> dict[str, Any]:
+def capture(trainer: Any) -> dict[str, Any]:
     """The trainer's state as tensors and plain containers (a collective under torchrun: every
     rank takes part, each adding its own RNG and sampler positions)."""
     loop, strategy = trainer.loop, trainer.strategy
@@ -74,7 +71,7 @@ def capture(trainer: BilevelTrainer) -> dict[str, Any]:
     }
 
 
-def frozen_record(trainer: BilevelTrainer) -> dict[str, Any]:
+def frozen_record(trainer: Any) -> dict[str, Any]:
     """Where the frozen parameters came from and their fingerprint ({} when all train); the
     fingerprint is computed once, at the first checkpoint."""
     frozen = trainer.frozen
@@ -87,7 +84,7 @@ def frozen_record(trainer: BilevelTrainer) -> dict[str, Any]:
     return dict(frozen)
 
 
-def restore(trainer: BilevelTrainer, state: dict[str, Any]) -> None:
+def restore(trainer: Any, state: dict[str, Any]) -> None:
     """Load ``state`` (from :func:`capture`) into ``trainer`` after checking that it was written
     for the same domains, parametrization, world size, model and frozen base; a mismatch is a
     :class:`~bilevel.errors.ConfigError` naming ``resume``."""
@@ -134,7 +131,7 @@ def restore(trainer: BilevelTrainer, state: dict[str, Any]) -> None:
     trainer.wandb_id = state.get("wandb_id")
 
 
-def check_compatible(state: dict[str, Any], trainer: BilevelTrainer) -> None:
+def check_compatible(state: dict[str, Any], trainer: Any) -> None:
     """``ConfigError`` (field ``resume``) when ``state`` was written for other domains, another
     parametrization, another world size or a model without this one's trainable tensors."""
     if list(state["names"]) != trainer.names:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bilevel import buffers
+from bilevel import module_state
 from bilevel.data.columns import to_device
 from bilevel.data.domain_data import DomainData
 from bilevel.data.samplers import APPLIES_WEIGHTS, DomainSampler, MetaSampler
@@ -38,18 +38,19 @@ from bilevel.functional import (
     make_per_example_loss,
     segment_mean,
 )
-from bilevel.guard import SkipCounter, found_inf, guarded_step, is_plain_sgd, plain_sgd_step
-from bilevel.inner_optim import (
+from bilevel.optim import found_inf, guarded_step, is_plain_sgd, plain_sgd_step
+from bilevel.solvers.finite_difference import FiniteDifferenceProducts, ModulePoint, default_step
+from bilevel.solvers.products import InnerProducts, grad_of_outer_value, poison_nonfinite
+from bilevel.strategies.base import Strategy
+from bilevel.trainer.config import TrainerConfig
+from bilevel.trainer.optimizers import (
     OptimizerFactory,
     check_holds_exactly,
     default_sgd,
     make_optimizer,
     make_scheduler,
 )
-from bilevel.solvers.finite_difference import FiniteDifferenceProducts, ModulePoint, default_step
-from bilevel.solvers.products import InnerProducts, grad_of_outer_value, poison_nonfinite
-from bilevel.strategies.base import Strategy
-from bilevel.trainer_config import TrainerConfig
+from bilevel.trainer.skips import SkipCounter
 from bilevel.weights import DomainWeights
 
 __all__ = ["InnerLoop"]
@@ -130,7 +131,7 @@ class InnerLoop:
             strategy.world_size,
         )
         self.skips = SkipCounter(device)
-        self._one = torch.ones((), device=device)
+        self._one = torch.ones((), device=device, dtype=torch.float32)
         self.keep_last_grads = False
         self.last_grads: list[Tensor] | None = None
         self.last: dict[str, Tensor] = {}
@@ -368,13 +369,13 @@ class InnerLoop:
     def window_buffers(self, n: int, update: bool):
         """Around a method's window of ``n`` inner steps: when it ends with an outer update, the
         buffers as they were after the last inner step are put back at the end, undoing what
-        the outer computation's forward passes did to them (see :mod:`bilevel.buffers`)."""
+        the outer computation's forward passes did to them (see :mod:`bilevel.module_state`)."""
         self._steps_left = n if update else 0
         self._after_last_step = None
         try:
             yield
         finally:
-            buffers.restore(self.module, self._after_last_step)
+            module_state.restore_buffers(self.module, self._after_last_step)
             self._steps_left, self._after_last_step = 0, None
 
     def stepped(self) -> None:
@@ -383,7 +384,7 @@ class InnerLoop:
         if self._steps_left > 0:
             self._steps_left -= 1
             if self._steps_left == 0:
-                self._after_last_step = buffers.snapshot(self.module)
+                self._after_last_step = module_state.snapshot_buffers(self.module)
 
     # -- what the hypergradient needs --------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 A single run that meets bad input (exit 2) or non-finite values (exit 3) stops the process. In
 a sweep (``-m``, or an Optuna search) that would cost every job after it, so a failed job
-instead leaves its line and code in its folder (:data:`bilevel.run_dir.FAILED`, read by the
+instead leaves its line and code in its folder (:data:`bilevel.logging.run_dir.FAILED`, read by the
 sweep's ``results.csv``), returns a :class:`FailedJob` in place of its meta loss, and the sweep
 runs on; once it is over, :func:`exit_if_failed` exits with the worst code.
 """
@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bilevel import run_dir as run_dirs
 from bilevel.errors import first_line
 from bilevel.files import write_text_atomic
+from bilevel.logging import run_dir as run_dirs
 
 __all__ = ["FailedJob", "codes", "exit_if_failed", "in_sweep", "record", "run_app"]
 

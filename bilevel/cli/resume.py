@@ -17,9 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bilevel import checkpoint
-from bilevel import run_dir as run_dirs
 from bilevel.errors import ConfigError
+from bilevel.logging import run_dir as run_dirs
+from bilevel.strategies import checkpoint
 
 __all__ = [
     "RESUME_HARMLESS",

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bilevel.run_settings import resolve_device
+from bilevel.errors import resolve_device
 
 __all__ = ["DistContext", "init_distributed", "leave_process_group"]
 

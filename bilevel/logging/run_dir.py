@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bilevel import checkpoint
 from bilevel.errors import ConfigError
 from bilevel.files import write_text_atomic
 
@@ -30,6 +29,7 @@ __all__ = [
     "check_writable",
     "claim",
     "holds_results",
+    "in_run",
     "hydra_only",
     "is_our_table",
     "is_run_dir",
@@ -124,7 +124,7 @@ def check_writable(path: str | Path) -> None:
 
 
 TABLE_HEADS = {"results.csv": "job,", "results.md": "| job |"}
-"""How the first line of a sweep table that bilevel wrote begins (``bilevel.logging.collect``)."""
+"""How the first line of a sweep table that bilevel wrote begins (``bilevel.cli.collect``)."""
 
 
 def is_our_table(path: str | Path) -> bool:
@@ -230,6 +230,18 @@ def locked(path: str | Path) -> Iterator[None]:
         handle.close()  # releases the lock
 
 
+def in_run(run: str | os.PathLike) -> Path:
+    """``<run>/checkpoints/last.pt``, the checkpoint a run directory continues from; a
+    ConfigError naming ``resume`` when it is not there (a run that stopped before its first
+    checkpoint, or a folder that holds none)."""
+    file = Path(run) / "checkpoints" / "last.pt"
+    if not file.is_file():
+        raise ConfigError(
+            "resume", f"no checkpoint at {file} (expected <run dir>/checkpoints/last.pt)"
+        )
+    return file
+
+
 def resolve_resume(path: str | Path) -> tuple[Path, Path | None]:
     """``(checkpoint file, run directory to continue in)`` for ``resume=path``.
 
@@ -259,7 +271,7 @@ def resolve_resume(path: str | Path) -> tuple[Path, Path | None]:
             raise ConfigError(
                 "resume", f"{path} is not a bilevel run directory (no {MARKER}){hint}"
             )
-        return checkpoint.in_run(path), path
+        return in_run(path), path
     run = path.parent.parent
     if path.parent.name == "checkpoints" and is_run_dir(run):
         return path, run

@@ -4,7 +4,7 @@ Each mistake becomes one line naming the argument or field (:class:`ConfigError`
 ``TypeError``) instead of a failure deep inside the first step: a library model or loss that
 does not fit the data says which shape it reads; a bug inside the user's own model or loss
 keeps its traceback. Whether the data's labels and token ids fit the model is
-:mod:`bilevel.input_checks`.
+:mod:`bilevel.trainer.input_checks`.
 """
 
 from __future__ import annotations
@@ -17,19 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bilevel import buffers
+from bilevel import module_state
 from bilevel.data.columns import Columns, num_rows, take, tensors, to_device
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import classification_metrics, output_logits
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
-from bilevel.input_checks import check_labels, check_step_positions, check_token_ids
-from bilevel.trainer_config import TrainerConfig
+from bilevel.trainer.config import TrainerConfig
+from bilevel.trainer.input_checks import check_labels, check_step_positions, check_token_ids
 
 __all__ = [
     "check_arguments",
     "check_batch_sizes",
-    "check_fsdp_solver",
     "check_losses",
     "outer_gradient",
 ]
@@ -124,7 +123,7 @@ def check_losses(
     check_loss_callable("outer_loss", outer_loss)
     check_token_ids(module, data)
     check_step_positions(module, data)
-    with torch.no_grad(), buffers.kept(module):  # a check, not a training step
+    with torch.no_grad(), module_state.buffers_kept(module):  # a check, not a training step
         batch = _first_rows(data.train, 4, device)
         rows = num_rows(batch)
         output = _forward(module, batch, "data.train")
@@ -280,37 +279,3 @@ def _loss(
     if leaf is None:
         return value, None
     return value, isinstance(value, Tensor) and value.requires_grad
-
-
-def check_fsdp_solver(solver: Any, hypergradient: bool = False) -> None:
-    """FSDP needs forward/backward-only products: refuse what cannot run sharded.
-    ``hypergradient``: ``solver`` is known to compute a hypergradient (then one without a
-    ``products`` setting, or without the ``solve`` step that runs on the local shards, is
-    refused too)."""
-    from bilevel.solvers.unrolled import Unrolled
-
-    if isinstance(solver, Unrolled):
-        raise ConfigError(
-            "solver",
-            "unrolled differentiates through the inner steps (double backward), which sharded "
-            "parameters do not allow: under trainer.strategy=fsdp use first_order, sama, "
-            "neumann or cg with solver.products=finite_difference",
-        )
-    products = getattr(solver, "products", None)
-    if products is None and not hypergradient:
-        return  # a method without products (odm, doremi, ...) says itself what it refuses
-    name = getattr(solver, "name", type(solver).__name__)
-    if products != "finite_difference":
-        raise ConfigError(
-            "solver.products",
-            f"trainer.strategy=fsdp shards the parameters, where double backward is not "
-            f"available: use solver.products=finite_difference (solver {name!r} has "
-            f"products={products or 'autograd'!r})",
-        )
-    if hypergradient and not callable(getattr(solver, "solve", None)):
-        # a method with its own window (doge) checks the solver it runs inside it
-        raise ConfigError(
-            "solver",
-            f"{name!r} has no solve step, which runs the products on the local shards under "
-            "trainer.strategy=fsdp: use first_order, sama, neumann or cg",
-        )

@@ -1,6 +1,12 @@
-"""The non-finite guard: find NaN/inf on the device and skip an update without a host sync.
+"""What the library knows about torch optimizers, and the step that skips non-finite updates.
 
-AMP's grad scaler does the same for mixed precision: one fused kernel sets a 0-d ``found_inf``
+Facts read off an optimizer, used by the solvers, the methods and the trainer alike: whether it
+is plain SGD (p <- p - lr g, which ``unrolled`` differentiates exactly and the trainer steps
+through one fused kernel), which coupled weight decay it adds to the inner objective (an implicit
+solve inverts H + lambda I), and whether SAMA knows its update Jacobian.
+
+The non-finite guard: find NaN/inf on the device and skip an update without a host sync. AMP's
+grad scaler does the same for mixed precision: one fused kernel sets a 0-d ``found_inf``
 flag, and the fused optimizers (SGD, Adam, AdamW with ``fused=True``) skip their update where it
 is set, all on the device. Optimizers without that support fall back to reading the flag.
 """
@@ -8,6 +14,7 @@ is set, all on the device. Optimizers without that support fall back to reading 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,11 +23,12 @@ from torch.optim.sgd import sgd
 from bilevel.outer import MirrorDescent
 
 __all__ = [
-    "SkipCounter",
     "found_inf",
     "guarded_step",
     "is_plain_sgd",
+    "l2_decay",
     "plain_sgd_step",
+    "preconditionable",
     "supports_device_skip",
 ]
 
@@ -28,7 +36,7 @@ __all__ = [
 def found_inf(tensors: Sequence[Tensor], one: Tensor) -> Tensor:
     """0-d float tensor: 1.0 if any element of ``tensors`` is NaN/inf, else 0.0 (one fused op;
     it multiplies by ``one``, i.e. changes nothing)."""
-    found = torch.zeros((), device=one.device)
+    found = torch.zeros((), device=one.device, dtype=torch.float32)
     torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), found, one)
     return found
 
@@ -91,47 +99,47 @@ def plain_sgd_step(
     )
 
 
-class SkipCounter:
-    """Device-side counts of skipped inner steps and outer updates, and of the current runs of
-    consecutive skips of each kind (read by the host only at log events).
+def preconditionable(optimizer: Any) -> bool:
+    """Whether :func:`optimizer_preconditioner` knows ``optimizer``'s update Jacobian."""
+    return type(optimizer) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) and not any(
+        g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups
+    )
 
-    Inner and outer skips are counted separately: a run whose meta loss is NaN skips every outer
-    update while its inner steps succeed, which one shared counter would keep resetting.
-    """
 
-    def __init__(self, device: torch.device) -> None:
-        zero = torch.zeros((), device=device)
-        self.inner, self.outer = zero.clone(), zero.clone()
-        self.consecutive_inner, self.consecutive_outer = zero.clone(), zero.clone()
+#: optimizers whose ``weight_decay`` adds lambda * theta to the gradient: an L2 term
+#: lambda/2 |theta|^2 of the objective they minimize (Adam, NAdam and RAdam unless
+#: ``decoupled_weight_decay``; AdamW's decay is decoupled: it shrinks the parameters outside
+#: the gradient, so its fixed point is not a stationary point of any one objective)
+_COUPLED_DECAY = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.Adadelta,
+    torch.optim.ASGD,
+)
 
-    def add(self, found: Tensor, inner: bool, steps: int = 1) -> None:
-        found = found.to(self.inner.dtype)
-        if inner:
-            self.inner += found * steps
-            self.consecutive_inner = (self.consecutive_inner + found * steps) * found
-        else:
-            self.outer += found
-            self.consecutive_outer = (self.consecutive_outer + found) * found
 
-    def totals(self) -> dict[str, int]:
-        inner, outer = int(self.inner.item()), int(self.outer.item())
-        return {"skipped_steps": inner + outer, "skipped_inner": inner, "skipped_outer": outer}
-
-    def consecutive(self) -> tuple[int, int]:
-        """(consecutive inner skips, consecutive outer skips) up to now (a host read)."""
-        return int(self.consecutive_inner.item()), int(self.consecutive_outer.item())
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {
-            "skipped_inner": self.inner,
-            "skipped_outer": self.outer,
-            "consecutive_inner": self.consecutive_inner,
-            "consecutive_outer": self.consecutive_outer,
-        }
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        device = self.inner.device
-        self.inner = state["skipped_inner"].to(device)
-        self.outer = state["skipped_outer"].to(device)
-        self.consecutive_inner = state["consecutive_inner"].to(device)
-        self.consecutive_outer = state["consecutive_outer"].to(device)
+def l2_decay(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[float] | None:
+    """The L2 coefficient that ``optimizer``'s coupled weight decay adds to the inner objective,
+    one per tensor of ``params`` (by identity; 0.0 for a tensor it does not hold), or ``None``
+    where it adds none: the objective the inner steps minimize is then the weighted loss plus
+    sum_i lambda_i/2 |theta_i|^2, whose Hessian an implicit solve must invert (H + lambda I).
+    Decoupled decay (AdamW, ``decoupled_weight_decay=True``) and optimizers this does not know
+    count as none. A tensor learning rate or decay is not read here (it would synchronize); a
+    number is."""
+    if not isinstance(optimizer, _COUPLED_DECAY):
+        return None
+    decay_of: dict[int, float] = {}
+    for group in optimizer.param_groups:
+        value = group.get("weight_decay", 0.0)
+        if group.get("decoupled_weight_decay") or isinstance(optimizer, torch.optim.AdamW):
+            value = 0.0
+        value = float(value) if isinstance(value, Tensor) else value
+        for p in group["params"]:
+            decay_of[id(p)] = value
+    decay = [float(decay_of.get(id(p), 0.0)) for p in params]
+    return decay if any(decay) else None

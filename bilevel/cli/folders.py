@@ -26,8 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bilevel import run_dir as run_dirs
 from bilevel.errors import ConfigError
+from bilevel.logging import run_dir as run_dirs
 
 __all__ = [
     "DEFAULT_RUN_DIR",

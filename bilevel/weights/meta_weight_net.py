@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bilevel.errors import is_bool, is_integer
-from bilevel.weights import domain_names
+from bilevel.weights.domain import domain_names
 
 __all__ = ["MetaWeightNet"]
 
@@ -38,7 +38,8 @@ class MetaWeightNet(nn.Module):
         names: the domain names (the data's).
         hidden: width of the hidden layer.
         use_domain: also feed each example's domain (one-hot).
-        device, dtype: where the parameters live.
+        device: where the parameters live.
+        dtype: the parameters' dtype.
     """
 
     parametrization = "meta_weight_net"

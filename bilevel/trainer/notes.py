@@ -10,18 +10,14 @@ every outer update learned nothing, which no setting predicts. ``summary.json`` 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from bilevel.trainer import BilevelTrainer
-    from bilevel.weights import DomainWeights
 
 __all__ = ["outer_skipped", "sampling", "schedule", "settings", "solver_notes", "unmoved"]
 
 
-def sampling(trainer: BilevelTrainer) -> list[str]:
+def sampling(trainer: Any) -> list[str]:
     """Say when a batch is too small for each hypergradient to see every domain."""
     if not getattr(trainer.method, "uses_meta", True):
         return []
@@ -41,7 +37,7 @@ def sampling(trainer: BilevelTrainer) -> list[str]:
     ]
 
 
-def schedule(trainer: BilevelTrainer) -> list[str]:
+def schedule(trainer: Any) -> list[str]:
     """Say when the meta batch or the run's length make the outer steps other than meant."""
     notes = []
     config = trainer.config
@@ -68,9 +64,7 @@ def schedule(trainer: BilevelTrainer) -> list[str]:
     return notes
 
 
-def settings(
-    trainer: BilevelTrainer, outer_optimizer_given: bool, differentiates: bool
-) -> list[str]:
+def settings(trainer: Any, outer_optimizer_given: bool, differentiates: bool) -> list[str]:
     """Settings that run but change nothing, or not what they seem to (for every run, learned
     weights or not). ``outer_optimizer_given``: an outer optimizer was passed in Python;
     ``differentiates``: the method reads the meta set for its outer steps."""
@@ -165,7 +159,7 @@ def settings(
     return notes
 
 
-def _set_by_user(trainer: BilevelTrainer, key: str) -> bool:
+def _set_by_user(trainer: Any, key: str) -> bool:
     """Whether the user chose ``trainer.<key>``: always in Python (a TrainerConfig field set
     by hand); on the command line only when an override names it. A value that an experiment
     preset set for its own method (prm's ``inner_lr`` for first_order) is no setting of the
@@ -181,12 +175,12 @@ def _names_outer_optimizer(override: str) -> bool:
     return override.lstrip("+~").startswith(("trainer.outer_optimizer", "trainer/outer_optimizer"))
 
 
-def _single_simplex(weights: DomainWeights) -> bool:
+def _single_simplex(weights: Any) -> bool:
     """One domain on the simplex: its weight is 1, its logit's gradient always exactly 0."""
     return len(weights.names) == 1 and weights.parametrization == "softmax"
 
 
-def unmoved(updates: int, nonzero: int, weights: DomainWeights | None = None) -> str | None:
+def unmoved(updates: int, nonzero: int, weights: Any = None) -> str | None:
     """The note for a run whose ``updates`` gradient steps of the weights all had an exactly
     zero gradient (``nonzero == 0``): the outer loss is flat in the model on the meta set, so
     the weights kept their initial values; ``None`` otherwise, and for one domain on the
@@ -217,7 +211,7 @@ CHECKPOINT_KEPT = (
 )
 
 
-def outer_skipped(trainer: BilevelTrainer, count: int) -> str:
+def outer_skipped(trainer: Any, count: int) -> str:
     """Why a run stops (exit 3) after ``count`` outer updates in a row were skipped: the
     solver's own word where it has one, else a meta loss that is not finite, else a
     hypergradient that is not finite or overflows (and what usually causes that)."""

@@ -17,8 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bilevel import cli_folders as folders
-from bilevel.cli_resume import continue_from, harmless, override_key, refused_on_resume
+from bilevel.cli import folders
+from bilevel.cli.resume import continue_from, harmless, override_key, refused_on_resume
 from bilevel.errors import first_line
 
 __all__ = ["config_dir", "preflight", "resumed_config_shown", "root_cause"]
@@ -28,7 +28,7 @@ def config_dir() -> str:
     """``$BILEVEL_CONFIG_DIR`` or the repository's ``configs/`` next to the package."""
     candidates = [
         os.environ.get("BILEVEL_CONFIG_DIR"),
-        Path(__file__).resolve().parents[1] / "configs",
+        Path(__file__).resolve().parents[2] / "configs",
     ]
     for candidate in candidates:
         if candidate and (Path(candidate) / "config.yaml").is_file():

@@ -20,19 +20,7 @@ import torch
 from bilevel.errors import ConfigError, first_line
 from bilevel.files import write_atomic
 
-__all__ = ["capture_rng", "fingerprint", "in_run", "load", "restore_rng", "save_atomic"]
-
-
-def in_run(run: str | os.PathLike) -> Path:
-    """``<run>/checkpoints/last.pt``, the checkpoint a run directory continues from; a
-    ConfigError naming ``resume`` when it is not there (a run that stopped before its first
-    checkpoint, or a folder that holds none)."""
-    file = Path(run) / "checkpoints" / "last.pt"
-    if not file.is_file():
-        raise ConfigError(
-            "resume", f"no checkpoint at {file} (expected <run dir>/checkpoints/last.pt)"
-        )
-    return file
+__all__ = ["capture_rng", "fingerprint", "load", "restore_rng", "save_atomic"]
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -141,7 +141,7 @@ class DomainWeights(nn.Module):
         device: where the logits live (the model's device).
         dtype: dtype of the logits.
 
-    Example:
+    Examples:
         >>> w = DomainWeights(["web", "code"], parametrization="softmax", init=[0.25, 0.75])
         >>> [round(v, 2) for v in w.value().tolist()]
         [0.25, 0.75]

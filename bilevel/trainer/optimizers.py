@@ -15,13 +15,14 @@ import torch
 from torch import Tensor
 
 from bilevel.errors import ConfigError, first_line, is_bool, is_finite_number
+from bilevel.outer import MirrorDescent
 
 __all__ = [
     "check_holds_exactly",
     "check_hyperparameters",
     "default_sgd",
-    "l2_decay",
     "make_optimizer",
+    "make_outer_optimizer",
     "make_scheduler",
     "rehearse_schedule",
     "shadow_groups",
@@ -184,45 +185,6 @@ def rehearse_schedule(
         )
 
 
-#: optimizers whose ``weight_decay`` adds lambda * theta to the gradient: an L2 term
-#: lambda/2 |theta|^2 of the objective they minimize (Adam, NAdam and RAdam unless
-#: ``decoupled_weight_decay``; AdamW's decay is decoupled: it shrinks the parameters outside
-#: the gradient, so its fixed point is not a stationary point of any one objective)
-_COUPLED_DECAY = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.RMSprop,
-    torch.optim.Adagrad,
-    torch.optim.Adamax,
-    torch.optim.Adadelta,
-    torch.optim.ASGD,
-)
-
-
-def l2_decay(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[float] | None:
-    """The L2 coefficient that ``optimizer``'s coupled weight decay adds to the inner objective,
-    one per tensor of ``params`` (by identity; 0.0 for a tensor it does not hold), or ``None``
-    where it adds none: the objective the inner steps minimize is then the weighted loss plus
-    sum_i lambda_i/2 |theta_i|^2, whose Hessian an implicit solve must invert (H + lambda I).
-    Decoupled decay (AdamW, ``decoupled_weight_decay=True``) and optimizers this does not know
-    count as none. A tensor learning rate or decay is not read here (it would synchronize); a
-    number is."""
-    if not isinstance(optimizer, _COUPLED_DECAY):
-        return None
-    decay_of: dict[int, float] = {}
-    for group in optimizer.param_groups:
-        value = group.get("weight_decay", 0.0)
-        if group.get("decoupled_weight_decay") or isinstance(optimizer, torch.optim.AdamW):
-            value = 0.0
-        value = float(value) if isinstance(value, Tensor) else value
-        for p in group["params"]:
-            decay_of[id(p)] = value
-    decay = [float(decay_of.get(id(p), 0.0)) for p in params]
-    return decay if any(decay) else None
-
-
 def check_holds_exactly(
     optimizer: torch.optim.Optimizer,
     named: list[tuple[str, Tensor]],
@@ -333,3 +295,43 @@ def not_a_number(factory: OptimizerFactory) -> str | None:
 
 def default_sgd(fused: bool) -> OptimizerFactory:
     return lambda params: torch.optim.SGD(params, lr=0.1, fused=fused)
+
+
+def default_adam(fused: bool) -> OptimizerFactory:
+    return lambda params: torch.optim.Adam(params, lr=0.05, fused=fused)
+
+
+def make_outer_optimizer(
+    factory: OptimizerFactory | None, weights: Any, device: torch.device, world_size: int
+) -> torch.optim.Optimizer:
+    """The outer optimizer over the weights' parameters (default Adam, lr 0.05, fused where
+    the device has the kernel), checked: it must hold exactly those parameters, and mirror
+    descent needs domain weights it can act on."""
+    field = "trainer.outer_optimizer"
+    fused = device.type in ("cpu", "cuda")
+    optimizer = make_optimizer(factory or default_adam(fused), list(weights.parameters()), field)
+    check_holds_exactly(
+        optimizer, list(weights.named_parameters()), field, "parameters of the weights"
+    )
+    if getattr(weights, "per_example", False):
+        if isinstance(optimizer, MirrorDescent):
+            raise ConfigError(
+                field,
+                "mirror descent acts on domain weights on the simplex; a meta-weight net's "
+                "parameters need a torch optimizer (adam, sgd)",
+            )
+        if world_size > 1:
+            raise ConfigError(
+                "weights", "weights=meta_weight_net runs in one process (no torchrun) for now"
+            )
+        return optimizer
+    if isinstance(optimizer, MirrorDescent):
+        smoothing = any(g["smoothing"] > 0 for g in optimizer.param_groups)
+        allowed = ("softmax",) if smoothing else ("softmax", "exp")
+        if weights.parametrization not in allowed:
+            raise ConfigError(
+                "weights.parametrization",
+                f"mirror descent needs {' or '.join(allowed)} weights, got "
+                f"{weights.parametrization!r}",
+            )
+    return optimizer

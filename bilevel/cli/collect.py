@@ -22,7 +22,7 @@ from typing import Any
 
 from bilevel.errors import ConfigError, WriteError
 from bilevel.files import write_text_atomic
-from bilevel.run_dir import FAILED, TABLE_HEADS, is_our_table
+from bilevel.logging.run_dir import FAILED, TABLE_HEADS, is_our_table
 
 __all__ = ["CollectResults", "collect", "main", "write_tables"]
 

@@ -16,47 +16,42 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bilevel import buffers, modes, trainer_state
-from bilevel import checkpoint as ckpt
-from bilevel import run_dir as run_dirs
-from bilevel import trainer_notes as notes
+from bilevel import module_state
+from bilevel.data.columns import to_device
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import checked_metrics
-from bilevel.distributed import DistContext
-from bilevel.errors import ConfigError, NonFiniteError
+from bilevel.errors import ConfigError, NonFiniteError, check_seed, resolve_device
 from bilevel.files import write_text_atomic
 from bilevel.functional import forward_batch
-from bilevel.guard import guarded_step
-from bilevel.hypergradient import chain_through_parametrization
-from bilevel.inner_loop import InnerLoop
-from bilevel.inner_optim import check_holds_exactly, make_optimizer
+from bilevel.hypergradient import Solver
 from bilevel.logging import RunLog
+from bilevel.logging import run_dir as run_dirs
 from bilevel.methods import OuterMethod, OuterUpdate, method_for
+from bilevel.methods.checks import check_fsdp_solver
 from bilevel.methods.fixed import FixedWeights
-from bilevel.methods.hypergradient import wants_values
-from bilevel.outer import MirrorDescent
-from bilevel.run_settings import check_seed, resolve_device
-from bilevel.solvers.base import Solver
-from bilevel.stopping import StopRequested, stop_requests
 from bilevel.strategies import DDPStrategy, Strategy, build_strategy, fsdp_needs_processes
-from bilevel.trainer_checks import (
+from bilevel.strategies.distributed import DistContext
+from bilevel.trainer import notes, records
+from bilevel.trainer import state as trainer_state
+from bilevel.trainer.checks import (
     check_arguments,
     check_batch_sizes,
-    check_fsdp_solver,
     check_losses,
     outer_gradient,
 )
-from bilevel.trainer_config import TrainerConfig
+from bilevel.trainer.config import TrainerConfig
+from bilevel.trainer.inner_loop import InnerLoop
+from bilevel.trainer.optimizers import make_outer_optimizer
+from bilevel.trainer.outer_update import apply_update
+from bilevel.trainer.stopping import StopRequested, stop_requests
 from bilevel.weights import DomainWeights
 
 __all__ = ["BilevelTrainer", "NonFiniteError", "TrainerConfig"]
@@ -95,7 +90,7 @@ class BilevelTrainer:
         run_config: the resolved config to record with the run (and in its checkpoints).
         overrides: the command-line overrides that made ``run_config`` (for resume).
 
-    Example:
+    Examples:
         >>> trainer = BilevelTrainer(model, weights, build("first_order"),
         ...                          per_example_cross_entropy, cross_entropy, data)
         >>> summary = trainer.fit()  # doctest: +SKIP
@@ -177,20 +172,10 @@ class BilevelTrainer:
             inner_optimizer,
             inner_scheduler,
         )
-        fused = self.device.type in ("cpu", "cuda")
-        self.outer_opt = make_optimizer(
-            outer_optimizer or _default_adam(fused),
-            list(self.weights.parameters()),
-            "trainer.outer_optimizer",
-        )
-        check_holds_exactly(
-            self.outer_opt,
-            list(self.weights.named_parameters()),
-            "trainer.outer_optimizer",
-            "parameters of the weights",
+        self.outer_opt = make_outer_optimizer(
+            outer_optimizer, self.weights, self.device, strategy.world_size
         )
         self.method = method_for(solver, weights)
-        self._check_outer_optimizer()
         self.notes: list[str] = []
         if self.config.learn_weights:
             self.notes += self.method.setup(self.loop)
@@ -211,8 +196,6 @@ class BilevelTrainer:
         self.notes += notes.settings(self, outer_optimizer is not None, differentiates)
         self.test = data.test
         if self.test is not None:
-            from bilevel.data.columns import to_device
-
             self.test = to_device(data.test, self.device)
 
         self.step = 0
@@ -274,31 +257,6 @@ class BilevelTrainer:
     def scheduler(self):
         return self.loop.scheduler
 
-    # -- validation ----------------------------------------------------------------------------
-
-    def _check_outer_optimizer(self) -> None:
-        if getattr(self.weights, "per_example", False):
-            if isinstance(self.outer_opt, MirrorDescent):
-                raise ConfigError(
-                    "trainer.outer_optimizer",
-                    "mirror descent acts on domain weights on the simplex; a meta-weight net's "
-                    "parameters need a torch optimizer (adam, sgd)",
-                )
-            if self.strategy.world_size > 1:
-                raise ConfigError(
-                    "weights", "weights=meta_weight_net runs in one process (no torchrun) for now"
-                )
-            return
-        if isinstance(self.outer_opt, MirrorDescent):
-            smoothing = any(g["smoothing"] > 0 for g in self.outer_opt.param_groups)
-            allowed = ("softmax",) if smoothing else ("softmax", "exp")
-            if self.weights.parametrization not in allowed:
-                raise ConfigError(
-                    "weights.parametrization",
-                    f"mirror descent needs {' or '.join(allowed)} weights, got "
-                    f"{self.weights.parametrization!r}",
-                )
-
     # -- one window ------------------------------------------------------------------------------
 
     def step_window(self) -> None:
@@ -319,29 +277,10 @@ class BilevelTrainer:
         """Apply a method's outer update on the device (skipped where non-finite)."""
         if update is None:
             return
-        logits = self.weights.logits
-        if update.values is not None:
-            values = update.values.detach()
-            found = update.found
-            if found is None:
-                found = (~torch.isfinite(values).all()).float()
-            self.weights.assign_values_(values, skip=found)
-        else:
-            grad = update.grad.detach()
-            if not update.wrt_logits and not wants_values(self.outer_opt):
-                grad = chain_through_parametrization(self.weights, grad)
-            grad = grad.to(logits.dtype)
-            found = update.found
-            if found is None:
-                found = (~torch.isfinite(grad).all()).float()
-            # finite but so large that its square overflows (|g| > ~1e19 in float32, e.g. a
-            # diverging Neumann series): Adam's second moment became inf and every later step
-            # of the weights was exactly 0, silently; a step that size is no update anyway
-            found = torch.maximum(found, (~torch.isfinite(grad.square().sum())).to(found.dtype))
-            logits.grad = grad
-            guarded_step(self.outer_opt, found)
+        found, moved = apply_update(self.weights, self.outer_opt, update)
+        if moved is not None:
             self._gradient_updates += 1
-            self._nonzero_updates += (grad != 0).any() & (found == 0)
+            self._nonzero_updates += moved
         self.loop.skips.add(found, inner=False)
         self.outer_updates += 1
         self.loop.refresh_weights()
@@ -467,7 +406,7 @@ class BilevelTrainer:
     def meta_loss(self) -> float:
         """The outer loss on the whole meta set (averaged over ranks)."""
         columns = self.loop.meta_sampler.columns
-        with modes.evaluation(self.module), self.loop.autocast():
+        with module_state.evaluation(self.module), self.loop.autocast():
             value = self.outer_loss(forward_batch(self.module, columns), columns)
         return float(self.strategy.reduce([value.float().reshape(1)])[0].item())
 
@@ -476,50 +415,7 @@ class BilevelTrainer:
         return {"step": self.step, "weights": self.weights.as_dict(), "meta_loss": self.meta_loss()}
 
     def _log(self) -> dict[str, Any]:
-        self._check_ranks_agree()
-        weights = self.weights.as_dict()
-        last = self.loop.last
-        totals = self.loop.skips.totals()
-        record: dict[str, Any] = {
-            "step": self.step,
-            "weights": weights,
-            "inner_loss": float(last["inner_loss"].item()) if "inner_loss" in last else math.nan,
-            "meta_loss": self.meta_loss(),
-            "domain_loss": (
-                dict(zip(self.names, last["domain_loss"].tolist())) if "domain_loss" in last else {}
-            ),
-            **totals,
-            "inner_lr": self.loop.last_lr,
-            "elapsed_s": round(self.elapsed, 3),
-        }
-        self.log.write(record)
-        if progress.isEnabledFor(logging.INFO):
-            progress.info(
-                f"step {self.step}: inner loss {record['inner_loss']:.4f}, meta loss "
-                f"{record['meta_loss']:.4f}, weights "
-                + ", ".join(f"{k} {v:.4f}" for k, v in weights.items())
-                + (f", skipped {totals['skipped_steps']}" if totals["skipped_steps"] else "")
-            )
-        shown = dict(list(weights.items())[:6])
-        self.log.show(inner=record["inner_loss"], meta=record["meta_loss"], **shown)
-        return record
-
-    def _check_ranks_agree(self) -> None:
-        """At a log event under torchrun: the weights must be the same on every rank (one
-        gather of K numbers). A method that updates them from one rank's own batches made them
-        drift apart with nothing said until the summary; the first time, a note says so."""
-        if self.strategy.world_size == 1 or self._ranks_differ_said:
-            return
-        if not self.strategy.all_equal(self.weights.logits.detach()):
-            self._ranks_differ_said = True
-            note = (
-                f"the weights differ between ranks at step {self.step}: the method "
-                f"{self.method.name!r} updates them from each rank's own batches instead of "
-                "an average over ranks (the summary records ranks_agree=false)"
-            )
-            self.notes.append(note)
-            if self.strategy.is_main:
-                log.warning(f"note: {note}")
+        return records.log_record(self)
 
     def evaluate(self) -> dict[str, float]:
         """Test-set metrics of the current model ({} without a test set)."""
@@ -527,7 +423,7 @@ class BilevelTrainer:
             return {}
         # an evaluator that leaves the model in eval mode (or moves running statistics) must
         # not change the training that follows: both are put back
-        with modes.kept(self.module), buffers.kept(self.module):
+        with module_state.modes_kept(self.module), module_state.buffers_kept(self.module):
             return checked_metrics(self.data.evaluate(self.module, self.test, self.device))
 
     def _evaluate(self) -> dict[str, float]:
@@ -549,57 +445,27 @@ class BilevelTrainer:
                 log.warning(f"note: {note}")
         self.notes += ending
         test = self._evaluate() if record_test else self.evaluate()
-        agree = self.strategy.all_equal(self.weights.logits.detach())
-        summary = {
-            "weights": self.weights.as_dict(),
-            "meta_loss": self.meta_loss(),
-            "test": test,
-            "steps": self.step,
-            "outer_updates": self.outer_updates,
-            "wall_time_s": round(self.elapsed, 3),
-            "solver": self.method.name,
-            "solver_options": _options(self.solver),
-            "learn_weights": self.config.learn_weights,
-            # false for a method that reweights examples and keeps the domain weights as set
-            "moves_weights": bool(getattr(self.method, "moves_weights", True)),
-            "parametrization": self.weights.parametrization,
-            **self.loop.skips.totals(),
-            "strategy": self.strategy.name,
-            "world_size": self.strategy.world_size,
-            "ranks_agree": bool(agree),
-            "parameter_elements": self._parameter_elements(),
-            "parameter_elements_per_rank": sum(
-                self.strategy.local(p).numel() for p in self.loop.params
-            ),
-            "seed": self.seed,
-            "info": self.data.info,
-            "notes": list(self.notes),
-        }
-        if self._resumed_from:
-            summary["resumed_from"] = self._resumed_from
+        summary = records.summary(self, test)
         self.log.finish(summary)
         return summary
-
-    def _parameter_elements(self) -> int:
-        return sum(p.numel() for p in self.loop.params)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly (:func:`bilevel.trainer_state.capture`): the
+        """Everything needed to continue exactly (:func:`bilevel.trainer.state.capture`): the
         trainable part of the model (and its buffers), optimizers, logits, RNG, samplers, the
         method's state (warm starts), step."""
         return trainer_state.capture(self)
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
-        """Continue from ``state`` (checked first: :func:`bilevel.trainer_state.restore`)."""
+        """Continue from ``state`` (checked first: :func:`bilevel.trainer.state.restore`)."""
         trainer_state.restore(self, state)
         self._resumed_from = source
 
     def resume(self, path: str | Path) -> None:
         """Continue from a run directory (its ``checkpoints/last.pt``) or a checkpoint file."""
         path = Path(path)
-        file = ckpt.in_run(path) if path.is_dir() else path
+        file = run_dirs.in_run(path) if path.is_dir() else path
         self.resume_file = file
         state = self.strategy.load(file)
         if int(state["step"]) > self.config.steps:
@@ -625,17 +491,3 @@ class BilevelTrainer:
 def _crossed(every: int, before: int, after: int) -> bool:
     """Whether a multiple of ``every`` lies in (before, after] (never for every = 0)."""
     return bool(every) and after // every > before // every
-
-
-def _options(solver: Any) -> dict[str, Any]:
-    if is_dataclass(solver):
-        return {
-            f.name: getattr(solver, f.name)
-            for f in fields(solver)
-            if f.name != "name" and not f.name.startswith("_")
-        }
-    return {}
-
-
-def _default_adam(fused: bool) -> OptimizerFactory:
-    return lambda params: torch.optim.Adam(params, lr=0.05, fused=fused)

@@ -1,0 +1,113 @@
+"""What a run records: the ``metrics.jsonl`` record of a log event, and ``summary.json``.
+
+Both read a built :class:`~bilevel.BilevelTrainer` (passed in; this module sits below the one
+that defines it) and change nothing but its notes. The host reads values back here, and only
+here: at log events and at the end of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+__all__ = ["check_ranks_agree", "log_record", "solver_options", "summary"]
+
+log = logging.getLogger("bilevel")
+progress = logging.getLogger("bilevel.progress")
+
+
+def log_record(trainer: Any) -> dict[str, Any]:
+    """The record of a log event (weights, losses, skip counts, learning rate, time), written
+    to the run's log and shown on the progress bar."""
+    check_ranks_agree(trainer)
+    weights = trainer.weights.as_dict()
+    last = trainer.loop.last
+    totals = trainer.loop.skips.totals()
+    record: dict[str, Any] = {
+        "step": trainer.step,
+        "weights": weights,
+        "inner_loss": float(last["inner_loss"].item()) if "inner_loss" in last else math.nan,
+        "meta_loss": trainer.meta_loss(),
+        "domain_loss": (
+            dict(zip(trainer.names, last["domain_loss"].tolist())) if "domain_loss" in last else {}
+        ),
+        **totals,
+        "inner_lr": trainer.loop.last_lr,
+        "elapsed_s": round(trainer.elapsed, 3),
+    }
+    trainer.log.write(record)
+    if progress.isEnabledFor(logging.INFO):
+        progress.info(
+            f"step {trainer.step}: inner loss {record['inner_loss']:.4f}, meta loss "
+            f"{record['meta_loss']:.4f}, weights "
+            + ", ".join(f"{k} {v:.4f}" for k, v in weights.items())
+            + (f", skipped {totals['skipped_steps']}" if totals["skipped_steps"] else "")
+        )
+    shown = dict(list(weights.items())[:6])
+    trainer.log.show(inner=record["inner_loss"], meta=record["meta_loss"], **shown)
+    return record
+
+
+def check_ranks_agree(trainer: Any) -> None:
+    """At a log event under torchrun: the weights must be the same on every rank (one gather
+    of K numbers). A method that updates them from one rank's own batches made them drift apart
+    with nothing said until the summary; the first time, a note says so."""
+    strategy = trainer.strategy
+    if strategy.world_size == 1 or trainer._ranks_differ_said:
+        return
+    if not strategy.all_equal(trainer.weights.logits.detach()):
+        trainer._ranks_differ_said = True
+        note = (
+            f"the weights differ between ranks at step {trainer.step}: the method "
+            f"{trainer.method.name!r} updates them from each rank's own batches instead of "
+            "an average over ranks (the summary records ranks_agree=false)"
+        )
+        trainer.notes.append(note)
+        if strategy.is_main:
+            log.warning(f"note: {note}")
+
+
+def summary(trainer: Any, test: dict[str, float]) -> dict[str, Any]:
+    """``summary.json``: the final weights and meta loss, the ``test`` metrics, and what the
+    run was (steps, method and its options, layout, seed, the data's info, every note)."""
+    strategy, loop = trainer.strategy, trainer.loop
+    agree = strategy.all_equal(trainer.weights.logits.detach())
+    out = {
+        "weights": trainer.weights.as_dict(),
+        "meta_loss": trainer.meta_loss(),
+        "test": test,
+        "steps": trainer.step,
+        "outer_updates": trainer.outer_updates,
+        "wall_time_s": round(trainer.elapsed, 3),
+        "solver": trainer.method.name,
+        "solver_options": solver_options(trainer.solver),
+        "learn_weights": trainer.config.learn_weights,
+        # false for a method that reweights examples and keeps the domain weights as set
+        "moves_weights": bool(getattr(trainer.method, "moves_weights", True)),
+        "parametrization": trainer.weights.parametrization,
+        **loop.skips.totals(),
+        "strategy": strategy.name,
+        "world_size": strategy.world_size,
+        "ranks_agree": bool(agree),
+        "parameter_elements": sum(p.numel() for p in loop.params),
+        "parameter_elements_per_rank": sum(strategy.local(p).numel() for p in loop.params),
+        "seed": trainer.seed,
+        "info": trainer.data.info,
+        "notes": list(trainer.notes),
+    }
+    if trainer._resumed_from:
+        out["resumed_from"] = trainer._resumed_from
+    return out
+
+
+def solver_options(solver: Any) -> dict[str, Any]:
+    """A dataclass solver's options (its configuration), ``{}`` for another object."""
+    if is_dataclass(solver):
+        return {
+            f.name: getattr(solver, f.name)
+            for f in fields(solver)
+            if f.name != "name" and not f.name.startswith("_")
+        }
+    return {}
