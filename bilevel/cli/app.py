@@ -42,7 +42,7 @@ from bilevel.errors import (
     is_bool,
 )
 from bilevel.files import write_text_atomic
-from bilevel.strategies.distributed import init_distributed, leave_process_group
+from bilevel.strategies.distributed import init_distributed, leave_process_group, record_failure
 from bilevel.trainer import NonFiniteError
 from bilevel.trainer.stopping import StopRequested
 
@@ -159,9 +159,12 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
 
 
 def _fail(message: str, code: int) -> None:
-    """Print ``message`` (on rank 0 only: every rank meets the same error) and exit."""
+    """Print ``message`` (on rank 0 only: every rank meets the same error) and exit. Under
+    torchrun the line also goes into the rank's error file, so that torchrun's own failure
+    summary shows it (and ``exitcode``) instead of "To enable traceback see ..."."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(message, file=sys.stderr, flush=True)
+    record_failure(message)
     sys.exit(code)
 
 

@@ -17,7 +17,7 @@ the machine epsilon of the dtype the losses are computed in (about 6e-6 in float
 float32), which balances the O(eps^2) truncation error of a central difference against the
 O(machine eps / eps) rounding error, capped at 0.01 (bfloat16). On smooth models the
 hypergradients agree with autograd to about 1e-10 relative in float64, 2e-4 in float32 and 1e-2
-in bfloat16 (scripts/bench_products.py).
+in bfloat16 (scripts/benchmarks/bench_products.py).
 
 Two kinds of evaluation point share the arithmetic:
 
@@ -53,7 +53,7 @@ __all__ = [
 def default_step(dtype: torch.dtype) -> float:
     """Relative step of a central difference in ``dtype``: the cube root of its epsilon, at most
     0.01 (bfloat16's cube root, 0.2, moves the whole parameter vector by a fifth of its norm;
-    0.01 measured about 15x more accurate, scripts/bench_products.py)."""
+    0.01 measured about 15x more accurate, scripts/benchmarks/bench_products.py)."""
     return min(float(torch.finfo(dtype).eps) ** (1.0 / 3.0), 0.01)
 
 

@@ -8,7 +8,9 @@ logits identical on every rank (broadcast at start, all-gather check at the end)
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from bilevel.errors import resolve_device
 
-__all__ = ["DistContext", "init_distributed", "leave_process_group"]
+__all__ = ["DistContext", "init_distributed", "leave_process_group", "record_failure"]
 
 
 @dataclass
@@ -112,3 +114,24 @@ def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # ranks leave together (torchrun stops the others if one fails)
         dist.destroy_process_group()
+
+
+def record_failure(message: str) -> None:
+    """Under torchrun, write ``message`` into this rank's error file
+    (``TORCHELASTIC_ERROR_FILE``, in the format torch's elastic launcher reads), so that the
+    launcher's failure summary shows the library's one line where it would say "To enable
+    traceback see ...". Does nothing outside torchrun, or where the file cannot be written."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {
+        "message": {
+            "message": message,
+            "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))},
+        }
+    }
+    try:
+        with open(path, "w") as fh:
+            json.dump(record, fh)
+    except OSError:
+        pass

@@ -44,8 +44,9 @@ class TrainerConfig:
         hessian_batch: ``same`` (H and J_L from the window's last batch) or ``independent``
             (H from a second batch, one more forward/backward per outer step). It removes the
             correlation of the two factors but not the bias of inverting a noisy H, which is the
-            larger one on the measured problem (README, ``scripts/bench_hessian_batch.py``):
-            a check of a run's sensitivity, not a cure.
+            larger one on the measured problem (docs: Long runs;
+            ``scripts/benchmarks/bench_hessian_batch.py``): a check of a run's sensitivity, not
+            a cure.
         strategy: ``ddp`` (replicated model; one process without torchrun) or ``fsdp`` (FSDP2
             sharding under torchrun; finite-difference products).
         learn_weights: ``False`` keeps the weights at their initial values (the fixed-weight

@@ -1,0 +1,95 @@
+"""Smoke runs of the benchmark scripts (they never run as benchmarks inside the test suite)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+def run_script(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_and_reports_every_method():
+    proc = run_script(
+        "scripts/benchmarks/bench.py",
+        "--quick",
+        "--methods",
+        "fixed_plain,fixed_ours,ours_first_order,ours_unrolled,ours_neumann,ours_cg,"
+        "higher_unrolled,betty_darts,torchopt_unrolled",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for label in [
+        "fixed weights, plain PyTorch loop",
+        "bilevel first_order",
+        "bilevel unrolled",
+        "bilevel neumann",
+        "bilevel cg",
+        "higher unrolled",
+    ]:
+        assert f"| {label} |" in out
+    # a peer is either measured or listed with the reason it could not run
+    for key, label in [
+        ("betty_darts", "Betty darts"),
+        ("torchopt_unrolled", "TorchOpt unrolled (MetaSGD)"),
+    ]:
+        assert f"| {label} |" in out or f"| {key} | not run:" in out
+    assert "unrolled / higher:" in out
+
+
+def test_bench_hypergrad_quick_runs():
+    proc = run_script("scripts/benchmarks/bench_hypergrad.py", "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for solver in ["first_order", "unrolled(5)", "neumann(10)", "cg(10)"]:
+        assert f"| {solver} |" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--methods", "nope"], "--methods: 'nope' is not a method of digits; its methods: "),
+        (["--methods", ","], "--methods: no label is not a method"),
+        (["--seeds", "-1"], "argument --seeds: must be an integer in [0, 2**32), got '-1'"),
+    ],
+)
+def test_the_study_runner_refuses_bad_arguments_before_writing(tmp_path, args, said):
+    """An unknown method label ran nothing and then wrote an empty results.json over the
+    study's (its 1,760 lines), then failed with StopIteration; a negative seed stopped with a
+    traceback from the first run."""
+    proc = run_script("scripts/experiments.py", "digits", "--out", str(tmp_path), *args)
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_study_runner_reuses_only_runs_made_with_the_same_settings(tmp_path, capsys):
+    """--reuse took any finished run in the folder: a --quick run of 4 steps (same folder)
+    became the full study's result, silently."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("study_runner", REPO / "scripts/experiments.py")
+    runner = importlib.util.module_from_spec(spec)
+    sys.modules["study_runner"] = runner  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(runner)
+    finally:
+        del sys.modules["study_runner"]
+    out = tmp_path / "seed0"
+    out.mkdir()
+    assert not runner.reusable(out, ["seed=0"], 3000)  # nothing finished there
+    (out / "summary.json").write_text(json.dumps({"steps": 4}))
+    assert not runner.reusable(out, ["seed=0"], 3000)  # an older quick run
+    assert "was made with other settings" in capsys.readouterr().out
+    (out / "summary.json").write_text(json.dumps({"steps": 3000}))
+    assert runner.reusable(out, ["seed=0"], 3000)  # an older run of the same length
+    (out / runner.RUNNER_FILE).write_text(json.dumps(["seed=0", "trainer.steps=4"]))
+    assert not runner.reusable(out, ["seed=0"], 3000)  # its overrides were kept: they differ
+    (out / runner.RUNNER_FILE).write_text(json.dumps(["seed=0"]))
+    assert runner.reusable(out, ["seed=0"], 3000)

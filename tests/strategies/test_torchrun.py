@@ -1,0 +1,119 @@
+"""Two CPU ranks under torchrun: the weights stay identical on every rank, and a failure is
+the library's line in torchrun's own summary."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, read_summary, torchrun
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks(tmp_path):
+    out = tmp_path / "ddp"
+    scratch = tmp_path / "tmp"  # the ranks' temporary folder: rank 1's Hydra folder goes there
+    scratch.mkdir()
+    torchrun(
+        "experiment=noisy_domains",
+        "trainer.steps=40",
+        "device=cpu",
+        "trainer.progress=false",
+        f"hydra.run.dir={out}",
+        env={"TMPDIR": str(scratch)},
+    )
+    summary = read_summary(out)
+    assert summary["world_size"] == 2 and summary["ranks_agree"] is True
+    assert summary["steps"] == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "tmp"]  # rank 1: nothing here
+    assert not list(scratch.glob("bilevel-rank*"))  # and its temporary folder is gone
+
+
+@pytest.mark.parametrize("solver", ["scalebio", "odm"])
+def test_methods_of_their_own_rule_keep_the_weights_equal_on_every_rank(tmp_path, solver):
+    """ScaleBiO's penalty gradient and ODM's reward estimates came from each rank's own
+    batches: the weights drifted apart between ranks (summary's ranks_agree false, exit 0)."""
+    torchrun(
+        "experiment=tiny", f"solver={solver}", "trainer.progress=false", f"hydra.run.dir={tmp_path}"
+    )
+    summary = read_summary(tmp_path)
+    assert summary["world_size"] == 2 and summary["ranks_agree"] is True
+
+
+LOCAL_METHOD = """
+import torch
+import torch.distributed as dist
+from bilevel.methods.base import OuterUpdate
+
+
+class PerRank:  # a user's method with a bug: each rank sets its own weights
+    name, uses_meta, uses_outer_optimizer = "per_rank", False, False
+
+    def setup(self, loop):
+        return []
+
+    def window(self, loop, n, update):
+        for _ in range(n):
+            loop.inner_step(loop.next_batch())
+        if not update:
+            return None
+        scores = torch.arange(len(loop.w), dtype=loop.w.dtype) * (1.0 + dist.get_rank())
+        return OuterUpdate(values=torch.softmax(scores, 0))
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+"""
+
+
+def test_weights_that_drift_apart_between_ranks_are_said_at_the_first_log_event(tmp_path):
+    (tmp_path / "per_rank.py").write_text(LOCAL_METHOD)
+    out = tmp_path / "run"
+    torchrun(
+        "experiment=tiny",
+        "solver=custom",
+        "solver._target_=per_rank.PerRank",
+        "trainer.log_every=10",
+        "trainer.progress=false",
+        f"hydra.run.dir={out}",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    summary = read_summary(out)
+    assert summary["ranks_agree"] is False
+    assert [n for n in summary["notes"] if "differ between ranks at step 10" in n]
+
+
+@pytest.mark.distributed
+def test_a_bad_input_under_torchrun_is_our_line_in_torchruns_summary():
+    """torchrun ends a failed job with its own traceback and a summary of each rank's failure;
+    the summary shows the library's line (from the rank's error file) and its exit code 2,
+    where it said "To enable traceback see ..."."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "bilevel",
+            "experiment=tiny",
+            "solver=cg",
+            "solver.iters=-1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0
+    line = "bilevel: error: solver (bilevel.solvers.build): cg: iters must be an integer >= 1"
+    summary = proc.stderr.split("ChildFailedError", 1)[-1]
+    assert summary.count(f"traceback : {line}") == 2, proc.stderr[-3000:]
+    assert summary.count("exitcode  : 2") == 2
+    assert "To enable traceback" not in summary
