@@ -56,6 +56,7 @@ class Study:
     quick: list[str]  # overrides that make a run take seconds
     notes: str = ""
     plots: list[str] = field(default_factory=lambda: ["weights"])
+    seeds: list[int] = field(default_factory=lambda: list(SEEDS))  # the seeds of its table
 
 
 # prm_text's single-domain probes: 50 steps, ranked by their meta loss alone, so their test set
@@ -231,6 +232,39 @@ STUDIES = {
             "data.meta_size=8",
         ],
         plots=["weights", "perplexity"],
+        seeds=[0, 1, 2, 3, 4],
+    ),
+    "lm_pretrained_files": Study(
+        "lm_pretrained_files",
+        [
+            Method("uniform", ["trainer.learn_weights=false"]),
+            Method(
+                "temperature sampling (T=2)",
+                [
+                    "trainer.learn_weights=false",
+                    "trainer.sampling=temperature",
+                    "trainer.temperature=2",
+                ],
+            ),
+            Method("DoReMi (excess-loss EG)", [], kind="doremi"),
+            Method("first_order", ["solver=first_order"]),
+            Method(
+                "neumann warm(1)",
+                ["solver=neumann", "solver.iters=1", "solver.warm_start=true"],
+            ),
+        ],
+        metrics=["perplexity", "loss"],
+        quick=[
+            "trainer.steps=4",
+            "trainer.log_every=2",
+            "trainer.eval_every=2",
+            "trainer.batch_size=6",
+            "data.per_domain=16",
+            "data.test_size=8",
+            "data.meta_size=8",
+        ],
+        plots=["weights", "perplexity"],
+        seeds=[0, 1, 2, 3, 4],
     ),
     "text_domains": Study(
         "text_domains",
@@ -666,7 +700,9 @@ def seed_argument(text: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("study", choices=list(STUDIES))
-    parser.add_argument("--seeds", type=seed_argument, nargs="+", default=SEEDS)
+    parser.add_argument(
+        "--seeds", type=seed_argument, nargs="+", help="default: the study's own (0 1 2, or 0-4)"
+    )
     parser.add_argument(
         "--methods",
         default="",
@@ -689,7 +725,8 @@ def main() -> None:
     # a --quick run of 4 steps deleted the full run of the same method and seed
     runs = folder / ("runs_quick" if args.quick else "runs")
     base = study.quick if args.quick else []
-    seeds = [args.seeds[0]] if args.quick else args.seeds
+    chosen = args.seeds or study.seeds
+    seeds = [chosen[0]] if args.quick else chosen
     labels = [m.label for m in study.methods]
     wanted, unknown = parse_methods(args.methods, labels)
     if unknown or (args.methods and not wanted):
@@ -700,7 +737,7 @@ def main() -> None:
     methods = [m for m in study.methods if not wanted or m.label in wanted]
     # a partial rerun (some methods, or other seeds) must not replace the study's full table,
     # its figures and its README section with the few rows it has: it writes beside them
-    partial = bool(wanted) or sorted(seeds) != SEEDS
+    partial = bool(wanted) or sorted(seeds) != sorted(study.seeds)
     suffix = "_quick" if args.quick else "_partial" if partial else ""
     if any(m.kind == "doremi" for m in methods) and not any(m.label == "uniform" for m in methods):
         methods.insert(0, next(m for m in study.methods if m.label == "uniform"))

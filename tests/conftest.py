@@ -8,6 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from bilevel.cli import config_dir, run
+from bilevel.cli.preflight import open_domain_keys
 from tests.helpers import cli
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -25,6 +26,7 @@ def run_cli(tmp_path):
     """Compose the app's config with ``overrides`` and run it in-process into ``tmp_path``."""
 
     def _run(*overrides, out=None):
+        overrides = open_domain_keys(list(overrides))  # as bilevel-run's main does
         out = Path(out or tmp_path / "run")
         with initialize_config_dir(config_dir(), version_base="1.3"):
             cfg = compose("config", overrides=["trainer.progress=false", *overrides])

@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bilevel.cli import folders, sweeps
 from bilevel.cli.build import interpolation_hint, make_trainer, seed_everything
-from bilevel.cli.preflight import config_dir, preflight, resumed_config_shown
+from bilevel.cli.preflight import config_dir, open_domain_keys, preflight, resumed_config_shown
 from bilevel.cli.resume import continue_from, override_key
 from bilevel.errors import (
     ConfigError,
@@ -278,7 +278,7 @@ def main() -> None:
     # -m anywhere: Hydra's parser takes it only before the overrides ("unrecognized arguments")
     flags = [a for a in sys.argv[1:] if a in folders.MULTIRUN_FLAGS]
     sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in folders.MULTIRUN_FLAGS]
-    sys.argv[1:] = folders.expand_paths(sys.argv[1:])
+    sys.argv[1:] = open_domain_keys(folders.expand_paths(sys.argv[1:]))
     args = sys.argv[1:]
     try:
         shown = resumed_config_shown(args)

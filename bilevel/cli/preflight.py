@@ -21,7 +21,20 @@ from bilevel.cli import folders
 from bilevel.cli.resume import continue_from, harmless, override_key, refused_on_resume
 from bilevel.errors import first_line
 
-__all__ = ["config_dir", "preflight", "resumed_config_shown", "root_cause"]
+__all__ = ["config_dir", "open_domain_keys", "preflight", "resumed_config_shown", "root_cause"]
+
+
+def open_domain_keys(args: list[str]) -> list[str]:
+    """``data.domains.<name>=<glob>`` as Hydra takes it: ``++data.domains.<name>=...`` (add
+    the key, or set it where a preset already has it). The corpus presets leave
+    ``data.domains`` empty for the user to fill, one domain per override; without the ``++``
+    Hydra refused each with "Key 'news' is not in struct"."""
+    out = []
+    for arg in args:
+        if re.match(r"data\.domains\.[^=]+=", arg):
+            arg = "++" + arg
+        out.append(arg)
+    return out
 
 
 def config_dir() -> str:

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bilevel.data.columns import Columns, leaves, num_rows, take
+from bilevel.data.columns import Columns, leaves, num_rows, take, to_device
+from bilevel.data.samplers import DomainSampler
 from bilevel.errors import ConfigError
 
 __all__ = ["DomainData", "Evaluator"]
@@ -40,6 +41,31 @@ class DomainData:
     evaluate: Evaluator | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+
+    def train_sampler(
+        self,
+        num_domains: int,
+        batch_size: int,
+        sampling: str,
+        seed: int,
+        rank: int,
+        world_size: int,
+        temperature: float,
+        device: torch.device,
+    ) -> DomainSampler:
+        """The sampler the trainer draws training batches from: for columns in memory, the
+        device-side :class:`~bilevel.data.samplers.DomainSampler` (corpora on disk answer with
+        a sampler over their streams)."""
+        return DomainSampler(
+            to_device(self.train, device),
+            num_domains,
+            batch_size,
+            sampling,
+            seed,
+            rank,
+            world_size,
+            temperature=temperature,
+        )
 
     def domain_sizes(self) -> list[int]:
         domain = self.train["domain"]

@@ -15,7 +15,7 @@ from bilevel.data.columns import Columns, chunks
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch, model_scores
 
-__all__ = ["checked_metrics", "classification_metrics", "output_logits"]
+__all__ = ["checked_metrics", "classification_metrics", "lm_metrics", "output_logits"]
 
 
 def output_logits(output: Any) -> torch.Tensor:
@@ -50,6 +50,31 @@ def classification_metrics(
             loss += F.cross_entropy(logits, batch["y"], reduction="sum").double()
             n += len(batch["y"])
     return {"accuracy": correct.item() / n, "loss": loss.item() / n}
+
+
+@torch.no_grad()
+def lm_metrics(
+    model: nn.Module, columns: Columns, device: torch.device, chunk: int = 64
+) -> dict[str, float]:
+    """Next-token ``loss`` (mean cross-entropy per token), ``perplexity`` and ``accuracy`` of a
+    language model on ``columns`` (``x`` the inputs, ``y`` the next tokens ``[N, T]``), in
+    chunks of ``chunk`` sequences (a batch's logits are ``[chunk, T, vocabulary]``)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), device=device)
+    count = 0
+    with module_state.evaluation(model):
+        for batch in chunks(columns, chunk):
+            logits = output_logits(forward_batch(model, batch)).float()
+            y = batch["y"]
+            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
+            correct += (logits.argmax(-1) == y).sum()
+            count += y.numel()
+    loss = total.item() / count
+    return {
+        "loss": loss,
+        "perplexity": float(torch.tensor(loss).exp()),
+        "accuracy": correct.item() / count,
+    }
 
 
 def checked_metrics(value: Any) -> dict[str, float]:

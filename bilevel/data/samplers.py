@@ -25,8 +25,10 @@ applies the weights (``weights``, ``temperature``), the objective is the plain b
 the per-domain means are for logging only.
 
 Every generator lives on the device and its state (and the ``size`` permutation) is part of every
-checkpoint, so a resumed run draws the same batches. Under ``torchrun`` each rank draws
-``batch_size / world_size`` rows from its own stream.
+checkpoint, so a resumed run draws the same batches. Under ``torchrun`` every rank draws the
+same *global* batch of ``batch_size`` rows from one random stream and keeps every
+``world_size``-th row (``batch_size / world_size`` of them): the same seed gives the same global
+batches at any world size, so two ranks train on exactly the rows one process would.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ class DomainSampler:
         self.k = num_domains
         self.sampling = sampling
         self.batch_size = batch_size // world_size
+        self.rank, self.world = rank, world_size
+        self.global_batch = self.batch_size * world_size
         order = torch.argsort(domain, stable=True)
         self.columns = take(columns, order)
         self.n = int(domain.numel())
@@ -107,7 +111,7 @@ class DomainSampler:
         self.size_list = sizes.tolist()
         self.sizes = sizes.to(self.device)
         self.starts = (torch.cumsum(sizes, 0) - sizes).to(self.device)
-        self.generator = _generator(self.device, seed * 7919 + rank)
+        self.generator = _generator(self.device, seed * 7919)  # one stream for all ranks
         self.uniform_shares = [1.0 / num_domains] * num_domains
         if sampling == "size":
             self.shares = [s / self.n for s in self.size_list]
@@ -137,9 +141,9 @@ class DomainSampler:
     # -- drawing -----------------------------------------------------------------------------------
 
     def systematic(self, shares: Tensor) -> Tensor:
-        """Domains ``[b]`` for one batch: systematic sampling of ``shares`` ``[K]`` (see the
-        module doc), entirely on the device."""
-        b = self.batch_size
+        """Domains ``[B]`` for one global batch: systematic sampling of ``shares`` ``[K]`` (see
+        the module doc), entirely on the device."""
+        b = self.global_batch
         order = torch.rand(self.k, generator=self.generator, device=self.device).argsort()
         bounds = torch.cumsum(shares.to(torch.float64)[order], 0)
         bounds = bounds / bounds[-1]
@@ -149,11 +153,17 @@ class DomainSampler:
         return order[slot]
 
     def _rows(self, domains: Tensor) -> Columns:
+        """This rank's rows of the global batch whose slots hold ``domains`` ``[B]``: a row of
+        its domain for each slot, drawn for all slots alike on every rank; every
+        ``world_size``-th slot is this rank's."""
         u = torch.rand(domains.shape, generator=self.generator, device=self.device)
         last = self.sizes[domains] - 1
         # u < 1, but u * size can round up to size in float32 for huge domains: clamp.
         offsets = torch.minimum((u * (last + 1).float()).long(), last)
-        batch = take(self.columns, self.starts[domains] + offsets)
+        rows = self.starts[domains] + offsets
+        if self.world > 1:
+            domains, rows = domains[self.rank :: self.world], rows[self.rank :: self.world]
+        batch = take(self.columns, rows)
         batch["domain"] = domains
         return batch
 
@@ -163,8 +173,9 @@ class DomainSampler:
         return out
 
     def _shuffled(self) -> Columns:
-        """The next b rows of the current epoch's permutation (a new one when it runs out)."""
-        parts, need = [], self.batch_size
+        """This rank's rows of the next B rows of the current epoch's permutation (a new one
+        when it runs out)."""
+        parts, need = [], self.global_batch
         while need:
             if self._perm is None or self._cursor >= self.n:
                 self._perm = torch.randperm(self.n, generator=self.generator, device=self.device)
@@ -174,7 +185,7 @@ class DomainSampler:
             self._cursor += take_n
             need -= take_n
         index = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return take(self.columns, index)
+        return take(self.columns, index[self.rank :: self.world] if self.world > 1 else index)
 
     def next(self, weights: Tensor | None = None) -> Batch:
         """The next batch; ``weights`` ``[K]`` (non-negative) is used when sampling by weights."""
@@ -227,7 +238,8 @@ class MetaSampler:
         self.n = num_rows(columns)
         self.device = next(tensors(columns)).device
         self.batch_size = None if batch_size is None else max(1, batch_size // world_size)
-        self.generator = _generator(self.device, seed * 7919 + 104729 + rank)
+        self.rank, self.world = rank, world_size
+        self.generator = _generator(self.device, seed * 7919 + 104729)  # one for all ranks
         if self.batch_size is None and world_size > 1:
             # Each rank takes its own slice of the meta set.
             index = torch.arange(rank, self.n, world_size, device=self.device)
@@ -237,9 +249,9 @@ class MetaSampler:
         if self.batch_size is None:
             return self.columns
         index = torch.randint(
-            0, self.n, (self.batch_size,), generator=self.generator, device=self.device
+            0, self.n, (self.batch_size * self.world,), generator=self.generator, device=self.device
         )
-        return take(self.columns, index)
+        return take(self.columns, index[self.rank :: self.world] if self.world > 1 else index)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state()}

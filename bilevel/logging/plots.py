@@ -41,6 +41,13 @@ def _legend(name: str, info: dict[str, Any] | None) -> str:
     return f"{name} ({', '.join(extras)})" if extras else name
 
 
+def _series(rows: Sequence[dict[str, Any]], key: str, names: list[str]) -> tuple[list, dict]:
+    """Steps and per-domain values of the records that hold ``key`` (a ``{domain: value}``)."""
+    held = [r for r in rows if isinstance(r.get(key), dict) and r[key]]
+    steps = [r["step"] for r in held]
+    return steps, {n: [float(r[key].get(n, float("nan"))) for r in held] for n in names}
+
+
 def plot_weights(
     records: Sequence[dict[str, Any]],
     path: str | Path,
@@ -48,9 +55,11 @@ def plot_weights(
     info: dict[str, Any] | None = None,
     ylabel: str = "weight",
 ) -> Path | None:
-    """Each domain's weight against the inner step (from step 0, the initial weights) and, in a
-    second panel, the meta loss; ``None`` without records. ``ylabel`` names what the records'
-    ``weights`` are (a meta-weight net logs each domain's mean per-example weight)."""
+    """Each domain's weight against the inner step (from step 0, the initial weights), then,
+    where the records hold them, each domain's share of the tokens trained on so far (the
+    effective mixture of a corpus on disk) and its training loss, and the meta loss; ``None``
+    without records. ``ylabel`` names what the records' ``weights`` are (a meta-weight net logs
+    each domain's mean per-example weight)."""
     rows = [r for r in records if isinstance(r.get("weights"), dict)]
     if not rows:
         return None
@@ -64,23 +73,31 @@ def plot_weights(
     meta = [(r["step"], r["meta_loss"]) for r in rows if isinstance(r.get("meta_loss"), float)]
     series = {n: [float(r["weights"].get(n, float("nan"))) for r in rows] for n in names}
     named = _named(series)
+    panels = [("weights", ylabel, steps, series)]
+    for key, label in (("mixture", "share of tokens seen"), ("domain_loss", "training loss")):
+        at, values = _series(records, key, names)
+        if at:
+            panels.append((key, label, at, values))
     wide = len(names) > INSIDE  # the legend goes beside the axes, not over the lines
-    fig, (ax, bx) = plt.subplots(
-        2,
+    heights = [3] + [1.6] * (len(panels) - 1) + [1.4]
+    fig, axes = plt.subplots(
+        len(heights),
         1,
-        figsize=(9.5 if wide else 7, 5.5),
+        figsize=(9.5 if wide else 7, 3.0 + 1.25 * len(heights)),
         sharex=True,
-        gridspec_kw={"height_ratios": [3, 1.4]},
+        gridspec_kw={"height_ratios": heights},
     )
     colors = plt.get_cmap("tab10" if len(named) <= 10 else "tab20").colors
-    for name in names:  # the unnamed first and thin, so that the named lines stay on top
-        if name not in named:
-            ax.plot(steps, series[name], color="0.75", lw=0.8)
-    for i, name in enumerate(named):
-        ax.plot(steps, series[name], color=colors[i % len(colors)], label=_legend(name, info))
-    ax.set_ylabel(ylabel)
+    for ax, (_key, label, at, values) in zip(axes, panels, strict=False):
+        for name in names:  # the unnamed first and thin, so that the named lines stay on top
+            if name not in named:
+                ax.plot(at, values[name], color="0.75", lw=0.8)
+        for i, name in enumerate(named):
+            ax.plot(at, values[name], color=colors[i % len(colors)], label=_legend(name, info))
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax = axes[0]
     ax.set_title(title)
-    ax.grid(alpha=0.3)
     if not wide:
         ax.legend(loc="best", fontsize="small")
     else:
@@ -96,6 +113,7 @@ def plot_weights(
             title=heading,
             title_fontsize="x-small",
         )
+    bx = axes[-1]
     if meta:
         bx.plot([m[0] for m in meta], [m[1] for m in meta], color="black", lw=1.2)
     bx.set_ylabel("meta loss")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from bilevel import module_state
 from bilevel.data.columns import to_device
 from bilevel.data.domain_data import DomainData
-from bilevel.data.samplers import APPLIES_WEIGHTS, DomainSampler, MetaSampler
+from bilevel.data.samplers import APPLIES_WEIGHTS, MetaSampler
 from bilevel.errors import ConfigError
 from bilevel.functional import (
     forward_batch,
@@ -113,15 +113,15 @@ class InnerLoop:
             for group in self.inner_opt.param_groups:
                 group["fused"] = False
         self.scheduler = make_scheduler(inner_scheduler, self.inner_opt, config.steps)
-        self.train_sampler = DomainSampler(
-            to_device(data.train, device),
+        self.train_sampler = data.train_sampler(
             self.k,
             config.batch_size,
             config.sampling,
             seed,
             strategy.rank,
             strategy.world_size,
-            temperature=config.temperature,
+            config.temperature,
+            device,
         )
         self.meta_sampler = MetaSampler(
             to_device(data.meta, device),

@@ -100,6 +100,9 @@ def check_token_ids(module: nn.Module, data: DomainData) -> None:
     the model's, e.g. ``data.tokenizer`` set apart from ``model.path``; a ``data.max_len``
     past the model's 512 positions). One host read per column, before training."""
     embedding, limit = input_embedding(module), max_positions(module)
+    set_vocabulary = getattr(data, "set_vocabulary", None)
+    if embedding is not None and callable(set_vocabulary):  # corpora check every batch read
+        set_vocabulary(embedding.num_embeddings)
     if embedding is None and limit is None:
         return
     for field, columns in _sets(data):

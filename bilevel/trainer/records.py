@@ -12,7 +12,7 @@ import math
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-__all__ = ["check_ranks_agree", "log_record", "solver_options", "summary"]
+__all__ = ["check_ranks_agree", "data_seen", "log_record", "solver_options", "summary"]
 
 log = logging.getLogger("bilevel")
 progress = logging.getLogger("bilevel.progress")
@@ -36,6 +36,7 @@ def log_record(trainer: Any) -> dict[str, Any]:
         **totals,
         "inner_lr": trainer.loop.last_lr,
         "elapsed_s": round(trainer.elapsed, 3),
+        **data_seen(trainer),
     }
     trainer.log.write(record)
     if progress.isEnabledFor(logging.INFO):
@@ -94,11 +95,41 @@ def summary(trainer: Any, test: dict[str, float]) -> dict[str, Any]:
         "parameter_elements": sum(p.numel() for p in loop.params),
         "parameter_elements_per_rank": sum(strategy.local(p).numel() for p in loop.params),
         "seed": trainer.seed,
+        **data_seen(trainer, final=True),
         "info": trainer.data.info,
         "notes": list(trainer.notes),
     }
     if trainer._resumed_from:
         out["resumed_from"] = trainer._resumed_from
+    return out
+
+
+def data_seen(trainer: Any, final: bool = False) -> dict[str, Any]:
+    """For domains read from disk: the tokens and documents trained on so far per domain
+    (summed over ranks: a collective), the effective mixture (each domain's share of those
+    tokens) and the epochs (tokens seen over the domain's size); at the end also the rows
+    skipped as bad and the tokens dropped at block ends. ``{}`` for data in memory."""
+    seen = getattr(trainer.loop.train_sampler, "seen", None)
+    if not callable(seen):
+        return {}
+    per_rank = trainer.strategy.gather_objects(seen())
+    total = {
+        key: [sum(r[key][k] for r in per_rank) for k in range(trainer.k)] for key in per_rank[0]
+    }
+    names = trainer.names
+    tokens = total["tokens"]
+    all_tokens = sum(tokens)
+    sizes = trainer.data.domain_sizes()
+    out: dict[str, Any] = {
+        "tokens_seen": dict(zip(names, tokens, strict=True)),
+        "mixture": {n: (t / all_tokens if all_tokens else 0.0) for n, t in zip(names, tokens)},
+        "epochs": {n: round(t / max(1, s), 4) for n, t, s in zip(names, tokens, sizes)},
+    }
+    if any(getattr(s, "kind", "") == "blocks" for s in trainer.loop.train_sampler.streams):
+        out["documents_seen"] = dict(zip(names, total["documents"], strict=True))
+    if final:
+        out["bad_rows"] = dict(zip(names, total["bad_rows"], strict=True))
+        out["tokens_dropped"] = dict(zip(names, total["dropped"], strict=True))
     return out
 
 

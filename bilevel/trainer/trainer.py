@@ -372,6 +372,9 @@ class BilevelTrainer:
             return self._finish(record_test=self.step > first or not self.log.tested_at(first))
         finally:
             self.log.close()
+            close = getattr(self.loop.train_sampler, "close", None)
+            if callable(close):  # a sampler over streams stops its reading thread
+                close()
 
     def _checkpoint_due(self, before: int, first: int) -> bool:
         every = self.config.checkpoint_every

@@ -1,8 +1,8 @@
 """Benchmark: bilevel against higher, TorchOpt and Betty on one domain-reweighting problem.
 
-    python scripts/benchmarks/bench.py                # both sizes, all methods, memory (~10 min, 2 cores)
+    python scripts/benchmarks/bench.py  # both sizes, all methods, memory (~10 min, 2 cores)
     python scripts/benchmarks/bench.py --size tiny         # the overhead-bound problem only
-    python scripts/benchmarks/bench.py --scaling           # time/memory vs unroll T, K and model size
+    python scripts/benchmarks/bench.py --scaling  # time/memory vs unroll T, K and model size
     python scripts/benchmarks/bench.py --quick             # smoke run (seconds)
 
 The problem (``peers.Problem``): K domains of synthetic 2-class data, the last ``noisy`` of them

@@ -1,9 +1,10 @@
 """Time and peak memory of one hypergradient on MiniLM-L6: trainable subsets, attention kernels
 (eager, SDPA) and product backends (autograd, finite differences).
 
-    python scripts/benchmarks/bench_hf.py                     # needs the [hf] extra; ~5 minutes on 2 cores
+    python scripts/benchmarks/bench_hf.py  # needs the [hf] extra; ~5 minutes on 2 cores
     python scripts/benchmarks/bench_hf.py --quick
-    python scripts/benchmarks/bench_hf.py --random --device cuda   # a GPU: randomly initialized MiniLM-L6
+    # a GPU: randomly initialized MiniLM-L6
+    python scripts/benchmarks/bench_hf.py --random --device cuda
 
 The batch: 3 domains x 8 chatterbot-corpus utterances of 32 tokens (``--random``: random tokens,
 ``--batch`` rows per domain), a meta batch of 12. For each configuration it reports a plain

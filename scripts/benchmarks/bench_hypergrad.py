@@ -1,6 +1,6 @@
 """Time each hypergradient solver in units of one plain gradient on the same batch, and vs K.
 
-    python scripts/benchmarks/bench_hypergrad.py            # full table (about a minute on 2 CPU cores)
+    python scripts/benchmarks/bench_hypergrad.py  # full table (about a minute on 2 CPU cores)
     python scripts/benchmarks/bench_hypergrad.py --quick    # smoke run
 
 A "plain gradient" is forward + backward of the mean per-example loss on the same batch with the

@@ -2,7 +2,8 @@
 and fsdp (2, 8, 64 GPUs), for each solver and product backend.
 
     python scripts/benchmarks/memory_model.py                 # the tables (seconds)
-    python scripts/benchmarks/memory_model.py --check         # also MiniLM-L6 measured vs predicted (hf extra)
+    # also MiniLM-L6 measured vs predicted (hf extra)
+    python scripts/benchmarks/memory_model.py --check
 
 The model (all figures in bytes, P parameters, N ranks sharing them under fsdp, 1 under ddp):
 

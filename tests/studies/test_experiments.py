@@ -315,3 +315,56 @@ def test_lm_mixture_target_from_the_command_line_replaces_the_default():
     for bad in ("[copy]", "{copy:abc}"):
         with pytest.raises(ConfigError, match="data.target"):
             target(f"data.target={bad}")
+
+
+@pytest.mark.slow
+def test_lm_pretrained_on_files_reads_the_study_text_and_trains(tmp_path):
+    """The file-based study: the domains written as jsonl are read back as exactly their
+    documents, tokenized by SmolLM2's tokenizer and packed; and a few steps train from the
+    command line, as in memory."""
+    pytest.importorskip("gguf", reason="needs the [lm] extra")
+    pytest.importorskip("gensim", reason="needs the [lm] extra")
+    from collections import Counter
+
+    import torch
+    from bilevel_experiments.lm_pretrained.builders import DOMAINS
+    from bilevel_experiments.lm_pretrained.files import lm_pretrained_files
+
+    from bilevel.data.corpus import load_tokenizer
+    from bilevel.data.corpus.packing import pack
+    from tests.helpers import cli, read_summary
+
+    data = lm_pretrained_files(per_domain=12, seq_len=16, root=str(tmp_path / "corpus"))
+    assert data.names == list(DOMAINS) and data.hf_inputs
+    tok = load_tokenizer(str(tmp_path / "corpus" / "tokenizer"))
+    sampler = data.train_sampler(6, 6, "uniform", 0, 0, 1, 1.0, torch.device("cpu"))
+    for k, name in enumerate(DOMAINS):
+        lines = (tmp_path / "corpus" / f"{name}.jsonl").read_text().splitlines()
+        ids, docs = [], []
+        for line in lines:  # the documents the cap of 12 x 17 tokens keeps
+            if sum(len(d) + 1 for d in ids) >= 12 * 17:
+                break
+            ids.append(tok.encode([json.loads(line)["text"]])[0])
+            docs.append(line)
+        expected = Counter(map(tuple, pack(ids, tok.eod_id, 17).sequences.tolist()))
+        n = sum(expected.values())
+        taken = sampler.streams[k].take(n, list(range(n)), sampler._wait)
+        assert Counter(tuple(s.tolist()) for s in taken) == expected, name
+    sampler.close()
+    proc = cli(
+        "experiment=lm_pretrained_files",
+        "trainer.steps=4",
+        "trainer.batch_size=6",
+        "trainer.eval_every=2",
+        "data.per_domain=16",
+        "data.test_size=8",
+        "data.meta_size=8",
+        f"data.root={tmp_path / 'corpus'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = read_summary(tmp_path / "run")
+    assert summary["steps"] == 4 and summary["test"]["perplexity"] > 1
+    assert sum(summary["tokens_seen"].values()) == 4 * 6 * 32  # steps x rows x data.seq_len
