@@ -29,6 +29,7 @@ import sys as _sys
 from bilevel.functional import (
     make_outer_loss,
     make_per_domain_loss,
+    mean_over_ranks,
     segment_mean,
     trainable_params,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "hypergradient",
     "make_outer_loss",
     "make_per_domain_loss",
+    "mean_over_ranks",
     "segment_mean",
     "trainable_params",
 ]

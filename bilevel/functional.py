@@ -27,6 +27,7 @@ __all__ = [
     "make_per_domain_loss",
     "make_per_example_loss",
     "make_outer_loss",
+    "mean_over_ranks",
     "model_scores",
     "check_per_domain_shape",
     "no_gradient_error",
@@ -66,6 +67,28 @@ def segment_mean(
         return sums * inverse_counts.to(sums.dtype)
     counts = values.new_zeros(num_segments).index_add(0, index, torch.ones_like(values))
     return sums / counts.clamp_min(1)
+
+
+def mean_over_ranks(tensors: TensorList) -> TensorList:
+    """Each tensor averaged over the processes of ``torch.distributed``'s default group (one
+    coalesced all-reduce; the identity without one): the ``reduce`` that
+    :func:`bilevel.hypergradient` takes in a data-parallel loop of one's own (DDP, accelerate),
+    so that every rank gets the same hypergradient."""
+    import torch.distributed as dist
+
+    if not tensors or not (dist.is_available() and dist.is_initialized()):
+        return tensors
+    world = dist.get_world_size()
+    if world == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
 
 
 def forward_batch(model: nn.Module, batch: Batch) -> Any:

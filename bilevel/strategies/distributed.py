@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bilevel.errors import resolve_device
+from bilevel.functional import mean_over_ranks
 
 __all__ = ["DistContext", "init_distributed", "leave_process_group", "record_failure"]
 
@@ -43,14 +44,7 @@ class DistContext:
         """Average ``tensors`` across ranks in place (one coalesced all-reduce); returns them."""
         if not self.enabled or not tensors:
             return tensors
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.world_size
-        out, offset = [], 0
-        for t in tensors:
-            out.append(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        return out
+        return mean_over_ranks(tensors)
 
     def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
         if self.enabled:

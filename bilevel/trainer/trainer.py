@@ -35,6 +35,7 @@ from bilevel.hypergradient import Solver
 from bilevel.logging import RunLog
 from bilevel.logging import run_dir as run_dirs
 from bilevel.methods import OuterMethod, OuterUpdate, method_for
+from bilevel.methods.apply import apply_update
 from bilevel.methods.checks import check_fsdp_solver
 from bilevel.methods.fixed import FixedWeights
 from bilevel.strategies import DDPStrategy, Strategy, build_strategy, fsdp_needs_processes
@@ -50,7 +51,6 @@ from bilevel.trainer.checks import (
 from bilevel.trainer.config import TrainerConfig
 from bilevel.trainer.inner_loop import InnerLoop
 from bilevel.trainer.optimizers import make_outer_optimizer
-from bilevel.trainer.outer_update import apply_update
 from bilevel.trainer.stopping import StopRequested, stop_requests
 from bilevel.weights import DomainWeights
 

@@ -16,12 +16,12 @@ import os
 from pathlib import Path
 
 import torch
+from bilevel_experiments.lm_pretrained.builders import DOMAINS, domain_texts
 
 from bilevel.data.checks import check_counts, check_seed
 from bilevel.data.corpus import CorpusData, files
 from bilevel.errors import ConfigError
 from bilevel.files import write_text_atomic
-from bilevel_experiments.lm_pretrained.builders import DOMAINS, domain_texts
 
 log = logging.getLogger("bilevel.experiments")
 

@@ -78,8 +78,10 @@ def _base_model():
                 hf_logging.enable_progress_bar()
         _BASE["config"] = model.config
         _BASE["state"] = {k: v.clone() for k, v in model.state_dict().items()}
-        return model
+        del model  # it still carries the GGUF quantizer, which trainers refuse to train
     from transformers import AutoModelForCausalLM as Auto
+
+    # the weights are dequantized float32: every model is built plain, from the config
 
     model = Auto.from_config(_BASE["config"], attn_implementation="eager")
     model.load_state_dict(_BASE["state"])

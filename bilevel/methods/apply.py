@@ -1,4 +1,5 @@
-"""Applying a method's :class:`~bilevel.methods.OuterUpdate` to the weights, on the device.
+"""Applying a method's :class:`~bilevel.methods.OuterUpdate` to the weights, on the device (for
+the library's trainer and for the integrations with other trainers alike).
 
 A gradient goes through the parametrization (unless the outer optimizer steps on the values
 themselves, as mirror descent does) and then the outer optimizer; new values are assigned
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from bilevel.hypergradient import chain_through_parametrization
-from bilevel.methods import OuterUpdate
+from bilevel.methods.base import OuterUpdate
 from bilevel.methods.hypergradient import wants_values
 from bilevel.optim import guarded_step
 
