@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -35,6 +34,7 @@ from bilevel.errors import ConfigError, check_seed
 from bilevel.files import write_atomic, write_text_atomic
 from bilevel.logging import read_jsonl
 from bilevel.logging import run_dir as run_dirs
+from bilevel.logging.provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLVERS = ["first_order", "unrolled", "neumann", "cg"]
@@ -688,6 +688,23 @@ def parse_methods(text: str, labels: list[str]) -> tuple[list[str], list[str]]:
     return wanted, unknown
 
 
+def studies_help() -> str:
+    """``--help``'s list of the studies, their seeds and method labels (``--methods`` takes
+    them), and what ``--quick`` checks."""
+    lines = ["studies (seeds; method labels for --methods):"]
+    for study in STUDIES.values():
+        lines.append(f"  {study.name} (seeds {' '.join(map(str, study.seeds))}):")
+        lines.append("      " + " | ".join(m.label for m in study.methods))
+    lines += [
+        "",
+        "--quick runs every method once (seed 0) for a few steps (the study's quick",
+        "overrides) into runs_quick/ and results_quick.*: it checks that each method runs",
+        "end to end and that the table and plots are written; its numbers mean nothing.",
+        "Run directories: experiments/<study>/runs/<method>/seed<N>/.",
+    ]
+    return "\n".join(lines)
+
+
 def seed_argument(text: str) -> int:
     """``--seeds`` values: integers in [0, 2**32), refused by argparse before any run (a
     negative one stopped the study with a traceback from its first run)."""
@@ -698,7 +715,11 @@ def seed_argument(text: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=studies_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("study", choices=list(STUDIES))
     parser.add_argument(
         "--seeds", type=seed_argument, nargs="+", help="default: the study's own (0 1 2, or 0-4)"
@@ -770,12 +791,17 @@ def main() -> None:
     write_text_atomic(folder / f"results{suffix}.json", numbers)
     images = make_plots(study, results, folder, base, suffix)
     command = f"python scripts/experiments.py {study.name}" + (" --quick" if args.quick else "")
+    made = provenance()
+    gpu = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
     report = "\n".join(
         [
-            f"Command: `{command}` (seeds {', '.join(map(str, seeds))}) on {os.cpu_count()} CPU "
-            f"cores ({platform.processor() or platform.machine()}), torch {torch.__version__}; "
+            f"Command: `{command}` (seeds {', '.join(map(str, seeds))}) on {made['cpu']} "
+            f"({made['cpu_capability'] or 'default'} kernels), {torch.get_num_threads()} "
+            f"threads of {os.cpu_count()} cores, {gpu}, torch {torch.__version__}; "
             f"{total / 60:.1f} min of training in all. Mean ± std over seeds; `train s` is the "
-            "mean training-loop time of one seed of a method (all its runs: warm-ups, proxy).",
+            "mean training-loop time of one seed of a method (all its runs: warm-ups, proxy). "
+            "Per-seed figures move a little from one CPU to another (other kernels sum in "
+            "another order): see docs/studies.md, Reproducing.",
             "",
             table(study, results),
             "",

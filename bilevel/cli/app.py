@@ -30,7 +30,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bilevel.cli import folders, sweeps
-from bilevel.cli.build import interpolation_hint, make_trainer, seed_everything
+from bilevel.cli.build import CONTEXT, interpolation_hint, make_trainer, seed_everything
+from bilevel.cli.failures import (
+    check_optimized_metric,
+    crash_hint,
+    failure_summary,
+    optimized_value,
+)
 from bilevel.cli.preflight import config_dir, open_domain_keys, preflight, resumed_config_shown
 from bilevel.cli.resume import continue_from, override_key
 from bilevel.errors import (
@@ -92,6 +98,7 @@ def run(
     dist, device = init_distributed(device_name)
     seed_everything(seed)
     trainer = make_trainer(cfg, dist, device, run_dir, own)
+    check_optimized_metric(cfg, trainer)
     if resume:
         trainer.resume(file)
         trainer._resumed_from = str(resume)
@@ -209,9 +216,31 @@ def app(cfg: DictConfig) -> float | sweeps.FailedJob:
         _fail(f"bilevel: error: {err}{_after_write_error()}", 1)
     except RuntimeError as err:  # out of memory: this job's sizes (a sweep goes on)
         if not out_of_memory(err):
-            raise
+            return _crashed(err)
         return _job_failed(f"bilevel: error: {out_of_memory_line(err, cfg)}", 1)
-    return float(summary["meta_loss"])
+    except Exception as err:  # noqa: BLE001 - a bug in a component: its traceback, kept
+        return _crashed(err)
+    return optimized_value(summary, cfg)
+
+
+def _crashed(err: BaseException) -> sweeps.FailedJob:
+    """A failure from inside a component (the user's model, loss, data builder; or ours): its
+    traceback on the terminal and in ``cli.log``, ``summary.json`` with ``status: failed`` and
+    the message in the run folder, and one line at the end that says where the cause likely is
+    when the library can tell (exit 1; a sweep goes on to its next job)."""
+    hint = crash_hint(err, CONTEXT)
+    log.error(f"bilevel: the run failed: {type(err).__name__}", exc_info=err)
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under Hydra
+        out = None
+    where = ""
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:
+        written = failure_summary(out, err, hint)
+        if written is not None:
+            where = f" (traceback in {out / 'cli.log'}; summary.json says status: failed)"
+    message = f"bilevel: error: {type(err).__name__}: {first_line(str(err))}"
+    return _job_failed(message + (f"; {hint}" if hint else "") + where, 1)
 
 
 _CPU_OOM = "DefaultCPUAllocator: can't allocate memory"

@@ -41,6 +41,74 @@ __all__ = [
 
 _OPTIMIZER_KEYS = ("inner_optimizer", "outer_optimizer", "inner_scheduler")
 
+#: what the last build learned that a crash's message can be read against (the sizes the data
+#: announced to the model)
+CONTEXT: dict[str, Any] = {}
+
+
+def init_from_run(text: str, names: list[str]) -> list[float]:
+    """``weights.init=from:<run dir>`` (the run's final weights, from its ``summary.json``) or
+    ``from:<run dir>:mean`` (their mean over the run's log events after step 0, from its
+    ``metrics.jsonl``: DoReMi's proxy-to-final average), as values in the order of ``names``
+    (the run's domains must be these, by name)."""
+    spec = text.removeprefix("from:")
+    how = "final"
+    head, _, tail = spec.rpartition(":")
+    if tail in ("mean", "final") and head:
+        spec, how = head, tail
+    run = Path(spec).expanduser()
+    field = "weights.init"
+    if not run.is_dir():
+        raise ConfigError(field, f"from:{spec}: no such run directory")
+    if how == "final":
+        summary = run / "summary.json"
+        if not summary.is_file():
+            raise ConfigError(
+                field,
+                f"from:{spec}: the run has no summary.json (it has not finished): use "
+                f"from:{spec}:mean for the mean over its logged weights, or finish it first",
+            )
+        import json
+
+        weights = json.loads(summary.read_text()).get("weights") or {}
+    else:
+        from bilevel.logging import read_jsonl
+
+        records = [
+            r["weights"]
+            for r in read_jsonl(run / "metrics.jsonl")
+            if isinstance(r.get("weights"), dict) and r.get("step", 0) > 0
+        ]
+        if not records:
+            raise ConfigError(field, f"from:{spec}:mean: the run logged no weights after step 0")
+        weights = {n: sum(r.get(n, 0.0) for r in records) / len(records) for n in records[0]}
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ConfigError(
+            field,
+            f"from:{spec}: the run's domains {sorted(weights)} lack {missing} of this data's "
+            f"{names}",
+        )
+    return [float(weights[n]) for n in names]
+
+
+def _seed_for(cfg: DictConfig) -> dict[str, Any]:
+    """``seed`` for a data builder that takes one and is not given it by its preset (a
+    ``data=custom`` builder of one's own): a sweep over ``seed`` then draws other data per seed,
+    as every shipped builder does (``seed: ${seed}``)."""
+    node = cfg.data
+    if (
+        not isinstance(node, DictConfig)
+        or "seed" in node
+        or not isinstance(node.get("_target_"), str)
+    ):
+        return {}
+    try:
+        factory = build(node, "data", _partial_=True)
+    except ConfigError:
+        return {}  # the build itself says why, with its own line
+    return {"seed": int(cfg.seed)} if _accepts(factory, "seed") else {}
+
 
 def check_target(target: str, field: str) -> None:
     """Raise a one-line :class:`ConfigError` when ``target`` cannot be located: the module does
@@ -74,7 +142,15 @@ def check_target(target: str, field: str) -> None:
                 )
             obj = getattr(obj, attr)
         return
-    raise ConfigError(field, f"cannot import {target!r}: no module {parts[0]!r} on the path")
+    here = Path.cwd()
+    local = (here / f"{parts[0]}.py").is_file() or (here / parts[0] / "__init__.py").is_file()
+    hint = (
+        f"; {parts[0]!r} is in the working directory, which is not on the path: run with "
+        "PYTHONPATH=. (e.g. PYTHONPATH=. bilevel-run ...)"
+        if local
+        else ""
+    )
+    raise ConfigError(field, f"cannot import {target!r}: no module {parts[0]!r} on the path{hint}")
 
 
 def build(node: Any, field: str, **kwargs: Any) -> Any:
@@ -111,11 +187,30 @@ def _preset_hint(field: str, target: Any, message: str) -> str:
         and isinstance(target, str)
         and not target.startswith("bilevel")
     ):
+        choices = _choices()
+        key = re.search(r"unexpected keyword argument '(\w+)'", message)
+        if choices.get(field) == "custom" and choices.get("experiment") and key:
+            preset = choices["experiment"]
+            return (
+                f"; experiment={preset} sets {field}.{key.group(1)} for its own {field}: leave "
+                f"out experiment={preset}, or drop the key with ~{field}.{key.group(1)}"
+            )
         return (
             f"; the keys of the {field} preset reach your function too: start from the empty "
             f"one, {field}=custom {field}._target_={target}"
         )
     return ""
+
+
+def _choices() -> dict[str, Any]:
+    """The config groups chosen for this run (``{"data": "custom", ...}``), ``{}`` outside
+    Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return dict(HydraConfig.get().runtime.choices)
+    except (ValueError, ImportError):
+        return {}
 
 
 def seed_everything(seed: int) -> None:
@@ -181,11 +276,12 @@ def make_trainer(
     overrides: list[str] | None = None,
 ):
     """Everything :func:`run` builds, up to a ready :class:`BilevelTrainer`."""
-    data = build(cfg.data, "data")
+    data = build(cfg.data, "data", **_seed_for(cfg))
     if not isinstance(data, DomainData):
         raise ConfigError(
             "data", f"_target_ must return a bilevel.data.DomainData, got {type(data)}"
         )
+    CONTEXT["model_kwargs"] = dict(getattr(data, "model_kwargs", {}) or {})
     if cfg.get("domains") is not None:
         if isinstance(cfg.domains, str):
             raise ConfigError(
@@ -199,6 +295,9 @@ def make_trainer(
             "weights.names", f"{list(names)} do not match the data's domains {data.names}"
         )
     init = cfg.weights.get("init")
+    if isinstance(init, str) and init.startswith("from:"):  # a proxy run's learned weights
+        init = init_from_run(init, data.names)
+        OmegaConf.update(cfg, "weights.init", init, merge=False)
     if init is not None:
         if isinstance(init, str):
             raise ConfigError(
@@ -244,9 +343,12 @@ def make_trainer(
         key: build(cfg.trainer[key], f"trainer.{key}") if cfg.trainer.get(key) else None
         for key in _OPTIMIZER_KEYS
     }
-    wandb = None
-    if cfg.logger.get("wandb"):
-        wandb = build(cfg.logger.wandb, "logger.wandb")
+    # every tracker the logger group selected (logger=[wandb,tensorboard] merges both keys)
+    loggers = [
+        build(node, f"logger.{key}")
+        for key, node in (cfg.get("logger") or {}).items()
+        if node is not None and OmegaConf.is_dict(node) and "_target_" in node
+    ]
     return BilevelTrainer(
         model,
         weights,
@@ -260,7 +362,7 @@ def make_trainer(
         inner_scheduler=optimizers["inner_scheduler"],
         device=device,
         run_dir=run_dir,
-        wandb=wandb,
+        loggers=loggers,
         dist=dist,
         seed=int(cfg.seed),
         run_config=OmegaConf.to_container(cfg, resolve=True),

@@ -2,9 +2,10 @@
 
 Every multirun writes them (a Hydra callback rewrites them after each job, so an interrupted
 sweep still has the rows it finished); ``bilevel-collect <folder>`` rebuilds them for any folder
-of runs. A row holds the job's number, its overrides, how it ended, the final meta loss (the
-value an Optuna sweep minimizes, so it is also the trial's value), the test metrics, the learned
-weights, the steps and the wall time.
+of runs. A row holds the job's number, one column per swept override key (the overrides every
+job shares are said once, above the table in ``results.md``), how it ended, the final meta loss,
+the test and validation metrics, the sweep's ``optimized_metric`` (an Optuna trial's value) with
+the best job marked, the learned weights, the steps and the wall time.
 
     bilevel-collect runs/multirun/2026-11-26/14-03-11
 """
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bilevel.cli.failures import metric_of
 from bilevel.errors import ConfigError, WriteError
 from bilevel.files import write_text_atomic
 from bilevel.logging.run_dir import FAILED, TABLE_HEADS, is_our_table
@@ -38,6 +40,36 @@ def _overrides(job: Path) -> list[str]:
     except Exception:  # noqa: BLE001 - a damaged file only costs the column
         return []
     return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _yaml(file: Path) -> Any:
+    try:
+        import yaml
+
+        return yaml.safe_load(file.read_text())
+    except Exception:  # noqa: BLE001 - a missing or damaged file only costs what it held
+        return None
+
+
+def _pairs(overrides: list[str]) -> dict[str, str]:
+    """``["solver=cg", "++data.x=1"]`` -> ``{"solver": "cg", "data.x": "1"}``."""
+    out = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def _objective(job: Path) -> tuple[str, str | None]:
+    """The job's ``optimized_metric`` and, under an Optuna sweep, its direction."""
+    config = _yaml(job / ".hydra" / "config.yaml")
+    metric = config.get("optimized_metric") if isinstance(config, dict) else None
+    hydra = _yaml(job / ".hydra" / "hydra.yaml")
+    try:
+        direction = hydra["hydra"]["sweeper"].get("direction")
+    except (TypeError, KeyError, AttributeError):
+        direction = None
+    return str(metric or "meta_loss"), str(direction) if isinstance(direction, str) else None
 
 
 def _failure(job: Path, ended: str) -> tuple[str, str]:
@@ -66,7 +98,13 @@ def collect(folder: str | Path) -> list[dict[str, Any]]:
     ]
     rows = []
     for job in sorted(jobs, key=_job_key):
-        row: dict[str, Any] = {"job": job.name, "overrides": " ".join(_overrides(job))}
+        metric, direction = _objective(job)
+        row: dict[str, Any] = {
+            "job": job.name,
+            "_overrides": _pairs(_overrides(job)),
+            "_metric": metric,
+            "_direction": direction,
+        }
         summary_file = job / "summary.json"
         if not summary_file.is_file():
             ended = "stopped" if (job / "checkpoints" / "last.pt").exists() else "failed"
@@ -84,8 +122,10 @@ def collect(folder: str | Path) -> list[dict[str, Any]]:
         row["status"] = "ok"
         row["solver"] = summary.get("solver")
         row["meta_loss"] = summary.get("meta_loss")
-        for name, value in (summary.get("test") or {}).items():
-            row[f"test_{name}"] = value
+        for split in ("test", "val"):
+            for name, value in (summary.get(split) or {}).items():
+                row[f"{split}_{name}"] = value
+        row["_value"] = metric_of(summary, metric)
         for name, value in (summary.get("weights") or {}).items():
             row[f"w_{name}"] = value
         row["steps"] = summary.get("steps")
@@ -94,18 +134,58 @@ def collect(folder: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _add_trial_values(folder: Path, rows: list[dict[str, Any]]) -> None:
-    """An Optuna sweep's trials: each job's value is the meta loss it returned; mark the best."""
-    optuna = (folder / "optimization_results.yaml").exists() or any(
-        "hparams_search=optuna" in row.get("overrides", "") for row in rows
-    )
-    if not optuna:
-        return
-    values = [r.get("meta_loss") for r in rows if isinstance(r.get("meta_loss"), int | float)]
-    best = min(values) if values else None
+_MAXIMIZED = ("accuracy", "acc", "f1", "auc", "precision", "recall", "ndcg", "score")
+
+
+def _direction(rows: list[dict[str, Any]]) -> str:
+    """Which way the sweep's metric is better: the Optuna sweeper's ``direction`` when there is
+    one, else by the metric's name (accuracies and scores up, losses and perplexities down)."""
     for row in rows:
-        row["trial_value"] = row.get("meta_loss")
-        row["best"] = "*" if best is not None and row.get("meta_loss") == best else ""
+        if row.get("_direction") in ("minimize", "maximize"):
+            return row["_direction"]
+    last = str(rows[0].get("_metric", "meta_loss")).rsplit(".", 1)[-1].lower()
+    return "maximize" if any(word in last for word in _MAXIMIZED) else "minimize"
+
+
+def _shape(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Turn the rows' private fields into columns: one per override key whose value is not the
+    same in every job (a key some jobs lack counts as swept), the optimized metric (when it is
+    not a column already), the best job's mark and, for Optuna, the trial's value. Returns what
+    the table's header says once: the overrides every job shares, the metric and direction."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row.get("_overrides", {}) if k not in keys]
+    swept = [k for k in keys if len({row.get("_overrides", {}).get(k, "\0") for row in rows}) > 1]
+    fixed = {k: rows[0]["_overrides"][k] for k in keys if k not in swept}
+    metric = str(rows[0].get("_metric", "meta_loss"))
+    direction = _direction(rows)
+    column = metric.replace(".", "_")
+    values = [r.get("_value") for r in rows if isinstance(r.get("_value"), int | float)]
+    finite = [v for v in values if math.isfinite(v)]
+    best = (max if direction == "maximize" else min)(finite) if finite else None
+    optuna = any(r.get("_direction") for r in rows) or "hparams_search" in fixed
+    solvers = {r.get("solver") for r in rows if r.get("status") == "ok"}
+    drop_solver = "solver" in swept or len(solvers) <= 1
+    for i, row in enumerate(rows):
+        overrides = row.pop("_overrides", {})
+        value = row.pop("_value", None)
+        row.pop("_metric", None), row.pop("_direction", None)
+        shaped: dict[str, Any] = {"job": row.pop("job")}
+        shaped.update({k: overrides.get(k, "") for k in swept})
+        if drop_solver:
+            row.pop("solver", None)
+        shaped.update(row)
+        if row.get("status") == "ok":
+            if column not in shaped:
+                shaped[column] = value
+            if optuna:
+                shaped["trial_value"] = value
+            shaped["best"] = "*" if best is not None and value == best else ""
+        rows[i] = shaped
+    header = {"fixed": fixed, "metric": metric, "direction": direction}
+    if drop_solver and len(solvers) == 1:
+        header["solver"] = next(iter(solvers))
+    return header
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -125,6 +205,11 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4f}" if math.isfinite(value) else str(value)
+    if isinstance(value, str) and len(value) > 8:  # a swept number Optuna drew: 0.1120186...
+        try:
+            return f"{float(value):.4g}"
+        except ValueError:
+            pass
     return str(value)
 
 
@@ -146,7 +231,7 @@ def write_tables(folder: str | Path, rows: list[dict[str, Any]] | None = None) -
             f"{foreign[0]} exists and was not written by bilevel; it is left as it is "
             "(move it away, then run bilevel-collect on the folder)",
         )
-    _add_trial_values(folder, rows)
+    header = _shape(rows)
     columns = _columns(rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
@@ -154,7 +239,15 @@ def write_tables(folder: str | Path, rows: list[dict[str, Any]] | None = None) -
     for row in rows:
         writer.writerow({k: row.get(k, "") for k in columns})
     write_text_atomic(folder / "results.csv", buffer.getvalue())
+    fixed = " ".join(f"`{k}={v}`" for k, v in header["fixed"].items())
+    better = "highest" if header["direction"] == "maximize" else "lowest"
     lines = [
+        f"# Sweep results: {folder.name}",
+        "",
+        *([f"Every job: {fixed}", ""] if fixed else []),
+        *([f"Solver: {header['solver']}", ""] if header.get("solver") else []),
+        f"Optimized metric: `{header['metric']}` ({better} is best, marked * in `best`)",
+        "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
         *("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows),

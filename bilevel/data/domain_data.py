@@ -32,6 +32,9 @@ class DomainData:
         model_kwargs: sizes the model factory may need (``in_dim``, ``out_dim``, ``vocab_size``..);
             only the keyword arguments the factory accepts are passed.
         info: anything worth recording in the summary (e.g. the noise of each domain).
+        val: a validation set scored like the test set (``summary.json``'s ``val``), apart
+            from the meta set that the outer loop fits: what a sweep should tune on
+            (``optimized_metric=val.<metric>``).
     """
 
     names: list[str]
@@ -41,6 +44,7 @@ class DomainData:
     evaluate: Evaluator | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    val: Columns | None = None
 
     def train_sampler(
         self,
@@ -103,6 +107,7 @@ class DomainData:
             ("data.train", self.train),
             ("data.meta", self.meta),
             ("data.test", self.test),
+            ("data.val", self.val),
         ):
             if columns is not None and not isinstance(columns, Mapping):
                 raise ConfigError(
@@ -125,6 +130,7 @@ class DomainData:
             ("data.train", self.train),
             ("data.meta", self.meta),
             ("data.test", self.test),  # used only at the end: checked now all the same
+            ("data.val", self.val),
         ):
             _check_column_types(where, columns or {})
             try:
@@ -144,8 +150,9 @@ class DomainData:
             )
         for where, columns in (("data.train", self.train), ("data.meta", self.meta)):
             _check_finite(where, columns)
-        if self.test is not None:
-            _check_finite("data.test", self.test)
+        for where, columns in (("data.test", self.test), ("data.val", self.val)):
+            if columns is not None:
+                _check_finite(where, columns)
 
 
 def _check_column_types(field: str, columns: Mapping[str, Any]) -> None:

@@ -15,7 +15,14 @@ from bilevel.data.columns import Columns, chunks
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch, model_scores
 
-__all__ = ["checked_metrics", "classification_metrics", "lm_metrics", "output_logits"]
+__all__ = [
+    "checked_metrics",
+    "classification_metrics",
+    "default_evaluator",
+    "lm_metrics",
+    "output_logits",
+    "regression_metrics",
+]
 
 
 def output_logits(output: Any) -> torch.Tensor:
@@ -75,6 +82,51 @@ def lm_metrics(
         "perplexity": float(torch.tensor(loss).exp()),
         "accuracy": correct.item() / count,
     }
+
+
+@torch.no_grad()
+def regression_metrics(
+    model: nn.Module, columns: Columns, device: torch.device, chunk: int = 4096
+) -> dict[str, float]:
+    """``{"mse", "mae"}`` of a model whose output (or its ``logits``) has ``y``'s shape."""
+    squared = torch.zeros((), device=device, dtype=torch.float64)
+    absolute = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
+    with module_state.evaluation(model):
+        for batch in chunks(columns, chunk):
+            out = model_scores(forward_batch(model, batch))
+            y = batch["y"]
+            diff = (
+                (out.reshape(y.shape).double() - y.double()) if out.numel() == y.numel() else None
+            )
+            if diff is None:
+                raise ConfigError(
+                    "data.evaluate",
+                    f"the regression metrics compare outputs {tuple(out.shape)} with y "
+                    f"{tuple(y.shape)}: give data.evaluate a function of your own",
+                )
+            squared += diff.square().sum()
+            absolute += diff.abs().sum()
+            n += y.numel()
+    return {"mse": squared.item() / n, "mae": absolute.item() / n}
+
+
+def default_evaluator(output: Any, columns: Columns) -> Any:
+    """The metrics a test set's targets say it needs, for data given without ``evaluate``:
+    integer labels ``[N]`` against class scores ``[N, C]`` (classification), integer next
+    tokens ``[N, T]`` against ``[N, T, V]`` (language modelling), float targets of the output's
+    size (regression); ``None`` where they say nothing the library can score."""
+    scores = model_scores(output)
+    y = columns.get("y") if isinstance(columns, Mapping) else None
+    if not isinstance(scores, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return None
+    if not y.is_floating_point() and y.dim() == 1 and scores.dim() == 2:
+        return classification_metrics
+    if not y.is_floating_point() and y.dim() == 2 and scores.dim() == 3:
+        return lm_metrics
+    if y.is_floating_point() and scores.numel() // max(1, scores.shape[0]) == y[0].numel():
+        return regression_metrics
+    return None
 
 
 def checked_metrics(value: Any) -> dict[str, float]:

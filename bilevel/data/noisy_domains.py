@@ -49,6 +49,7 @@ def noisy_domains(
     dim: int = 16,
     num_classes: int = 4,
     seed: int = 0,
+    val_size: int = 0,
 ) -> DomainData:
     """Build the data (see module doc). Raises :class:`ConfigError` naming the bad field."""
     names = check_names("names", names, "[d0,d1,d2,d3]")
@@ -71,6 +72,7 @@ def noisy_domains(
         test_size=(test_size, 1),
         dim=(dim, 1),
         num_classes=(num_classes, 2),
+        val_size=(val_size, 0),
     )
     gen = torch.Generator().manual_seed(check_seed(seed))
     label = _teacher(dim, num_classes, gen)
@@ -85,6 +87,10 @@ def noisy_domains(
         parts.append({"x": x, "y": flip_labels(y, rate, num_classes, gen)})
     xm, ym = sample(meta_size)
     xt, yt = sample(test_size)
+    val = None
+    if val_size:  # drawn last: the other sets are the same with or without it
+        xv, yv = sample(val_size)
+        val = {"x": xv, "y": yv}
     return DomainData(
         names=names,
         train=domain_columns(parts),
@@ -93,4 +99,5 @@ def noisy_domains(
         evaluate=classification_metrics,
         model_kwargs={"in_dim": dim, "out_dim": num_classes},
         info={"label_noise": dict(zip(names, noise))},
+        val=val,
     )

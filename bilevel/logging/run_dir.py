@@ -123,7 +123,7 @@ def check_writable(path: str | Path) -> None:
         )
 
 
-TABLE_HEADS = {"results.csv": "job,", "results.md": "| job |"}
+TABLE_HEADS = {"results.csv": ("job,",), "results.md": ("# Sweep results", "| job |")}
 """How the first line of a sweep table that bilevel wrote begins (``bilevel.cli.collect``)."""
 
 
@@ -135,7 +135,7 @@ def is_our_table(path: str | Path) -> bool:
         return False
     try:
         with path.open() as handle:
-            return handle.readline().startswith(head)
+            return handle.readline().startswith(tuple(head))
     except (OSError, UnicodeDecodeError):
         return False
 

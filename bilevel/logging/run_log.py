@@ -15,6 +15,14 @@ from bilevel.logging.plots import plot_weights
 
 __all__ = ["RunLog"]
 
+
+def _terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 log = logging.getLogger("bilevel")
 
 
@@ -23,38 +31,48 @@ class RunLog:
 
     Args:
         run_dir: the run directory (``None``: write no files).
-        wandb: an optional :class:`~bilevel.logging.WandbLogger`.
+        loggers: trackers the records also go to (:class:`~bilevel.logging.WandbLogger`,
+            :class:`~bilevel.logging.TensorBoardLogger`, :class:`~bilevel.logging.MLflowLogger`
+            or one's own with ``name``, ``start``, ``log`` and ``finish``).
         active: whether this process writes (the main rank).
-        progress: show a progress bar of ``total`` steps starting at ``initial``.
+        progress: show the progress of ``total`` steps starting at ``initial``: a bar on a
+            terminal; where the output is not one (a log file, a scheduler's capture), one line
+            per log event instead of a bar's redraws.
         resume_after_step: a resumed run keeps ``metrics.jsonl`` up to this step.
-        config: the resolved config for wandb; ``wandb_id`` resumes a wandb run.
+        config: the resolved config for the trackers; ``ids`` resume their runs
+            (``{logger name: id}``).
     """
 
     def __init__(
         self,
         run_dir: Path | None,
-        wandb: Any = None,
+        loggers: list[Any] | None = None,
         active: bool = True,
         progress: bool = True,
         total: int = 0,
         initial: int = 0,
         resume_after_step: int | None = None,
         config: dict[str, Any] | None = None,
-        wandb_id: str | None = None,
+        ids: dict[str, str] | None = None,
     ) -> None:
         self.run_dir = run_dir if active else None
-        self.wandb = wandb if active else None
+        self.loggers = [x for x in (loggers or []) if x is not None] if active else []
         self.writer = None
-        self.wandb_id = wandb_id
+        self.ids = dict(ids or {})
+        self.total = total
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.wandb is not None:  # first: a logger that cannot start leaves no record behind
-            self.wandb_id = self.wandb.start(self.run_dir or Path("."), config or {}, wandb_id)
+        for logger in self.loggers:  # first: a tracker that cannot start leaves no record
+            name = getattr(logger, "name", type(logger).__name__)
+            started = logger.start(self.run_dir or Path("."), config or {}, self.ids.get(name))
+            if started is not None:
+                self.ids[name] = str(started)
         if self.run_dir is not None:
             self.writer = JsonlWriter(self.run_dir / "metrics.jsonl", resume_after_step)
         self.bar = None
         self._console = None
-        if progress and active:
+        self.lines = progress and active and not _terminal()
+        if progress and active and not self.lines:
             from tqdm.auto import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -72,11 +90,15 @@ class RunLog:
             self._console = logging_redirect_tqdm(tqdm_class=type(self.bar))
             self._console.__enter__()
 
+    @property
+    def wandb_id(self) -> str | None:
+        return self.ids.get("wandb")
+
     def write(self, record: dict[str, Any]) -> None:
         if self.writer is not None:
             self.writer.write(record)
-        if self.wandb is not None:
-            self.wandb.log(record)
+        for logger in self.loggers:
+            logger.log(record)
 
     def tested_at(self, step: int) -> bool:
         """Whether the records kept from before a resume end with a test record at ``step``
@@ -89,9 +111,12 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(steps)
 
-    def show(self, **values: float) -> None:
+    def show(self, step: int | None = None, **values: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
+        elif self.lines and step is not None:  # no terminal: one line a log event
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+            print(f"bilevel: step {step}/{self.total}: {shown}", file=sys.stderr, flush=True)
 
     def finish(self, summary: dict[str, Any]) -> None:
         if self.run_dir is not None:
@@ -113,8 +138,8 @@ class RunLog:
                 )
             except Exception as err:  # noqa: BLE001 - reported, the run's results are saved
                 log.warning(f"note: weights.png not drawn ({type(err).__name__}: {err})")
-        if self.wandb is not None:
-            self.wandb.finish(summary)
+        for logger in self.loggers:
+            logger.finish(summary)
 
     def close(self) -> None:
         if self._console is not None:

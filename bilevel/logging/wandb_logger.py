@@ -65,6 +65,8 @@ def _logged_in() -> bool:
 class WandbLogger:
     """Mirror every log record to a wandb run (``weights/<name>``, ``inner_loss``, ...)."""
 
+    name = "wandb"
+
     def __init__(
         self,
         project: str = "bilevel",

@@ -20,13 +20,14 @@ from torch import Tensor, nn
 from bilevel import module_state
 from bilevel.data.columns import Columns, num_rows, take, tensors, to_device
 from bilevel.data.domain_data import DomainData
-from bilevel.data.evaluate import classification_metrics, output_logits
+from bilevel.data.evaluate import classification_metrics, default_evaluator, output_logits
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
 from bilevel.trainer.config import TrainerConfig
 from bilevel.trainer.input_checks import check_labels, check_step_positions, check_token_ids
 
 __all__ = [
+    "choose_evaluator",
     "check_arguments",
     "check_batch_sizes",
     "check_losses",
@@ -279,3 +280,41 @@ def _loss(
     if leaf is None:
         return value, None
     return value, isinstance(value, Tensor) and value.requires_grad
+
+
+def choose_evaluator(module: nn.Module, data: DomainData, device) -> tuple[Any, list[str]]:
+    """The function that scores the test (and validation) set, and what to say about it: the
+    data's ``evaluate``; else the library's metrics that the targets call for
+    (:func:`~bilevel.data.evaluate.default_evaluator`: classification, language modelling,
+    regression), said in a note; else none, and a note that the set is not scored (a test set
+    given without ``evaluate`` was dropped without a word). ``evaluate`` without a set to score
+    is a note too."""
+    sets = [(name, c) for name, c in (("test", data.test), ("val", data.val)) if c is not None]
+    if data.evaluate is not None:
+        if not sets:
+            return data.evaluate, [
+                "data.evaluate is given but the data has no test (or val) set: nothing is "
+                "scored; give the data a test set"
+            ]
+        return data.evaluate, []
+    if not sets:
+        return None, []
+    name, columns = sets[0]
+    if not (isinstance(columns, Mapping) and "x" in columns and num_rows(columns)):
+        return None, []
+    with torch.no_grad(), module_state.buffers_kept(module):
+        rows = _first_rows(columns, 4, device)
+        output = _forward(module, rows, f"data.{name}")
+    chosen = default_evaluator(output, rows)
+    which = " and ".join(n for n, _ in sets)
+    if chosen is None:
+        return None, [
+            f"the {which} set has no data.evaluate and its targets are not ones the library "
+            "can score (integer classes, next tokens, or float regression targets): it is not "
+            "scored; give the data an evaluate function, (model, columns, device) -> {metric: "
+            "number}"
+        ]
+    return chosen, [
+        f"the {which} set is scored with {chosen.__name__} (the library's, for its targets: "
+        "data.evaluate is not given)"
+    ]

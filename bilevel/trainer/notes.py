@@ -156,6 +156,16 @@ def settings(trainer: Any, outer_optimizer_given: bool, differentiates: bool) ->
             f"trainer.hessian_batch=independent has no effect on {method.name} (it "
             "uses no Hessian-vector products)"
         )
+    if config.eval_every and trainer.data.test is None and trainer.data.val is None:
+        notes.append(
+            f"trainer.eval_every={config.eval_every} has no effect: the data has no test (or "
+            "val) set to score"
+        )
+    if config.checkpoint_every and trainer.run_dir is None:
+        notes.append(
+            f"trainer.checkpoint_every={config.checkpoint_every} has no effect: the run has no "
+            "run_dir to write checkpoints into"
+        )
     return notes
 
 

@@ -7,12 +7,25 @@ here: at log events and at the end of the run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-__all__ = ["check_ranks_agree", "data_seen", "log_record", "solver_options", "summary"]
+from bilevel.files import write_text_atomic
+from bilevel.logging.jsonl import to_jsonable
+from bilevel.logging.provenance import provenance
+
+__all__ = [
+    "check_ranks_agree",
+    "data_seen",
+    "log_record",
+    "run_config",
+    "write_config",
+    "solver_options",
+    "summary",
+]
 
 log = logging.getLogger("bilevel")
 progress = logging.getLogger("bilevel.progress")
@@ -47,7 +60,9 @@ def log_record(trainer: Any) -> dict[str, Any]:
             + (f", skipped {totals['skipped_steps']}" if totals["skipped_steps"] else "")
         )
     shown = dict(list(weights.items())[:6])
-    trainer.log.show(inner=record["inner_loss"], meta=record["meta_loss"], **shown)
+    trainer.log.show(
+        step=trainer.step, inner=record["inner_loss"], meta=record["meta_loss"], **shown
+    )
     return record
 
 
@@ -70,7 +85,9 @@ def check_ranks_agree(trainer: Any) -> None:
             log.warning(f"note: {note}")
 
 
-def summary(trainer: Any, test: dict[str, float]) -> dict[str, Any]:
+def summary(
+    trainer: Any, test: dict[str, float], val: dict[str, float] | None = None
+) -> dict[str, Any]:
     """``summary.json``: the final weights and meta loss, the ``test`` metrics, and what the
     run was (steps, method and its options, layout, seed, the data's info, every note)."""
     strategy, loop = trainer.strategy, trainer.loop
@@ -79,6 +96,7 @@ def summary(trainer: Any, test: dict[str, float]) -> dict[str, Any]:
         "weights": trainer.weights.as_dict(),
         "meta_loss": trainer.meta_loss(),
         "test": test,
+        **({"val": val} if val else {}),
         "steps": trainer.step,
         "outer_updates": trainer.outer_updates,
         "wall_time_s": round(trainer.elapsed, 3),
@@ -98,6 +116,8 @@ def summary(trainer: Any, test: dict[str, float]) -> dict[str, Any]:
         **data_seen(trainer, final=True),
         "info": trainer.data.info,
         "notes": list(trainer.notes),
+        "status": "finished",
+        "provenance": provenance(trainer.device),
     }
     if trainer._resumed_from:
         out["resumed_from"] = trainer._resumed_from
@@ -142,3 +162,50 @@ def solver_options(solver: Any) -> dict[str, Any]:
             if f.name != "name" and not f.name.startswith("_")
         }
     return {}
+
+
+def _name(obj: Any) -> str | None:
+    """What an object given to the trainer is, for a person reading the run later."""
+    if obj is None:
+        return None
+    target = getattr(obj, "func", obj)  # a functools.partial names its function
+    module = getattr(target, "__module__", None) or type(target).__module__
+    name = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"{module}.{name}"
+
+
+def run_config(trainer: Any) -> dict[str, Any]:
+    """The run's configuration as ``config.json`` keeps it: the resolved CLI config when the
+    run came from one, else what the Python call was given (the trainer settings, the solver
+    and its options, the weights at the start, the model, losses and optimizers by name), so
+    that an API run's folder says how it was made as a CLI run's ``.hydra/`` does."""
+    if trainer.run_config:
+        return dict(trainer.run_config)
+    settings = {f.name: getattr(trainer.config, f.name) for f in fields(trainer.config)}
+    return {
+        "source": "python",
+        "trainer": settings,
+        "solver": {"name": trainer.method.name, **solver_options(trainer.solver)},
+        "weights": {
+            "class": _name(trainer.weights),
+            "parametrization": trainer.weights.parametrization,
+            "init": trainer.weights.as_dict(),
+        },
+        "domains": list(trainer.names),
+        "model": _name(trainer.module),
+        "inner_loss": _name(trainer.inner_loss),
+        "outer_loss": _name(trainer.outer_loss),
+        **{
+            k: _name(v) or ("none" if k == "inner_scheduler" else "default")
+            for k, v in trainer.factories.items()
+        },
+        "seed": trainer.seed,
+        "world_size": trainer.strategy.world_size,
+    }
+
+
+def write_config(trainer: Any) -> None:
+    """``<run dir>/config.json`` (:func:`run_config`), written by the main rank at step 0."""
+    if trainer.run_dir is not None and trainer.strategy.is_main:
+        text = json.dumps(to_jsonable(run_config(trainer)), indent=2, default=str)
+        write_text_atomic(trainer.run_dir / "config.json", text + "\n")

@@ -12,14 +12,16 @@ inner optimizer's state. :class:`~bilevel.BilevelTrainer` calls :func:`capture` 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from bilevel.errors import ConfigError, first_line
+from bilevel.logging import run_dir as run_dirs
 from bilevel.strategies import checkpoint as ckpt
 
-__all__ = ["CHECKPOINT_VERSION", "capture", "checkpoint_keys", "restore"]
+__all__ = ["CHECKPOINT_VERSION", "capture", "checkpoint_keys", "restore", "resume"]
 
 CHECKPOINT_VERSION = 2
 
@@ -64,7 +66,7 @@ def capture(trainer: Any) -> dict[str, Any]:
         "last": dict(loop.last),
         "method": trainer.method.state_dict(),
         "ranks": strategy.gather_objects(local),
-        "wandb_id": trainer.wandb_id,
+        "logger_ids": dict(trainer.logger_ids),
         "world_size": strategy.world_size,
         "config": trainer.run_config,
         "overrides": trainer.overrides,
@@ -128,7 +130,10 @@ def restore(trainer: Any, state: dict[str, Any]) -> None:
     trainer.elapsed = float(state["elapsed_s"])
     trainer.outer_updates = int(state.get("outer_updates", 0))
     loop.refresh_weights()
-    trainer.wandb_id = state.get("wandb_id")
+    ids = dict(state.get("logger_ids") or {})
+    if state.get("wandb_id") and "wandb" not in ids:  # a checkpoint written before loggers=
+        ids["wandb"] = state["wandb_id"]
+    trainer.logger_ids = ids
 
 
 def check_compatible(state: dict[str, Any], trainer: Any) -> None:
@@ -169,3 +174,24 @@ def _to_device(value: Any, device) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_to_device(v, device) for v in value)
     return value
+
+
+def resume(trainer: Any, path: Path) -> None:
+    """Load the checkpoint of ``path`` (a run directory's ``checkpoints/last.pt``, or a file)
+    into ``trainer``, refusing one past ``trainer.steps``; a note when nothing is left to train."""
+    file = run_dirs.in_run(path) if path.is_dir() else path
+    trainer.resume_file = file
+    state = trainer.strategy.load(file)
+    steps = trainer.config.steps
+    if int(state["step"]) > steps:
+        raise ConfigError(
+            "trainer.steps",
+            f"is {steps} but the checkpoint is at step {state['step']}; "
+            "a resumed run can only continue (trainer.steps >= the checkpoint's step)",
+        )
+    trainer.load_state_dict(state, source=str(path))
+    if trainer.step >= steps:
+        trainer.notes.append(
+            f"the checkpoint is at step {trainer.step} = trainer.steps: there is nothing left "
+            f"to train; raise trainer.steps (e.g. trainer.steps={2 * trainer.step}) to continue"
+        )

@@ -46,12 +46,14 @@ from bilevel.trainer.checks import (
     check_arguments,
     check_batch_sizes,
     check_losses,
+    choose_evaluator,
     outer_gradient,
 )
 from bilevel.trainer.config import TrainerConfig
 from bilevel.trainer.inner_loop import InnerLoop
 from bilevel.trainer.optimizers import make_outer_optimizer
 from bilevel.trainer.stopping import StopRequested, stop_requests
+from bilevel.trainer.views import TrainerViews
 from bilevel.weights import DomainWeights
 
 __all__ = ["BilevelTrainer", "NonFiniteError", "TrainerConfig"]
@@ -63,7 +65,7 @@ Loss = Callable[[Any, Any], Tensor]
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 
 
-class BilevelTrainer:
+class BilevelTrainer(TrainerViews):
     """Learns domain weights for ``model`` on ``data`` with ``solver``.
 
     Args:
@@ -84,7 +86,10 @@ class BilevelTrainer:
             ``checkpoints/last.pt`` go (``None``: nothing is written). It must be new, empty,
             or a run directory bilevel created; one that holds an earlier run is refused at
             :meth:`fit` unless this trainer resumed that run (:meth:`resume`).
-        wandb: an optional :class:`~bilevel.logging.WandbLogger`.
+        loggers: trackers the records also go to: :class:`~bilevel.logging.WandbLogger`,
+            :class:`~bilevel.logging.TensorBoardLogger`, :class:`~bilevel.logging.MLflowLogger`,
+            or one's own object with ``name``, ``start``, ``log`` and ``finish``.
+        wandb: one more tracker (kept for code written before ``loggers``).
         dist: the data-parallel context (default: one process).
         strategy: how the model is laid out (default: ``config.strategy`` for ``dist``).
         run_config: the resolved config to record with the run (and in its checkpoints).
@@ -111,6 +116,7 @@ class BilevelTrainer:
         device: torch.device | str | None = None,
         run_dir: str | Path | None = None,
         wandb: Any = None,
+        loggers: list[Any] | None = None,
         dist: DistContext | None = None,
         seed: int = 0,
         run_config: dict[str, Any] | None = None,
@@ -152,7 +158,8 @@ class BilevelTrainer:
         # every rank writes where rank 0 does (its shards, under fsdp)
         run_dir = strategy.broadcast_object(str(run_dir) if run_dir is not None else None)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.wandb = wandb if strategy.is_main else None
+        trackers = [x for x in [*(loggers or []), wandb] if x is not None]
+        self.loggers = trackers if strategy.is_main else []
         self.run_config = run_config or {}
         self.overrides = list(overrides or [])
         outer_has_grad = check_losses(self.module, inner_loss, outer_loss, data, self.device)
@@ -172,6 +179,12 @@ class BilevelTrainer:
             inner_optimizer,
             inner_scheduler,
         )
+        #: what the optimizers were made by (``None``: the default), recorded in config.json
+        self.factories = {
+            "inner_optimizer": inner_optimizer,
+            "outer_optimizer": outer_optimizer,
+            "inner_scheduler": inner_scheduler,
+        }
         self.outer_opt = make_outer_optimizer(
             outer_optimizer, self.weights, self.device, strategy.world_size
         )
@@ -194,9 +207,10 @@ class BilevelTrainer:
         if self.config.learn_weights and differentiates and not outer_has_grad:
             raise outer_gradient(self.method.name)
         self.notes += notes.settings(self, outer_optimizer is not None, differentiates)
-        self.test = data.test
-        if self.test is not None:
-            self.test = to_device(data.test, self.device)
+        self.test = to_device(data.test, self.device) if data.test is not None else None
+        self.val = to_device(data.val, self.device) if data.val is not None else None
+        self.evaluator, said = choose_evaluator(self.module, data, self.device)
+        self.notes += said
 
         self.step = 0
         self.elapsed = 0.0
@@ -209,53 +223,12 @@ class BilevelTrainer:
         self._resumed_from: str | None = None
         #: this trainer has written its run directory (a second fit() continues in it)
         self._wrote_run_dir = False
-        self.wandb_id: str | None = None
+        #: each tracker's run id (``{name: id}``), kept in checkpoints so a resume continues it
+        self.logger_ids: dict[str, str] = {}
         self._last_checkpoint = time.monotonic()
         self.resume_file: Path | None = None
         #: a branch of another run (resumed into a new folder) starts from that run's metrics
         self.history_from: Path | None = None
-
-    # -- views kept for users and scripts ---------------------------------------------------------
-
-    @property
-    def inner_loss(self) -> Loss:
-        return self._inner_loss
-
-    @inner_loss.setter
-    def inner_loss(self, fn: Loss) -> None:
-        self._inner_loss = fn
-        if "loop" in self.__dict__:
-            self.loop.inner_loss = fn
-
-    @property
-    def outer_loss(self) -> Loss:
-        return self._outer_loss
-
-    @outer_loss.setter
-    def outer_loss(self, fn: Loss) -> None:
-        self._outer_loss = fn
-        if "loop" in self.__dict__:
-            self.loop.outer_loss = fn
-
-    @property
-    def skips(self):
-        return self.loop.skips
-
-    @property
-    def train_sampler(self):
-        return self.loop.train_sampler
-
-    @property
-    def meta_sampler(self):
-        return self.loop.meta_sampler
-
-    @property
-    def inner_opt(self) -> torch.optim.Optimizer:
-        return self.loop.inner_opt
-
-    @property
-    def scheduler(self):
-        return self.loop.scheduler
 
     # -- one window ------------------------------------------------------------------------------
 
@@ -324,7 +297,7 @@ class BilevelTrainer:
                 log.info(f"{verb} run directory {self.run_dir}")
         self.log = RunLog(
             self.run_dir,
-            self.wandb,
+            self.loggers,
             self.strategy.is_main,
             cfg.progress,
             cfg.steps,
@@ -333,10 +306,11 @@ class BilevelTrainer:
             # second fit() of this trainer with more steps)
             self.step if self._resumed_from or self.step else None,
             self.run_config,
-            self.wandb_id,
+            self.logger_ids,
         )
-        self.wandb_id = self.log.wandb_id
+        self.logger_ids = dict(self.log.ids)
         if self.step == 0 and self.run_dir is not None:
+            records.write_config(self)
             self.log.write(self._weights_record())
         started = time.perf_counter()
         first = self.step
@@ -420,19 +394,23 @@ class BilevelTrainer:
     def _log(self) -> dict[str, Any]:
         return records.log_record(self)
 
-    def evaluate(self) -> dict[str, float]:
-        """Test-set metrics of the current model ({} without a test set)."""
-        if self.test is None or self.data.evaluate is None:
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """Metrics of the current model on the test set (``split="val"``: the validation
+        set); ``{}`` without that set or anything to score it with."""
+        columns = self.val if split == "val" else self.test
+        if columns is None or self.evaluator is None:
             return {}
         # an evaluator that leaves the model in eval mode (or moves running statistics) must
         # not change the training that follows: both are put back
         with module_state.modes_kept(self.module), module_state.buffers_kept(self.module):
-            return checked_metrics(self.data.evaluate(self.module, self.test, self.device))
+            return checked_metrics(self.evaluator(self.module, columns, self.device))
 
     def _evaluate(self) -> dict[str, float]:
         metrics = self.evaluate()
-        if metrics:
-            self.log.write({"step": self.step, "test": metrics})
+        val = self.evaluate("val")
+        record = {k: v for k, v in (("test", metrics), ("val", val)) if v}
+        if record:
+            self.log.write({"step": self.step, **record})
         return metrics
 
     def _finish(self, record_test: bool = True) -> dict[str, Any]:
@@ -448,7 +426,7 @@ class BilevelTrainer:
                 log.warning(f"note: {note}")
         self.notes += ending
         test = self._evaluate() if record_test else self.evaluate()
-        summary = records.summary(self, test)
+        summary = records.summary(self, test, self.evaluate("val"))
         self.log.finish(summary)
         return summary
 
@@ -467,22 +445,7 @@ class BilevelTrainer:
 
     def resume(self, path: str | Path) -> None:
         """Continue from a run directory (its ``checkpoints/last.pt``) or a checkpoint file."""
-        path = Path(path)
-        file = run_dirs.in_run(path) if path.is_dir() else path
-        self.resume_file = file
-        state = self.strategy.load(file)
-        if int(state["step"]) > self.config.steps:
-            raise ConfigError(
-                "trainer.steps",
-                f"is {self.config.steps} but the checkpoint is at step {state['step']}; "
-                "a resumed run can only continue (trainer.steps >= the checkpoint's step)",
-            )
-        self.load_state_dict(state, source=str(path))
-        if self.step >= self.config.steps:
-            self.notes.append(
-                f"the checkpoint is at step {self.step} = trainer.steps: there is nothing left "
-                f"to train; raise trainer.steps (e.g. trainer.steps={2 * self.step}) to continue"
-            )
+        trainer_state.resume(self, Path(path))
 
     def _checkpoint(self) -> None:
         state = self.state_dict()  # a collective under torchrun: every rank takes part

@@ -112,6 +112,8 @@ CASES = [
     # a preset that reads a key of another group the chosen one does not have (text data reads
     # ${model.path}, the tokenizer of its model; model=mlp has none)
     (["+data.tokenizer=${model.path}"], "data: reads ${model.path}, which the chosen model"),
+    # what a sweep optimizes: a split the data lacks, found before training
+    (["optimized_metric=val.loss"], "optimized_metric: val.loss needs a validation split"),
     # solver
     (["solver.name=adam"], "solver"),
     (["solver=newton"], "solver"),

@@ -40,11 +40,13 @@ def _check(
     rank_reads: Any,
     skip_bad_rows: Any,
     hf_inputs: Any,
+    val_size: Any = 1,
 ) -> None:
     for key, value, low in (
         ("seq_len", seq_len, 1),
         ("meta_size", meta_size, 1),
         ("test_size", test_size, 1),
+        ("val_size", val_size, 1),
     ):
         if not is_integer(value) or value < low:
             raise ConfigError(f"data.{key}", f"must be an integer >= {low}, got {value!r}")
@@ -220,6 +222,8 @@ def files(
     domains: Mapping[str, Any],
     meta: Any,
     test: Any = None,
+    val: Any = None,
+    val_size: int = 256,
     text_field: str = "text",
     tokenizer: str = "bytes",
     seq_len: int = 128,
@@ -235,7 +239,8 @@ def files(
     seed: int = 0,
 ) -> CorpusData:
     """Domains of text files: ``domains`` maps each name to a glob (or a list of globs) of
-    jsonl, json, parquet or plain-text files; ``meta`` and ``test`` are globs too.
+    jsonl, json, parquet or plain-text files; ``meta``, ``test`` and ``val`` (a validation split
+    for sweeps: ``optimized_metric=val.loss``) are globs too.
 
     Documents are tokenized on the fly by ``tokenizer`` (``bytes``, or a Hugging Face
     tokenizer available offline) and packed into sequences of ``seq_len + 1`` tokens with an
@@ -251,6 +256,7 @@ def files(
         rank_reads,
         skip_bad_rows,
         hf_inputs,
+        val_size,
     )
     check_seed(seed)
     if text_document not in ("line", "file"):
@@ -284,10 +290,11 @@ def files(
     meta_columns = _held_out(
         "data.meta", source("data.meta", meta), tok, length, meta_size, hf_inputs
     )
-    test_columns = (
-        _held_out("data.test", source("data.test", test), tok, length, test_size, hf_inputs)
-        if test is not None
+    test_columns, val_columns = (
+        _held_out(key, source(key, spec), tok, length, size, hf_inputs)
+        if spec is not None
         else None
+        for key, spec, size in (("data.test", test, test_size), ("data.val", val, val_size))
     )
     info = {"source": "files", "tokenizer": tok.name, "blocks": _pick(per_domain, "blocks")}
     return assemble(
@@ -301,6 +308,7 @@ def files(
         rank_reads,
         hf_inputs,
         info,
+        val=val_columns,
     )
 
 
@@ -308,15 +316,18 @@ def hf(
     domains: Mapping[str, Any],
     meta: Any,
     test: Any = None,
+    val: Any = None,
     split: str = "train",
     meta_split: str | None = None,
     test_split: str | None = None,
+    val_split: str | None = None,
     text_field: str = "text",
     tokenizer: str = "bytes",
     streaming: bool = False,
     seq_len: int = 128,
     meta_size: int = 256,
     test_size: int = 256,
+    val_size: int = 256,
     max_tokens: int | None = None,
     max_documents: int | None = None,
     block_rows: int = 2048,
@@ -328,8 +339,8 @@ def hf(
     """Domains held in Hugging Face datasets: ``domains`` maps each name to a folder written
     by ``save_to_disk``, a ``load_dataset`` name available offline, or a mapping of
     ``load_dataset`` arguments; ``streaming=true`` reads them as ``IterableDataset`` shards.
-    ``meta`` and ``test`` are the same kinds of spec (their own splits: ``meta_split``,
-    ``test_split``, default ``split``)."""
+    ``meta``, ``test`` and ``val`` (a validation split for sweeps) are the same kinds of spec
+    (their own splits: ``meta_split``, ``test_split``, ``val_split``, default ``split``)."""
     _check(
         seq_len,
         meta_size,
@@ -339,6 +350,7 @@ def hf(
         rank_reads,
         skip_bad_rows,
         hf_inputs,
+        val_size,
     )
     check_seed(seed)
     if not is_bool(streaming):
@@ -378,17 +390,14 @@ def hf(
         meta_size,
         hf_inputs,
     )
-    test_columns = (
-        _held_out(
-            "data.test",
-            source("data.test", test, test_split or split, False),
-            tok,
-            length,
-            test_size,
-            hf_inputs,
-        )
-        if test is not None
+    test_columns, val_columns = (
+        _held_out(key, source(key, spec, which or split, False), tok, length, size, hf_inputs)
+        if spec is not None
         else None
+        for key, spec, which, size in (
+            ("data.test", test, test_split, test_size),
+            ("data.val", val, val_split, val_size),
+        )
     )
     info = {"source": "hf", "tokenizer": tok.name, "streaming": bool(streaming)}
     return assemble(
@@ -402,6 +411,7 @@ def hf(
         rank_reads,
         hf_inputs,
         info,
+        val=val_columns,
     )
 
 
@@ -409,12 +419,14 @@ def tokens(
     domains: Mapping[str, Any],
     meta: Any,
     test: Any = None,
+    val: Any = None,
     dtype: str = "uint16",
     vocab_size: int | None = None,
     tokenizer: str | None = None,
     seq_len: int = 128,
     meta_size: int = 256,
     test_size: int = 256,
+    val_size: int = 256,
     max_tokens: int | None = None,
     hf_inputs: bool = False,
     seed: int = 0,
@@ -424,7 +436,9 @@ def tokens(
     ``seq_len + 1`` tokens at a random offset. ``vocab_size`` (or the ``tokenizer`` the shards
     were made with) sizes the model's embedding; every window is checked against the model's
     vocabulary."""
-    _check(seq_len, meta_size, test_size, max_tokens, None, "own_blocks", False, hf_inputs)
+    _check(
+        seq_len, meta_size, test_size, max_tokens, None, "own_blocks", False, hf_inputs, val_size
+    )
     check_seed(seed)
     specs = _domain_specs(domains)
     if meta is None:
@@ -452,7 +466,11 @@ def tokens(
         built[name] = Domain(make, float(shards.tokens), False)
         checks.append(shards.check_vocabulary)
     held = []
-    for key, patterns, count in (("data.meta", meta, meta_size), ("data.test", test, test_size)):
+    for key, patterns, count in (
+        ("data.meta", meta, meta_size),
+        ("data.test", test, test_size),
+        ("data.val", val, val_size),
+    ):
         if patterns is None:
             held.append(None)
             continue
@@ -473,6 +491,7 @@ def tokens(
         hf_inputs,
         info,
         checks,
+        val=held[2],
     )
 
 

@@ -4,7 +4,8 @@ A ``CorpusData`` is a :class:`~bilevel.data.DomainData` whose training rows are 
 its ``train`` columns hold only a preview (the first few sequences of each domain, for the
 checks made before training), and the trainer draws its batches from
 :meth:`CorpusData.train_sampler`, which reads each domain lazily. The meta and test sets are
-small and read into memory (``meta_size`` and ``test_size`` sequences).
+small and read into memory (``meta_size``, ``test_size`` and ``val_size`` sequences; ``val`` is
+an optional validation split, distinct from the meta set, for a sweep to tune on).
 
 Sizes: a domain's size in tokens (what ``trainer.sampling=size`` and ``temperature`` share
 by) is exact for token shards and for capped domains (``max_tokens``, ``max_documents``); for
@@ -159,6 +160,7 @@ def assemble(
     hf_inputs: bool,
     info: dict[str, Any],
     checks: list[Any] | None = None,
+    val: Columns | None = None,
 ) -> CorpusData:
     sequences = torch.from_numpy(np.concatenate(previews).astype(np.int64))
     train = sequence_columns(sequences, hf_inputs)
@@ -175,7 +177,8 @@ def assemble(
         train=train,
         meta=meta,
         test=test,
-        evaluate=lm_metrics if test is not None else None,
+        val=val,
+        evaluate=lm_metrics if test is not None or val is not None else None,
         model_kwargs={"vocab_size": vocab_size, "max_len": seq_len},
         info=info,
         domains=domains,
