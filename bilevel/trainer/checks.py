@@ -318,3 +318,22 @@ def choose_evaluator(module: nn.Module, data: DomainData, device) -> tuple[Any, 
         f"the {which} set is scored with {chosen.__name__} (the library's, for its targets: "
         "data.evaluate is not given)"
     ]
+
+
+def rows_for(weights: Any, data: DomainData) -> DomainData:
+    """``data`` with the ``row`` column that weights stored per example read
+    (:meth:`DomainData.with_rows`), checked against the weights' size; ``data`` as it is for
+    other weights."""
+    if not getattr(weights, "needs_rows", False):
+        return data
+    kind = getattr(weights, "parametrization", type(weights).__name__)
+    if type(data).train_sampler is not DomainData.train_sampler:
+        raise ConfigError(
+            "weights",
+            f"weights={kind} keeps a weight per training row; a corpus read from disk has no "
+            "fixed rows (use domain weights, or weights=meta_weight_net)",
+        )
+    n = num_rows(data.train)
+    if getattr(weights, "size", n) != n:
+        raise ConfigError("weights.size", f"is {weights.size} but the training data has {n} rows")
+    return data.with_rows()

@@ -52,6 +52,9 @@ class TrainerConfig:
         learn_weights: ``False`` keeps the weights at their initial values (the fixed-weight
             baseline: the same loop without hypergradients).
         progress: show a progress bar.
+        cache_prefix: compute the model's frozen prefix once per example before training and
+            train on its outputs (:func:`bilevel.data.cache_prefix`: a model with
+            ``prefix(x)``, e.g. ``HFClassifier(frozen_layers=k)`` or ``SplitModel``).
     """
 
     steps: int = 1000
@@ -71,6 +74,7 @@ class TrainerConfig:
     strategy: str = "ddp"
     learn_weights: bool = True
     progress: bool = True
+    cache_prefix: bool = False
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TrainerConfig:
@@ -105,7 +109,7 @@ class TrainerConfig:
                 "trainer.meta_batch_size",
                 f"must be an integer >= 1 or null (whole meta set), got {self.meta_batch_size!r}",
             )
-        for name in ("learn_weights", "progress"):
+        for name in ("learn_weights", "progress", "cache_prefix"):
             if not is_bool(getattr(self, name)):
                 raise ConfigError(
                     f"trainer.{name}", f"must be true or false, got {getattr(self, name)!r}"

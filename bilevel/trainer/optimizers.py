@@ -317,12 +317,13 @@ def make_outer_optimizer(
         if isinstance(optimizer, MirrorDescent):
             raise ConfigError(
                 field,
-                "mirror descent acts on domain weights on the simplex; a meta-weight net's "
-                "parameters need a torch optimizer (adam, sgd)",
+                "mirror descent acts on domain weights on the simplex; per-example weights' "
+                "parameters need a torch optimizer (adam, sgd, lazy_adam)",
             )
         if world_size > 1:
             raise ConfigError(
-                "weights", "weights=meta_weight_net runs in one process (no torchrun) for now"
+                "weights",
+                f"weights={weights.parametrization} runs in one process (no torchrun) for now",
             )
         return optimizer
     if isinstance(optimizer, MirrorDescent):

@@ -28,6 +28,7 @@ from bilevel import module_state
 from bilevel.data.columns import to_device
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import checked_metrics
+from bilevel.data.prefix_cache import cache_prefix
 from bilevel.errors import ConfigError, NonFiniteError, check_seed, resolve_device
 from bilevel.files import write_text_atomic
 from bilevel.functional import forward_batch
@@ -48,6 +49,7 @@ from bilevel.trainer.checks import (
     check_losses,
     choose_evaluator,
     outer_gradient,
+    rows_for,
 )
 from bilevel.trainer.config import TrainerConfig
 from bilevel.trainer.inner_loop import InnerLoop
@@ -133,6 +135,9 @@ class BilevelTrainer(TrainerViews):
                 f"domain names {weights.names} do not match the data's {data.names}",
             )
         self.device = resolve_device(device) if device else next(model.parameters()).device
+        if config.cache_prefix:  # before anything reads the data: every split gets the cache
+            data = cache_prefix(model.to(self.device), data, self.device)
+        data = rows_for(weights, data)
         seed = check_seed(seed)
         if self.config.strategy == "fsdp":
             check_fsdp_solver(solver)

@@ -47,7 +47,14 @@ from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch
 from bilevel.losses.prm import trajectory_logits
 
-__all__ = ["DOMAINS", "best_of_n", "prm_text", "sample_problems", "write_solutions"]
+__all__ = [
+    "DOMAINS",
+    "best_of_n",
+    "label_features",
+    "prm_text",
+    "sample_problems",
+    "write_solutions",
+]
 
 DOMAINS = ("mc16", "mc2", "optimistic", "mislabeled", "trivial")
 N_VALUES = (1, 4, 16, 32)
@@ -245,6 +252,19 @@ def _columns(rows: list[tuple], tokens: _Tokens) -> Columns:
     }
 
 
+def label_features(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What an instance net sees of a training example besides its loss (DreamPRM-1.5 weighs
+    instances by what they are): its mean step label, the share of steps labelled 0, its length
+    (steps / 6), and how often a label rises after a 0 (a Monte-Carlo label never does: once a
+    prefix holds a wrong step, every later prefix does too; flipped labels do). ``[N, 4]``."""
+    steps = mask.sum(1).clamp_min(1)
+    mean = (labels * mask).sum(1) / steps
+    zeros = ((labels == 0) & (mask > 0)).sum(1) / steps
+    after_zero = (labels[:, :-1] == 0) & (labels[:, 1:] > 0) & (mask[:, 1:] > 0)
+    rises = after_zero.sum(1) / steps
+    return torch.stack([mean, zeros, steps / 6, rises], 1).float()
+
+
 @torch.no_grad()
 def best_of_n(
     model: nn.Module,
@@ -315,7 +335,8 @@ def prm_text(
             errors += [abs(a - b) for a, b in zip(labels, exact)]
             rows.append((problem, solution, labels, pid))
         columns = _columns(rows, tokens)
-        parts.append({k: columns[k] for k in ("x", "step_labels", "step_mask")})
+        columns["features"] = label_features(columns["step_labels"], columns["step_mask"])
+        parts.append({k: columns[k] for k in ("x", "step_labels", "step_mask", "features")})
         label_error[name] = round(sum(errors) / len(errors), 3)
 
     def candidate_set(problems: int, count: int) -> Columns:

@@ -168,6 +168,7 @@ STATEFUL = [
     ["solver=doge"],
     ["solver=loss_reweighting"],
     ["weights=meta_weight_net"],
+    ["weights=instance_table"],  # the table and LazyAdam's per-row moments and counts
     ["trainer.sampling=weights", "trainer.meta_batch_size=8"],
     ["trainer.sampling=size", "trainer/inner_scheduler=cosine"],
 ]
