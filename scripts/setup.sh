@@ -10,7 +10,7 @@
 #
 #   bash scripts/setup.sh                                                  # torch 2.13.0, bilevel[dev]
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh   # CPU-only torch
-#   EXTRAS=dev,hf,lm,optuna,docs,corpora,trl,loggers bash scripts/setup.sh   # what CI installs
+#   EXTRAS=dev,hf,lm,optuna,docs,corpora,trl,loggers,mixtures bash scripts/setup.sh   # what CI installs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -48,17 +48,67 @@ CONTEXT: dict[str, Any] = {}
 
 
 def init_from_run(text: str, names: list[str]) -> list[float]:
-    """``weights.init=from:<run dir>`` (the run's final weights, from its ``summary.json``) or
-    ``from:<run dir>:mean`` (their mean over the run's log events after step 0, from its
-    ``metrics.jsonl``: DoReMi's proxy-to-final average), as values in the order of ``names``
-    (the run's domains must be these, by name)."""
+    """Initial weights from elsewhere, as values in the order of ``names`` (matched by name):
+
+    * ``from:<run dir>``: the run's final weights (its ``summary.json``);
+    * ``from:<run dir>:mean``: their mean over the run's log events after step 0 (its
+      ``metrics.jsonl``: DoReMi's proxy-to-final average);
+    * ``from:<mixture.yaml>``: the mixture ``bilevel-mix search`` wrote (``weights.init``);
+    * ``from:<mixtures.csv>:<id>``: row ``id`` of a table ``bilevel-mix propose`` wrote (a
+      sweep of fixed-weight proxies: ``'weights.init=from:m.csv:${mixture_id}'
+      '+mixture_id=range(0,64)'``)."""
     spec = text.removeprefix("from:")
+    field = "weights.init"
+    head, _, tail = spec.rpartition(":")
+    if head.endswith(".csv"):
+        weights = _csv_row(Path(head).expanduser(), tail, field)
+    elif Path(spec).suffix in (".yaml", ".yml", ".json") and Path(spec).is_file():
+        weights = _mixture_file(Path(spec), field)
+    else:
+        weights = _run_weights(spec, field)
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ConfigError(
+            field,
+            f"from:{spec}: its domains {sorted(weights)} lack {missing} of this data's {names}",
+        )
+    return [float(weights[n]) for n in names]
+
+
+def _csv_row(path: Path, row: str, field: str) -> dict[str, float]:
+    """Row ``row`` of a mixtures table; a share of 0 becomes 1e-6 (softmax weights cannot be
+    exactly 0; a domain at 1e-6 is drawn once in a million rows)."""
+    from bilevel.mixtures import floored, read_mixtures
+
+    table = read_mixtures(path, field)
+    if row not in table.ids:
+        shown = ", ".join(table.ids[:5]) + (" ..." if len(table.ids) > 5 else "")
+        raise ConfigError(field, f"from:{path}:{row}: no row with id {row!r} (ids: {shown})")
+    values = floored(table.values[table.ids.index(row)])
+    return dict(zip(table.columns, (float(v) for v in values), strict=True))
+
+
+def _mixture_file(path: Path, field: str) -> dict[str, float]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+        init = data["weights"]["init"]
+        return {str(k): float(v) for k, v in init.items()}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError):
+        raise ConfigError(
+            field,
+            f"from:{path}: not a mixture file (weights: init: {{domain: share}}, as "
+            "bilevel-mix search writes)",
+        ) from None
+
+
+def _run_weights(spec: str, field: str) -> dict[str, float]:
     how = "final"
     head, _, tail = spec.rpartition(":")
     if tail in ("mean", "final") and head:
         spec, how = head, tail
     run = Path(spec).expanduser()
-    field = "weights.init"
     if not run.is_dir():
         raise ConfigError(field, f"from:{spec}: no such run directory")
     if how == "final":
@@ -71,26 +121,17 @@ def init_from_run(text: str, names: list[str]) -> list[float]:
             )
         import json
 
-        weights = json.loads(summary.read_text()).get("weights") or {}
-    else:
-        from bilevel.logging import read_jsonl
+        return json.loads(summary.read_text()).get("weights") or {}
+    from bilevel.logging import read_jsonl
 
-        records = [
-            r["weights"]
-            for r in read_jsonl(run / "metrics.jsonl")
-            if isinstance(r.get("weights"), dict) and r.get("step", 0) > 0
-        ]
-        if not records:
-            raise ConfigError(field, f"from:{spec}:mean: the run logged no weights after step 0")
-        weights = {n: sum(r.get(n, 0.0) for r in records) / len(records) for n in records[0]}
-    missing = [n for n in names if n not in weights]
-    if missing:
-        raise ConfigError(
-            field,
-            f"from:{spec}: the run's domains {sorted(weights)} lack {missing} of this data's "
-            f"{names}",
-        )
-    return [float(weights[n]) for n in names]
+    records = [
+        r["weights"]
+        for r in read_jsonl(run / "metrics.jsonl")
+        if isinstance(r.get("weights"), dict) and r.get("step", 0) > 0
+    ]
+    if not records:
+        raise ConfigError(field, f"from:{spec}:mean: the run logged no weights after step 0")
+    return {n: sum(r.get(n, 0.0) for r in records) / len(records) for n in records[0]}
 
 
 def _seed_for(cfg: DictConfig) -> dict[str, Any]:
