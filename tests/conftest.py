@@ -13,6 +13,11 @@ from tests.helpers import cli
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores (the CI machine): one thread each, and one for the processes
+    # they start (CLI runs, torchrun ranks), instead of four threads fighting over two cores
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 the library's line in torchrun's own summary."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -117,7 +118,10 @@ def test_a_bad_input_under_torchrun_is_our_line_in_torchruns_summary():
     line = "bilevel: error: solver (bilevel.solvers.build): cg: iters must be an integer >= 1"
     summary = proc.stderr.split("ChildFailedError", 1)[-1]
     assert summary.count(f"traceback : {line}") == 2, proc.stderr[-3000:]
-    assert summary.count("exitcode  : 2") == 2
+    # the first rank to fail exits 2; torchrun then stops the other, which may be caught after
+    # it wrote its error file but before its own exit (SIGTERM, -15) on a loaded machine
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", summary)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, summary
     assert "To enable traceback" not in summary
 
 
