@@ -61,6 +61,9 @@ class Study:
     # metrics (True: higher is better)
     paired_to: list[str] = field(default_factory=list)
     paired_metrics: dict[str, bool] = field(default_factory=dict)
+    # overrides of every run that change how it computes, not what (a cache kept across the
+    # runs; "{runs}" is the study's runs folder); --reuse compares runs without them
+    shared: list[str] = field(default_factory=list)
 
 
 # prm_text's single-domain probes: 300 steps (a fifth of a run), ranked by their meta loss
@@ -197,7 +200,7 @@ STUDIES = {
         "prm_text",
         [
             Method("uniform", ["trainer.learn_weights=false"]),
-            # each domain alone for a 50-step probe; rank by the probe's validation loss
+            # each domain alone for a 300-step probe; rank by the probe's validation loss
             Method("best single domain (by validation loss)", PROBE, kind="best_single"),
             Method("data selection (drop the 2 worst domains)", PROBE, kind="selection_single"),
             Method("DreamPRM (first_order, MSE at both levels)", ["solver=first_order"]),
@@ -226,6 +229,9 @@ STUDIES = {
         paired_to=["uniform"],
         paired_metrics={"prm@4": True, "prm@16": True, "prm@32": True},
         seeds=[0, 1, 2, 3, 4],
+        # the frozen encoder layers' outputs, computed once per seed (and split) for all the
+        # methods and probes of that seed instead of once per run (about 2 of a run's 5 minutes)
+        shared=["trainer.prefix_cache_dir={runs}/prefix_cache"],
         metrics=[
             "prm@1",
             "prm@4",
@@ -345,6 +351,9 @@ REUSE = False  # set by --reuse: take finished runs from disk instead of running
 #: the overrides a run of the study runner was made with, beside its summary.json
 RUNNER_FILE = "runner_overrides.json"
 
+#: settings that change how a run computes, not what: --reuse compares runs without them
+NO_EFFECT = ("trainer.prefix_cache_dir=",)
+
 
 def reusable(out: Path, overrides: list[str], steps: int) -> bool:
     """Whether ``--reuse`` may take the finished run in ``out`` for these ``overrides``: it
@@ -358,7 +367,11 @@ def reusable(out: Path, overrides: list[str], steps: int) -> bool:
         # paths in overrides (a DoReMi reference run) are compared as paths in the checkout:
         # the same study in another clone of the repository is the same study
         def portable(items: list[str]) -> list[str]:
-            return [re.sub(r"[^=\s]*/experiments/", "experiments/", str(i)) for i in items]
+            return [
+                re.sub(r"[^=\s]*/experiments/", "experiments/", str(i))
+                for i in items
+                if not str(i).startswith(NO_EFFECT)
+            ]
 
         same = portable(json.loads(kept.read_text())) == portable(list(overrides))
     else:
@@ -400,7 +413,8 @@ def run_method(
     study: Study, method: Method, seed: int, base: list[str], runs: Path, cache: dict
 ) -> dict:
     out = runs / slug(method.label) / f"seed{seed}"
-    common = [f"experiment={study.name}", f"seed={seed}", *base]
+    shared = [o.format(runs=runs) for o in study.shared]
+    common = [f"experiment={study.name}", f"seed={seed}", *base, *shared]
     if method.kind == "run":
         summary = run_once([*common, *method.overrides], out)
     elif method.kind == "selection":

@@ -17,12 +17,22 @@ first rows that the model gives the same output from the cache as from the raw i
 
 Memory: the cache holds the prefix's output for every example (for an encoder, ``[N, T, H]``
 floats: 2,000 sequences of 64 tokens at width 384 are 197 MB), on the data's device.
+
+Across runs: with ``store`` (``trainer.prefix_cache_dir``) each split's cache is also kept in a
+folder, in a file named by the SHA-256 of what determines it (the prefix's parameters, the
+split's inputs, the batch size, the library and torch versions, the device type). A sweep over
+methods or hyperparameters on the same data and base model computes the prefix once; the other
+runs read it (and check its first rows against the raw input, as a fresh cache is checked).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +44,7 @@ from bilevel.data.domain_data import DomainData
 from bilevel.errors import ConfigError
 from bilevel.functional import forward_batch, model_scores
 
-__all__ = ["cache_prefix", "has_prefix"]
+__all__ = ["cache_prefix", "has_prefix", "store_key"]
 
 SPLITS = ("train", "meta", "test", "val")
 
@@ -80,21 +90,88 @@ def _prefix_of(model: nn.Module, columns: Columns, batch_size: int, device: torc
     return _concat(parts)
 
 
+def _bytes_of(t: Tensor) -> bytes:
+    """A tensor's raw bytes (any dtype, bf16 included)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _prefix_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """What the prefix's output depends on: its parameters where the model names them
+    (``prefix_parameters()``), otherwise every parameter and buffer of the model."""
+    params = getattr(model, "prefix_parameters", None)
+    if callable(params):
+        yield from params()
+        return
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def store_key(model: nn.Module, x: Any, batch_size: int, device: torch.device) -> str:
+    """The SHA-256 (hex) of what a split's cached prefix depends on: the model's class, its
+    prefix's tensors, the split's inputs ``x`` (a tensor or a dict of tensors), the batch size
+    of the prefix calls (a batch's size can move the last bits of a matmul), the library's and
+    torch's versions and the device type."""
+    from bilevel import __version__
+
+    h = hashlib.sha256()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}|{__version__}|".encode())
+    h.update(f"{torch.__version__}|{device.type}|{batch_size}|".encode())
+    for name, t in _prefix_tensors(model):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}|".encode())
+        h.update(_bytes_of(t))
+    leaves = sorted(x.items()) if isinstance(x, Mapping) else [("x", x)]
+    for name, t in leaves:
+        if isinstance(t, Tensor):
+            h.update(f"in:{name}:{t.dtype}:{tuple(t.shape)}|".encode())
+            h.update(_bytes_of(t))
+    return h.hexdigest()
+
+
+def _save(value: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then renamed: a run killed while
+    writing leaves no half file under the final name (another run would read it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(value, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path, home: torch.device) -> Any:
+    try:
+        return torch.load(path, map_location=home, weights_only=True)
+    except Exception:  # unreadable (a disk that filled, another version's file): recompute
+        return None
+
+
 @torch.no_grad()
-def _check_same(model: nn.Module, raw: Columns, cached: Columns, rows: int, device) -> None:
-    """The model's output from the cache equals its output from the raw input (first rows)."""
+def _output_gap(model: nn.Module, raw: Columns, cached: Columns, rows: int, device) -> float:
+    """The largest relative difference between the model's output from the cache and from the
+    raw input on the first rows (``inf`` where their kinds or shapes differ)."""
     index = torch.arange(min(rows, num_rows(raw)))
     with module_state.evaluation(model):
         want = model_scores(forward_batch(model, _to(take(raw, index), device)))
         got = model_scores(forward_batch(model, _to(take(cached, index), device)))
     if not (isinstance(want, Tensor) and isinstance(got, Tensor)) or want.shape != got.shape:
+        return float("inf")
+    scale = want.abs().max().clamp_min(1.0)
+    return float((want - got).abs().max() / scale)
+
+
+def _check_same(model: nn.Module, raw: Columns, cached: Columns, rows: int, device) -> None:
+    """The model's output from the cache equals its output from the raw input (first rows)."""
+    gap = _output_gap(model, raw, cached, rows, device)
+    if gap == float("inf"):
         raise ConfigError(
             "trainer.cache_prefix",
             "the model's output from its cached prefix differs in kind or shape from its output "
             "on the raw input: its forward must accept what prefix() returns",
         )
-    scale = want.abs().max().clamp_min(1.0)
-    gap = float((want - got).abs().max() / scale)
     if gap > 1e-4:
         raise ConfigError(
             "trainer.cache_prefix",
@@ -119,6 +196,7 @@ def cache_prefix(
     device: torch.device | str | None = None,
     batch_size: int = 256,
     check_rows: int = 4,
+    store: str | Path | None = None,
 ) -> DomainData:
     """``data`` with every split's ``x`` replaced by ``model.prefix(x)``, computed once.
 
@@ -130,10 +208,14 @@ def cache_prefix(
             device each split's ``x`` was on.
         batch_size: examples per prefix call.
         check_rows: rows on which the cached and the raw output are compared.
+        store: a folder that keeps each split's cache across runs (see the module doc); a
+            split found there is read instead of computed, after the same check on its first
+            rows (one that fails it is computed again and replaced).
 
     Returns:
         A new :class:`DomainData` (the original is left as it is); its ``info["prefix_cache"]``
-        records the cached splits and the cache's size in MB.
+        records the cached splits, the cache's size in MB and, with ``store``, which splits
+        were read from it and which were written.
     """
     if not has_prefix(model):
         raise ConfigError(
@@ -148,24 +230,44 @@ def cache_prefix(
         )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     _check_frozen(model)
+    folder = Path(store) if store is not None else None
     changed: dict[str, Any] = {}
     size = 0
+    read, written = [], []
     with module_state.evaluation(model):
         for split in SPLITS:
             columns = getattr(data, split)
             if columns is None or "x" not in columns:
                 continue
             home = next(iter(_leaves(columns["x"]))).device
-            cached_x = _to({"x": _prefix_of(model, columns, batch_size, device)}, home)["x"]
-            cached = {**columns, "x": cached_x}
-            if split == "train":
-                _check_same(model, columns, cached, check_rows, device)
+            path = None
+            cached_x = None
+            if folder is not None:
+                path = folder / f"{store_key(model, columns['x'], batch_size, device)}.pt"
+                if path.is_file():
+                    cached_x = _load(path, home)
+                    # a file that does not continue the model as its raw input does (another
+                    # code version of the same prefix) is computed again and replaced
+                    if cached_x is not None and (
+                        _output_gap(model, columns, {**columns, "x": cached_x}, check_rows, device)
+                        > 1e-4
+                    ):
+                        cached_x = None
+                    if cached_x is not None:
+                        read.append(split)
+            if cached_x is None:
+                cached_x = _to({"x": _prefix_of(model, columns, batch_size, device)}, home)["x"]
+                if split == "train":
+                    _check_same(model, columns, {**columns, "x": cached_x}, check_rows, device)
+                if path is not None:
+                    _save(_to({"x": cached_x}, torch.device("cpu"))["x"], path)
+                    written.append(split)
             size += sum(t.numel() * t.element_size() for t in _leaves(cached_x))
-            changed[split] = cached
-    info = {
-        **data.info,
-        "prefix_cache": {"splits": list(changed), "megabytes": round(size / 2**20, 1)},
-    }
+            changed[split] = {**columns, "x": cached_x}
+    record: dict[str, Any] = {"splits": list(changed), "megabytes": round(size / 2**20, 1)}
+    if folder is not None:
+        record.update(store=str(folder), read=read, written=written)
+    info = {**data.info, "prefix_cache": record}
     return replace(data, **changed, info=info)
 
 

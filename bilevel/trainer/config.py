@@ -55,6 +55,9 @@ class TrainerConfig:
         cache_prefix: compute the model's frozen prefix once per example before training and
             train on its outputs (:func:`bilevel.data.cache_prefix`: a model with
             ``prefix(x)``, e.g. ``HFClassifier(frozen_layers=k)`` or ``SplitModel``).
+        prefix_cache_dir: a folder that keeps the cached prefix across runs, one file per
+            split named by the hash of the prefix's parameters and the split's inputs (a sweep
+            on the same data computes it once); ``None`` keeps it in memory for the run only.
     """
 
     steps: int = 1000
@@ -75,6 +78,7 @@ class TrainerConfig:
     learn_weights: bool = True
     progress: bool = True
     cache_prefix: bool = False
+    prefix_cache_dir: str | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TrainerConfig:
@@ -114,6 +118,18 @@ class TrainerConfig:
                 raise ConfigError(
                     f"trainer.{name}", f"must be true or false, got {getattr(self, name)!r}"
                 )
+        if self.prefix_cache_dir is not None and not (
+            isinstance(self.prefix_cache_dir, str) and self.prefix_cache_dir.strip()
+        ):
+            raise ConfigError(
+                "trainer.prefix_cache_dir",
+                f"must be a folder path or null, got {self.prefix_cache_dir!r}",
+            )
+        if self.prefix_cache_dir is not None and not self.cache_prefix:
+            raise ConfigError(
+                "trainer.prefix_cache_dir",
+                "keeps the cached prefix across runs: it needs trainer.cache_prefix=true",
+            )
         if self.sampling not in SAMPLING:
             raise ConfigError("trainer.sampling", f"must be one of {', '.join(SAMPLING)}")
         if self.precision not in ("fp32", "bf16"):

@@ -136,7 +136,8 @@ class BilevelTrainer(TrainerViews):
             )
         self.device = resolve_device(device) if device else next(model.parameters()).device
         if config.cache_prefix:  # before anything reads the data: every split gets the cache
-            data = cache_prefix(model.to(self.device), data, self.device)
+            store = config.prefix_cache_dir
+            data = cache_prefix(model.to(self.device), data, self.device, store=store)
         data = rows_for(weights, data)
         seed = check_seed(seed)
         if self.config.strategy == "fsdp":

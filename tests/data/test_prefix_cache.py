@@ -104,3 +104,72 @@ def test_a_frozen_hf_prefix_gives_the_encoders_own_output():
     )
     with pytest.raises(ConfigError, match="model.frozen_layers"):
         HFClassifier(head="step", trainable="lora", frozen_layers=2)
+
+
+def test_a_stored_prefix_is_computed_once_and_read_back_exactly(tmp_path):
+    """Two runs on the same data and base model: the first writes each split's cache to the
+    store, the second reads all of them and trains exactly as the first."""
+    store = tmp_path / "prefix"
+
+    def fit(model):
+        data = _data()
+        trainer = BilevelTrainer(
+            model,
+            bilevel.DomainWeights(data.names),
+            build("first_order"),
+            per_example_cross_entropy,
+            cross_entropy,
+            data,
+            TrainerConfig(
+                steps=20,
+                batch_size=32,
+                progress=False,
+                cache_prefix=True,
+                prefix_cache_dir=str(store),
+            ),
+        )
+        return trainer, trainer.fit()
+
+    first, want = fit(_model())
+    second, got = fit(_model())
+    assert want["info"]["prefix_cache"]["written"] == ["train", "meta", "test"]
+    assert want["info"]["prefix_cache"]["read"] == []
+    assert got["info"]["prefix_cache"]["read"] == ["train", "meta", "test"]
+    assert got["info"]["prefix_cache"]["written"] == []
+    assert len(list(store.glob("*.pt"))) == 3 and not list(store.glob("*.tmp"))
+    for split in ("train", "meta", "test"):
+        a, b = getattr(first.data, split)["x"], getattr(second.data, split)["x"]
+        assert torch.equal(a["prefix_out"], b["prefix_out"])
+    assert got["weights"] == want["weights"] and got["test"] == want["test"]
+
+
+def test_a_stored_prefix_is_keyed_by_the_prefix_and_the_inputs(tmp_path):
+    """Another base model, other inputs, or a stale file under the right name: computed again."""
+    data = _data()
+    cache_prefix(_model(), data, store=tmp_path)
+    other = _model()
+    with torch.no_grad():
+        other.frozen[0].weight.add_(0.01)  # another checkpoint of the base model
+    assert cache_prefix(other, data, store=tmp_path).info["prefix_cache"]["read"] == []
+    shifted = noisy_domains(per_domain=64, meta_size=32, test_size=64, dim=8, seed=1)
+    assert cache_prefix(_model(), shifted, store=tmp_path).info["prefix_cache"]["read"] == []
+    # the suffix is not part of the key: it trains, the prefix's output does not depend on it
+    suffix_changed = _model()
+    with torch.no_grad():
+        suffix_changed.suffix[1].weight.mul_(2)
+    again = cache_prefix(suffix_changed, data, store=tmp_path)
+    assert again.info["prefix_cache"]["read"] == ["train", "meta", "test"]
+    # a file that does not continue the model (written by another version of its code) is
+    # computed again and replaced, never trained on
+    for path in tmp_path.glob("*.pt"):
+        stored = torch.load(path, weights_only=True)
+        torch.save({"prefix_out": stored["prefix_out"] + 1.0}, path)
+    fresh = cache_prefix(_model(), data, store=tmp_path)
+    assert fresh.info["prefix_cache"]["read"] == []
+    plain = cache_prefix(_model(), data)
+    assert torch.equal(fresh.train["x"]["prefix_out"], plain.train["x"]["prefix_out"])
+
+
+def test_a_store_without_the_cache_is_refused():
+    with pytest.raises(ConfigError, match="needs trainer.cache_prefix=true"):
+        TrainerConfig(prefix_cache_dir="cache").validate()
