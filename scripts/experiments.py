@@ -401,6 +401,16 @@ def run_once(overrides: list[str], out: Path) -> dict:
     return summary
 
 
+def portable_summary(summary: dict) -> dict:
+    """``summary`` with the paths it records of this machine (a shared cache's folder) made
+    relative to the repository, as its run directory is."""
+    cache = summary.get("info", {}).get("prefix_cache", {})
+    if "store" in cache:
+        info = {**summary["info"], "prefix_cache": {**cache, "store": relative(cache["store"])}}
+        summary = {**summary, "info": info}
+    return summary
+
+
 def relative(path: Path) -> str:
     """``path`` relative to the repository (results.json must not hold this machine's paths)."""
     try:
@@ -912,7 +922,7 @@ def main() -> None:
     # the numbers first: a figure that fails to draw must not cost the runs' results
     numbers = json.dumps(
         {
-            label: [{k: v for k, v in r.items() if k != "records"} for r in rs]
+            label: [portable_summary({k: v for k, v in r.items() if k != "records"}) for r in rs]
             for label, rs in results.items()
         },
         indent=1,
