@@ -73,11 +73,12 @@ def paired_table(
         "| per seed |",
         "|---|---|---|---|---|---|---|",
     ]
-    for baseline in baselines:
+    for i, baseline in enumerate(baselines):
         if baseline not in results:
             continue
         for method in results:
-            if method == baseline:
+            # a baseline against an earlier one is that row's mirror image: shown once
+            if method == baseline or method in baselines[:i]:
                 continue
             for metric in metrics:
                 found = paired(results, method, baseline, metric)
