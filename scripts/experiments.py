@@ -937,7 +937,8 @@ def main() -> None:
         [
             f"Command: `{command}` (seeds {', '.join(map(str, seeds))}) on {made['cpu']} "
             f"({made['cpu_capability'] or 'default'} kernels), {torch.get_num_threads()} "
-            f"threads of {os.cpu_count()} cores, {gpu}, torch {torch.__version__}; "
+            f"thread{'s' if torch.get_num_threads() != 1 else ''} of {os.cpu_count()} cores, "
+            f"{gpu}, torch {torch.__version__}; "
             f"{total / 60:.1f} min of training in all. Mean ± std over seeds; `train s` is the "
             "mean training-loop time of one seed of a method (all its runs: warm-ups, proxy). "
             "Per-seed figures move a little from one CPU to another (other kernels sum in "
