@@ -32,6 +32,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,12 @@ def store_key(model: nn.Module, x: Any, batch_size: int, device: torch.device) -
     prefix's tensors, the split's inputs ``x`` (a tensor or a dict of tensors), the batch size
     of the prefix calls (a batch's size can move the last bits of a matmul), the library's and
     torch's versions and the device type."""
-    from bilevel import __version__
-
+    try:  # the installed library's version (the package itself sits above this layer)
+        library = metadata.version("bilevel")
+    except metadata.PackageNotFoundError:
+        library = "unknown"
     h = hashlib.sha256()
-    h.update(f"{type(model).__module__}.{type(model).__qualname__}|{__version__}|".encode())
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}|{library}|".encode())
     h.update(f"{torch.__version__}|{device.type}|{batch_size}|".encode())
     for name, t in _prefix_tensors(model):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}|".encode())
