@@ -479,6 +479,9 @@ def offline_search(
     )
     cv = ", ".join(f"{m} {c['spearman']:.3f}" for m, c in fit.cv.items())
     summary["note"] = f"{n} proxies; 5-fold Spearman {cv}; predicted meta loss {predicted:.4f}"
+    if fit.extrapolates(predicted):
+        low, high = fit.observed
+        summary["note"] += f" (outside the proxies' [{low:.4f}, {high:.4f}]: extrapolated)"
     summary["offline"] = {"cv": fit.cv, "predicted": predicted, "proxies": n}
     summary["time_s"] = sum(p["wall_time_s"] for p in proxies) + summary["wall_time_s"]
     return summary

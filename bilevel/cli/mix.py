@@ -133,6 +133,9 @@ def _search(args: argparse.Namespace) -> None:
         f"predicted:\n  target: {fit.target}\n  value: {value:.6g}\n  model: {fit.model}\n"
         f"  top_range: [{float(tops.min()):.6g}, {float(tops.max()):.6g}]\n"
     )
+    note = fit.extrapolates(value)
+    if note:
+        text += f"# note: {note}\n"
     write_text_atomic(Path(args.out), text)
     print(text, end="")
     print(f"written: {args.out}")

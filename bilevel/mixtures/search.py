@@ -136,6 +136,20 @@ class MixtureFit:
     cv: dict[str, dict[str, float]] = field(default_factory=dict)
     #: the fitted runs' mean share per domain: where search draws around by default
     prior: list[float] = field(default_factory=list)
+    #: the smallest and largest target among the fitted runs: a prediction outside is an
+    #: extrapolation (boosted trees and the law both make them), to be trusted less
+    observed: list[float] = field(default_factory=list)
+
+    def extrapolates(self, value: float) -> str | None:
+        """A line saying how far ``value`` lies outside the fitted runs' targets, or ``None``."""
+        if len(self.observed) != 2 or self.observed[0] <= value <= self.observed[1]:
+            return None
+        low, high = self.observed
+        return (
+            f"the predicted {self.target} {value:.6g} lies outside the {self.runs} fitted runs' "
+            f"[{low:.6g}, {high:.6g}]: an extrapolation of the {self.model} fit; train the "
+            "mixture (or proxies near it) before trusting the number"
+        )
 
     def predict(self, mixtures: np.ndarray) -> np.ndarray:
         return self.regressor.predict(np.asarray(mixtures, dtype=float))
@@ -153,6 +167,7 @@ class MixtureFit:
             "runs": self.runs,
             "cv": self.cv,
             "prior": self.prior,
+            "observed": self.observed,
             "parameters": self.regressor.to_json(),
         }
         return write_text_atomic(Path(path), json.dumps(data, indent=1) + "\n")
@@ -189,6 +204,7 @@ def load_fit(path: str | Path) -> MixtureFit:
         runs=int(data["runs"]),
         cv=data.get("cv", {}),
         prior=list(data.get("prior", [])),
+        observed=[float(v) for v in data.get("observed", [])],
     )
 
 
@@ -214,6 +230,7 @@ def fit_mixtures(
         runs=len(y),
         cv=cv,
         prior=[float(v) for v in x.mean(0)],
+        observed=[float(np.min(y)), float(np.max(y))],
     )
 
 

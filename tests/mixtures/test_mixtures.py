@@ -85,6 +85,19 @@ def test_search_finds_the_known_best_mixture(model, tmp_path):
     assert json.loads(path.read_text())["format"] == "bilevel-mix fit"
 
 
+def test_a_prediction_outside_the_fitted_runs_is_called_an_extrapolation(tmp_path):
+    """The law, fitted on mixtures that keep away from its best vertex, predicts a loss below
+    every run it saw there: search returns it, and the fit says it extrapolates."""
+    x = propose(DOMAINS, 200, seed=0)
+    x = x[x[:, 0] < 0.5]  # no run near web = 1, where the law is lowest
+    fit = fit_mixtures(x, law(x), "loss", DOMAINS, "law")
+    assert fit.observed == [pytest.approx(law(x).min()), pytest.approx(law(x).max())]
+    _, value, _ = search(fit, samples=20_000, top=20)
+    assert value < fit.observed[0]
+    assert "outside the" in fit.extrapolates(value) and fit.extrapolates(fit.observed[0]) is None
+    assert load_fit(fit.save(tmp_path / "fit.json")).observed == fit.observed
+
+
 def test_the_four_verbs_from_the_command_line(tmp_path, capsys):
     pytest.importorskip("lightgbm", reason="needs the [mixtures] extra")
     mixtures = tmp_path / "m.csv"
