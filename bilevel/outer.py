@@ -26,6 +26,14 @@ from bilevel.errors import is_finite_number
 __all__ = ["LazyAdam", "MirrorDescent"]
 
 
+def _closure_loss(closure) -> Tensor | None:  # noqa: ANN001 - torch.optim's closure
+    """``closure()`` under grad mode, as ``torch.optim`` steps evaluate it (``None``: none)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class MirrorDescent(torch.optim.Optimizer):
     """Exponentiated-gradient step on domain weights (DoReMi, Xie et al., 2023).
 
@@ -50,10 +58,7 @@ class MirrorDescent(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch.optim signature
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             for logits in group["params"]:
                 if logits.grad is None:
@@ -106,10 +111,7 @@ class LazyAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch.optim signature
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
