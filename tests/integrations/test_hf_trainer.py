@@ -95,6 +95,24 @@ def lm_trainer(tmp_path, model=None, trainer_class=MixinTrainer, train=None, **k
     )
 
 
+def test_the_causal_lm_loss_per_example_is_the_models_own_loss():
+    """Example by example, the loss the weights multiply is the one the model computes from
+    the same labels: shifted by one, the -100 positions left out."""
+    from bilevel.integrations.hf.losses import per_example_loss
+
+    model = tiny_gpt().eval()  # no dropout
+    ids = torch.tensor(token_rows(4, 3))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a masked prompt
+    labels[2, 9:] = -100
+    out = model(input_ids=ids)
+    ours = per_example_loss(out, {"labels": labels}, shift=True)
+    theirs = torch.stack(
+        [model(input_ids=ids[i : i + 1], labels=labels[i : i + 1]).loss for i in range(4)]
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("sampling", ["loss", "weights"])
 def test_the_weights_move_off_a_noise_domain_and_appear_in_the_logs(tmp_path, sampling):
     trainer = lm_trainer(tmp_path, sampling=sampling)

@@ -52,14 +52,17 @@ def per_example_loss(output: Any, batch: Mapping[str, Any], shift: bool) -> Tens
     logits = logits.float()
     if logits.dim() == 3 and labels.dim() == 2:
         if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
+            # the labels move left, not the logits: slicing ``[B, T, V]`` logits would copy
+            # them (and their gradient) once more per step; the last position has no label
+            labels = F.pad(labels[:, 1:], (0, 1), value=-100)
         mask = labels != -100
         ce = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
-            labels.clamp_min(0).reshape(-1),
+            labels.reshape(-1),
+            ignore_index=-100,
             reduction="none",
         ).view_as(labels)
-        return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return ce.sum(1) / mask.sum(1).clamp_min(1)
     if logits.dim() == 2 and labels.dim() == 1:
         if logits.shape[1] == 1 and labels.is_floating_point():
             return (logits.squeeze(1) - labels.float()) ** 2
