@@ -90,7 +90,11 @@ class MixingLaw:
                 loss.backward()
                 return loss
 
-            loss = float(opt.step(closure).detach())
+            opt.step(closure)
+            # LBFGS.step returns the loss it started from: the fit is judged where it ended
+            # (a start whose iterations ran off to nan must not be kept)
+            with torch.no_grad():
+                loss = float(((c + log_k.exp() * torch.exp(xs @ t) - ys) ** 2).mean())
             if math.isfinite(loss) and loss < best[0]:
                 best = (loss, (c.item(), log_k.item(), t.detach().numpy().copy()))
         if best[1] is None:
@@ -103,7 +107,11 @@ class MixingLaw:
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.c + self.k * np.exp(x @ self.t)
+        # k e^{t.r} as one exponential: a fit with a tiny k and a large t (a step-like loss)
+        # would otherwise give 0 * inf = nan where e^{t.r} overflows
+        if self.k <= 0:
+            return np.full(len(x), self.c)
+        return self.c + np.exp(math.log(self.k) + x @ self.t)
 
     def to_json(self) -> dict[str, Any]:
         return {"c": self.c, "k": self.k, "t": [float(v) for v in self.t]}

@@ -65,6 +65,42 @@ def test_the_law_is_recovered_and_ranks_exactly():
     assert mixture[0] > 0.9 and value < law(np.array([[1 / 3] * 3]))[0]
 
 
+def test_a_law_fit_that_ends_in_nan_is_not_kept(monkeypatch):
+    """A start of the law's fit whose LBFGS iterations run off to nan is dropped, and a fit
+    whose every start did is refused: LBFGS returns the loss it started from, finite, so the
+    fit is judged where it ended (on the lm_mixture study's proxy runs, a cross-validation
+    fold kept nan parameters, and its error came out nan)."""
+    import torch
+
+    from bilevel.mixtures.regressors import MixingLaw
+
+    real = torch.optim.LBFGS
+    runs_off = {"starts": 1}
+    made = []
+
+    class RunsOff(real):
+        def step(self, closure):
+            start = super().step(closure)
+            made.append(self)
+            if len(made) <= runs_off["starts"]:
+                with torch.no_grad():
+                    for group in self.param_groups:
+                        for p in group["params"]:
+                            p.fill_(float("nan"))
+            return start
+
+    monkeypatch.setattr(torch.optim, "LBFGS", RunsOff)
+    x = propose(DOMAINS, 60, seed=1)
+    predicted = MixingLaw().fit(x, law(x)).predict(x)
+    assert len(made) == 4  # every start ran; the first ended in nan
+    assert np.all(np.isfinite(predicted))
+    assert spearman(predicted, law(x)) > 0.99
+    made.clear()
+    runs_off["starts"] = 4
+    with pytest.raises(ConfigError, match="did not converge"):
+        MixingLaw().fit(x, law(x))
+
+
 @pytest.mark.parametrize("model", ["lightgbm", "linear"])
 def test_search_finds_the_known_best_mixture(model, tmp_path):
     if model == "lightgbm":
