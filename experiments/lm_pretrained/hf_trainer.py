@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 def run(seed: int, learn: bool) -> dict:
     import trl
     from bilevel_experiments.lm_pretrained.builders import lm_pretrained
-    from bilevel_experiments.lm_pretrained.model import SmolLM2
+    from bilevel_experiments.lm_pretrained.model import SmolLM2, load_tokenizer
     from datasets import Dataset
     from transformers import set_seed
 
@@ -83,6 +83,9 @@ def run(seed: int, learn: bool) -> dict:
         trainer = SFT(
             model=wrapper.lm,
             args=config,
+            # SFTTrainer loads a processor from the model's folder when given none, and the
+            # GGUF model's folder has none
+            processing_class=load_tokenizer(),
             train_dataset=train,
             data_collator=collate,
             domain_weights=weights,
@@ -104,6 +107,27 @@ def run(seed: int, learn: bool) -> dict:
         "test": test,
         "train_s": seconds,
     }
+
+
+def made_on(seeds: list[int]) -> str:
+    """Where and how the table was made (the study runner's provenance line)."""
+    import os
+
+    import transformers
+    import trl
+
+    from bilevel.logging.provenance import provenance
+
+    made = provenance()
+    threads = torch.get_num_threads()
+    return (
+        f"Command: `python -m bilevel_experiments.lm_pretrained.hf_trainer --seeds "
+        f"{' '.join(map(str, seeds))}` on {made['cpu']} ({made['cpu_capability'] or 'default'} "
+        f"kernels), {threads} thread{'s' if threads != 1 else ''} of {os.cpu_count()} cores, "
+        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"trl {trl.__version__}. Mean ± std over seeds."
+    )
 
 
 def table(results: list[dict], names: list[str]) -> str:
@@ -155,7 +179,7 @@ def main() -> None:
             )
     names = list(results[0]["weights"])
     write_text_atomic(HERE / "hf_trainer_results.json", json.dumps(results, indent=1))
-    report = table(results, names)
+    report = made_on(args.seeds) + "\n\n" + table(results, names)
     write_text_atomic(HERE / "hf_trainer_results.md", report + "\n")
     print(report)
 
