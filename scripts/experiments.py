@@ -45,7 +45,7 @@ SEEDS = [0, 1, 2]  # the seeds of a study's table; others make a partial rerun
 class Method:
     label: str
     overrides: list[str] = field(default_factory=list)
-    kind: str = "run"  # run | selection | doremi
+    kind: str = "run"  # run | selection | best_single | selection_single | doremi | offline(_loss)
 
 
 @dataclass
@@ -146,6 +146,9 @@ STUDIES = {
                 ["trainer.steps=300", "trainer.eval_every=0", "trainer.checkpoint_every=0"],
                 kind="offline",
             ),
+            # the same searched mixture, as fixed loss weights over batches drawn uniformly:
+            # sampled by it, the run repeats its favoured domains 24-32 times and overfits
+            Method("offline search, mixture as loss weights", kind="offline_loss"),
         ],
         paired_to=["uniform"],
         paired_metrics={"perplexity": False},
@@ -438,6 +441,8 @@ def run_method(
         summary = selection_single(common, out, runs, cache, seed, method.overrides)
     elif method.kind == "offline":  # a quick check: 12 proxies, the fewest 5 folds take
         summary = offline_search(common, out, cache, seed, method.overrides, 12 if base else 64)
+    elif method.kind == "offline_loss":
+        summary = offline_as_loss_weights(study, common, out, runs, cache, seed)
     else:
         summary = doremi(common, out, cache, seed)
     summary.setdefault("time_s", summary["wall_time_s"])
@@ -534,6 +539,24 @@ def single_domain_runs(
             for d in names
         }
     return cache[key]
+
+
+def offline_as_loss_weights(
+    study: Study, common: list[str], out: Path, runs: Path, cache: dict, seed: int
+) -> dict:
+    """The study's offline search's mixture (its ``mixture.yaml``) as fixed loss weights over
+    uniformly drawn batches, instead of sampling the batches by it. Its time includes the
+    search's proxies (the search's own final run is not needed for it)."""
+    source = next(m for m in study.methods if m.kind == "offline")
+    searched = cache[(source.label, seed)]
+    mixture = runs / slug(source.label) / f"seed{seed}" / "mixture.yaml"
+    summary = run_once(
+        [*common, "trainer.learn_weights=false", f"weights.init=from:{mixture}"], out
+    )
+    proxies_s = searched["time_s"] - searched["wall_time_s"]
+    summary["note"] = f"the mixture of {source.label!r}, as fixed loss weights"
+    summary["time_s"] = proxies_s + summary["wall_time_s"]
+    return summary
 
 
 def best_single(common: list[str], runs: Path, cache: dict, seed: int, probe: list[str]) -> dict:
@@ -905,9 +928,15 @@ def main() -> None:
     # its figures and its README section with the few rows it has: it writes beside them
     partial = bool(wanted) or sorted(seeds) != sorted(study.seeds)
     suffix = "_quick" if args.quick else "_partial" if partial else ""
-    needs_uniform = any(m.kind in ("doremi", "offline") for m in methods)
+    needs_uniform = any(m.kind in ("doremi", "offline", "offline_loss") for m in methods)
     if needs_uniform and not any(m.label == "uniform" for m in methods):
         methods.insert(0, next(m for m in study.methods if m.label == "uniform"))
+    if any(m.kind == "offline_loss" for m in methods) and not any(
+        m.kind == "offline" for m in methods
+    ):  # the mixture it uses comes from the search
+        source = next(m for m in study.methods if m.kind == "offline")
+        at = next(i for i, m in enumerate(methods) if m.kind == "offline_loss")
+        methods.insert(at, source)
     torch.set_num_threads(int(os.environ.get("BILEVEL_THREADS", "2")))
     quiet_third_parties()
     results: dict[str, list[dict]] = {}

@@ -7,7 +7,7 @@
     bilevel-mix predict --fit fit.json --mixtures candidates.csv --out predicted.csv
     bilevel-mix search --fit fit.json --out mixture.yaml
     bilevel-run experiment=... weights.init=from:mixture.yaml trainer.learn_weights=false \\
-        trainer.sampling=weights
+        trainer.sampling=weights    # or without it: the mixture as loss weights
 
 Bad input is one line and exit code 2.
 """
@@ -127,8 +127,11 @@ def _search(args: argparse.Namespace) -> None:
     text = (
         f"# bilevel-mix search: the mean of the {args.top} mixtures with the {best} predicted "
         f"{fit.target}\n# among {args.samples} simulated ones ({fit.model} fit on {fit.runs} "
-        f"runs). Train on it:\n#   bilevel-run ... weights.init=from:{args.out} "
-        "trainer.learn_weights=false trainer.sampling=weights\n"
+        f"runs). Train on it, batches drawn by it (as RegMix):\n#   bilevel-run ... "
+        f"weights.init=from:{args.out} trainer.learn_weights=false trainer.sampling=weights\n"
+        "# or as loss weights over uniformly drawn batches (no domain repeated more than the\n"
+        "# others: the better choice when a favoured domain is small; docs: Offline or online?):\n"
+        f"#   bilevel-run ... weights.init=from:{args.out} trainer.learn_weights=false\n"
         f"weights:\n  init:\n{shares}\n"
         f"predicted:\n  target: {fit.target}\n  value: {value:.6g}\n  model: {fit.model}\n"
         f"  top_range: [{float(tops.min()):.6g}, {float(tops.max()):.6g}]\n"
