@@ -25,9 +25,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from bilevel.cli import config_dir, quiet_third_parties, run
 from bilevel.errors import ConfigError, check_seed
@@ -361,30 +363,76 @@ RUNNER_FILE = "runner_overrides.json"
 NO_EFFECT = ("trainer.prefix_cache_dir=",)
 
 
-def reusable(out: Path, overrides: list[str], steps: int) -> bool:
+def _portable(value: Any) -> Any:
+    """A path in a setting as a path in the checkout: the same study in another clone of the
+    repository is the same study."""
+    return (
+        re.sub(r"[^=\s]*/experiments/", "experiments/", value) if isinstance(value, str) else value
+    )
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def changed_settings(out: Path, cfg: Any) -> list[str]:
+    """The settings of the composed ``cfg`` that differ from what the run in ``out`` recorded
+    in its ``config.json``: a preset or config default edited since the run was made changes
+    no override, and its run would otherwise be reused as if it had the new settings. Keys
+    only one side has, settings without effect, and ``from:`` references (the run records
+    the values it read) are not compared."""
+    recorded = out / "config.json"
+    if not recorded.is_file():
+        return []
+    try:
+        now = _leaves(OmegaConf.to_container(cfg, resolve=True))
+    except Exception:  # noqa: BLE001 - an interpolation only the app resolves: overrides decide
+        return []
+    then = _leaves(json.loads(recorded.read_text()))
+    skip = tuple(o.rstrip("=") for o in NO_EFFECT) + ("trainer.progress",)
+    return [
+        f"{key}: {then[key]!r} then, {now[key]!r} now"
+        for key in now
+        if key in then
+        and key not in skip
+        and not (isinstance(now[key], str) and now[key].startswith("from:"))
+        and _portable(then[key]) != _portable(now[key])
+    ]
+
+
+def reusable(out: Path, overrides: list[str], steps: int, cfg: Any = None) -> bool:
     """Whether ``--reuse`` may take the finished run in ``out`` for these ``overrides``: it
     was made with the same ones (a ``--quick`` run of 4 steps in the same folder was taken
-    as the full run's result, silently). A run from before the runner kept its overrides
-    counts only if it trained the same number of steps."""
+    as the full run's result, silently), and, given the composed ``cfg``, with the settings
+    it composes to today (:func:`changed_settings`). A run from before the runner kept its
+    overrides counts only if it trained the same number of steps."""
     if not (out / "summary.json").is_file():
         return False
     kept = out / RUNNER_FILE
     if kept.is_file():
-        # paths in overrides (a DoReMi reference run) are compared as paths in the checkout:
-        # the same study in another clone of the repository is the same study
+
         def portable(items: list[str]) -> list[str]:
-            return [
-                re.sub(r"[^=\s]*/experiments/", "experiments/", str(i))
-                for i in items
-                if not str(i).startswith(NO_EFFECT)
-            ]
+            return [_portable(str(i)) for i in items if not str(i).startswith(NO_EFFECT)]
 
         same = portable(json.loads(kept.read_text())) == portable(list(overrides))
     else:
         same = json.loads((out / "summary.json").read_text()).get("steps") == steps
     if not same:
         print(f"--reuse: {relative(out)} was made with other settings: running it again")
-    return same
+        return False
+    changed = changed_settings(out, cfg) if cfg is not None else []
+    if changed:
+        print(
+            f"--reuse: {relative(out)} was made with other settings ({'; '.join(changed[:3])}"
+            f"{'; ...' if len(changed) > 3 else ''}): running it again"
+        )
+        return False
+    return True
 
 
 def run_once(overrides: list[str], out: Path) -> dict:
@@ -394,7 +442,7 @@ def run_once(overrides: list[str], out: Path) -> dict:
     its own run folder first)."""
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "trainer.progress=false"])
-    if REUSE and reusable(out, overrides, cfg.trainer.steps):
+    if REUSE and reusable(out, overrides, cfg.trainer.steps, cfg):
         summary = json.loads((out / "summary.json").read_text())
     else:
         if run_dirs.is_run_dir(out):

@@ -93,3 +93,25 @@ def test_the_study_runner_reuses_only_runs_made_with_the_same_settings(tmp_path,
     assert not runner.reusable(out, ["seed=0"], 3000)  # its overrides were kept: they differ
     (out / runner.RUNNER_FILE).write_text(json.dumps(["seed=0"]))
     assert runner.reusable(out, ["seed=0"], 3000)
+    # the same overrides, but a preset or default edited since: the run recorded its settings
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "trainer": {"steps": 3000, "outer_every": 1, "progress": False},
+            "weights": {"init": "from:experiments/x/mixture.yaml"},
+        }
+    )
+    recorded = {
+        "seed": 0,
+        "trainer": {"steps": 3000, "outer_every": 5, "progress": True},
+        "weights": {"init": [0.5, 0.5]},  # what the run read from the file
+        "only_then": 1,
+    }
+    (out / "config.json").write_text(json.dumps(recorded))
+    assert not runner.reusable(out, ["seed=0"], 3000, cfg)
+    assert "trainer.outer_every: 5 then, 1 now" in capsys.readouterr().out
+    recorded["trainer"]["outer_every"] = 1  # progress, a from: reference and extra keys: alike
+    (out / "config.json").write_text(json.dumps(recorded))
+    assert runner.reusable(out, ["seed=0"], 3000, cfg)
