@@ -280,6 +280,10 @@ STUDIES = {
             # 80 outer steps instead of 16: with outer_every=5 the weights are still moving
             # when this short run ends (README, "Five seeds, paired")
             Method("first_order outer_every=1", ["solver=first_order", "trainer.outer_every=1"]),
+            # the whole meta set (32) in every outer step instead of 16: is it the meta noise?
+            Method(
+                "first_order meta batch 32", ["solver=first_order", "trainer.meta_batch_size=32"]
+            ),
         ],
         paired_to=["uniform", "temperature sampling (T=2)"],
         paired_metrics={"perplexity": False},
