@@ -36,7 +36,7 @@ from bilevel.errors import ConfigError, check_seed
 from bilevel.files import write_atomic, write_text_atomic
 from bilevel.logging import read_jsonl
 from bilevel.logging import run_dir as run_dirs
-from bilevel.logging.provenance import provenance
+from bilevel.logging.provenance import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLVERS = ["first_order", "unrolled", "neumann", "cg"]
@@ -1018,14 +1018,9 @@ def main() -> None:
     write_text_atomic(folder / f"results{suffix}.json", numbers)
     images = make_plots(study, results, folder, base, suffix)
     command = f"python scripts/experiments.py {study.name}" + (" --quick" if args.quick else "")
-    made = provenance()
-    gpu = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
     report = "\n".join(
         [
-            f"Command: `{command}` (seeds {', '.join(map(str, seeds))}) on {made['cpu']} "
-            f"({made['cpu_capability'] or 'default'} kernels), {torch.get_num_threads()} "
-            f"thread{'s' if torch.get_num_threads() != 1 else ''} of {os.cpu_count()} cores, "
-            f"{gpu}, torch {torch.__version__}; "
+            f"Command: `{command}` (seeds {', '.join(map(str, seeds))}) on {machine_line()}; "
             f"{total / 60:.1f} min of training in all. Mean ± std over seeds; `train s` is the "
             "mean training-loop time of one seed of a method (all its runs: warm-ups, proxy). "
             "Per-seed figures move a little from one CPU to another (other kernels sum in "

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cpu_name", "git_state", "provenance"]
+__all__ = ["cpu_name", "git_state", "machine_line", "provenance"]
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -73,6 +73,18 @@ def _cpu_capability() -> str | None:
         return str(get()) if callable(get) else None
     except RuntimeError:
         return None
+
+
+def machine_line() -> str:
+    """Where a table was made, in one phrase for its first line: the CPU and its vector
+    kernels, the torch threads and cores, the GPU if any, the torch version."""
+    threads = torch.get_num_threads()
+    gpu = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu_name()} ({_cpu_capability() or 'default'} kernels), {threads} "
+        f"thread{'s' if threads != 1 else ''} of {os.cpu_count()} cores, {gpu}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def provenance(device: torch.device | str | None = None) -> dict[str, Any]:

@@ -110,23 +110,16 @@ def run(seed: int, learn: bool) -> dict:
 
 
 def made_on(seeds: list[int]) -> str:
-    """Where and how the table was made (the study runner's provenance line)."""
-    import os
-
+    """Where and how the table was made (the study runner's first line)."""
     import transformers
     import trl
 
-    from bilevel.logging.provenance import provenance
+    from bilevel.logging.provenance import machine_line
 
-    made = provenance()
-    threads = torch.get_num_threads()
     return (
         f"Command: `python -m bilevel_experiments.lm_pretrained.hf_trainer --seeds "
-        f"{' '.join(map(str, seeds))}` on {made['cpu']} ({made['cpu_capability'] or 'default'} "
-        f"kernels), {threads} thread{'s' if threads != 1 else ''} of {os.cpu_count()} cores, "
-        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"trl {trl.__version__}. Mean ± std over seeds."
+        f"{' '.join(map(str, seeds))}` on {machine_line()}, transformers "
+        f"{transformers.__version__}, trl {trl.__version__}. Mean ± std over seeds."
     )
 
 
