@@ -71,6 +71,10 @@ class MixingLaw:
         ys = torch.as_tensor((y - mean) / scale, dtype=torch.float64)
         best = (math.inf, None)
         low = float(ys.min())
+
+        def squared_error(c: torch.Tensor, log_k: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return ((c + log_k.exp() * torch.exp(xs @ t) - ys) ** 2).mean()
+
         for start in range(self.starts):
             # c below the smallest loss by 0.5 .. 2 standard deviations; k > 0 through its log
             c = torch.tensor(low - 0.5 * (start + 1), dtype=torch.float64, requires_grad=True)
@@ -86,7 +90,7 @@ class MixingLaw:
 
             def closure(c=c, log_k=log_k, t=t, opt=opt):
                 opt.zero_grad()
-                loss = ((c + log_k.exp() * torch.exp(xs @ t) - ys) ** 2).mean()
+                loss = squared_error(c, log_k, t)
                 loss.backward()
                 return loss
 
@@ -94,7 +98,7 @@ class MixingLaw:
             # LBFGS.step returns the loss it started from: the fit is judged where it ended
             # (a start whose iterations ran off to nan must not be kept)
             with torch.no_grad():
-                loss = float(((c + log_k.exp() * torch.exp(xs @ t) - ys) ** 2).mean())
+                loss = float(squared_error(c, log_k, t))
             if math.isfinite(loss) and loss < best[0]:
                 best = (loss, (c.item(), log_k.item(), t.detach().numpy().copy()))
         if best[1] is None:
