@@ -115,3 +115,60 @@ def test_the_study_runner_reuses_only_runs_made_with_the_same_settings(tmp_path,
     recorded["trainer"]["outer_every"] = 1  # progress, a from: reference and extra keys: alike
     (out / "config.json").write_text(json.dumps(recorded))
     assert runner.reusable(out, ["seed=0"], 3000, cfg)
+
+
+def test_mixture_transfer_ranks_larger_runs_of_a_known_law(tmp_path):
+    """Proxies and 'larger' runs follow one mixing law up to a change of scale (the larger
+    model's loss is lower everywhere): a fit on the proxies ranks the larger runs as measured
+    and picks the best of them."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "c"]
+
+    def write(stem, n, scale, shift):
+        x = rng.dirichlet([1.0, 1.0, 1.0], n)
+        y = scale * np.exp(x @ np.array([-2.0, -1.0, 0.5])) + shift  # the data mixing law's form
+        mix = tmp_path / f"{stem}_mix.csv"
+        met = tmp_path / f"{stem}_loss.csv"
+        mix.write_text(
+            "id,"
+            + ",".join(names)
+            + "\n"
+            + "".join(f"{i}," + ",".join(f"{v:.6f}" for v in row) + "\n" for i, row in enumerate(x))
+        )
+        met.write_text("id,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(y)))
+        return mix, met
+
+    mix, met = write("proxies", 60, 1.0, 2.0)
+    big_mix, big_met = write("large", 20, 0.6, 1.0)
+    proc = run_script(
+        "scripts/benchmarks/mixture_transfer.py",
+        "--mixtures",
+        str(mix),
+        "--metrics",
+        str(met),
+        "--target",
+        "loss",
+        "--models",
+        "law",
+        "--check",
+        f"{big_mix}:{big_met}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| law |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) > 0.95 and float(cells[2]) > 0.95
+    assert cells[3] == "1 of 20"
+    bad = run_script(
+        "scripts/benchmarks/mixture_transfer.py",
+        "--mixtures",
+        str(mix),
+        "--metrics",
+        str(met),
+        "--target",
+        "nope",
+        "--check",
+        f"{big_mix}:{big_met}",
+    )
+    assert bad.returncode == 2 and "'nope' is not a column" in bad.stderr
