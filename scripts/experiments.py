@@ -284,6 +284,13 @@ STUDIES = {
             Method(
                 "first_order meta batch 32", ["solver=first_order", "trainer.meta_batch_size=32"]
             ),
+            # a meta set 4x as large (32 + 96 held-out news sequences; the same test set and
+            # training data), meta batches of 16 as before: does the outer loop overfit 32?
+            Method("first_order meta set 128", ["solver=first_order", "data.extra_meta=96"]),
+            Method(
+                "first_order outer_every=1 meta set 128",
+                ["solver=first_order", "trainer.outer_every=1", "data.extra_meta=96"],
+            ),
         ],
         paired_to=["uniform", "temperature sampling (T=2)"],
         paired_metrics={"perplexity": False},

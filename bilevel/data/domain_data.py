@@ -118,10 +118,20 @@ class DomainData:
             ("data.val", self.val),
         ):
             if columns is not None and not isinstance(columns, Mapping):
+                hint = ""
+                if (
+                    where == "data.train"
+                    and isinstance(columns, list | tuple)
+                    and all(isinstance(part, Mapping) for part in columns)
+                ):
+                    hint = (
+                        ": for one dict of columns per domain, join them with "
+                        "bilevel.data.domain_columns(parts) (it adds the domain column)"
+                    )
                 raise ConfigError(
                     where,
                     f"must be a dict of columns (name -> tensor, e.g. x, y, domain), got "
-                    f"{type(columns).__name__}",
+                    f"{type(columns).__name__}{hint}",
                 )
         k = len(self.names)
         if k == 0:

@@ -141,13 +141,21 @@ def lm_pretrained(
     meta_size: int = 32,
     test_size: int = 64,
     seed: int = 0,
+    extra_meta: int = 0,
 ) -> DomainData:
-    """Build the six domains (see the module doc) and the target's meta and test sets."""
+    """Build the six domains (see the module doc) and the target's meta and test sets.
+
+    ``extra_meta`` adds that many held-out target sequences to the meta set, taken from those
+    the training part leaves unused (news holds ~2,300 sequences, training takes 600), so
+    that the meta set grows while the test set and the training data stay the same: the
+    study's measure of what the meta set's size does.
+    """
     check_counts(
         seq_len=(seq_len, 2),
         per_domain=(per_domain, 1),
         meta_size=(meta_size, 1),
         test_size=(test_size, 1),
+        extra_meta=(extra_meta, 0),
     )
     if target not in DOMAINS or target == "noise":
         raise ConfigError("data.target", f"must be one of {', '.join(DOMAINS[:-1])}")
@@ -175,6 +183,14 @@ def lm_pretrained(
                     )
                 meta, test = seqs[:meta_size], seqs[meta_size : meta_size + test_size]
                 seqs = seqs[meta_size + test_size :]
+                if extra_meta:
+                    if per_domain + extra_meta > len(seqs):
+                        raise ConfigError(
+                            "data.extra_meta",
+                            f"the target {target!r} has {len(seqs) - per_domain} sequences "
+                            f"beyond its training part, fewer than extra_meta={extra_meta}",
+                        )
+                    meta = torch.cat([meta, seqs[per_domain : per_domain + extra_meta]])
             seqs = seqs[:per_domain]
         sizes[name] = len(seqs)
         parts.append(_columns(seqs))

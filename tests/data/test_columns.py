@@ -50,6 +50,7 @@ def test_data_of_another_type_is_named():
     train, meta = {"x": x, "domain": domain}, {"x": x}
     for data, match in [
         (DomainData(["a"], [x, domain], meta), "data.train: must be a dict of columns"),
+        (DomainData(["a"], [{"x": x}], meta), r"join them with bilevel.data.domain_columns\(parts"),
         (DomainData(["a"], train, [x]), "data.meta: must be a dict of columns"),
         (DomainData(["a"], train, meta, (x,)), "data.test: must be a dict of columns"),
         (DomainData("ab", train, meta), "data.names: must be a list of names"),
