@@ -114,6 +114,25 @@ def test_lm_pretrained_refuses_a_meta_and_test_set_that_take_the_whole_target(mo
     assert "encyclopedia" not in caplog.text  # 100 sequences: enough
     with pytest.raises(ConfigError, match=r"data.meta_size: the target 'news' holds 100 seq"):
         builders.lm_pretrained(seq_len=7, per_domain=50, meta_size=40, test_size=60)
+    # a larger meta set from the sequences training leaves unused: the test set and the
+    # training rows stay the same (texts of distinct sequences, so that equality means it)
+    texts["news"] = "".join(f"{i:07d}" for i in range(100))  # "0000000", "0000001", ...
+    small = builders.lm_pretrained(seq_len=6, per_domain=30, meta_size=10, test_size=20)
+    large = builders.lm_pretrained(
+        seq_len=6, per_domain=30, meta_size=10, test_size=20, extra_meta=25
+    )
+
+    def ids(columns):  # the whole sequences: x and its last target
+        return torch.cat([columns["x"]["input_ids"], columns["y"][:, -1:]], 1)
+
+    assert len(ids(large.meta)) == 35
+    assert torch.equal(ids(large.meta)[:10], ids(small.meta))
+    assert torch.equal(ids(large.test), ids(small.test))
+    assert torch.equal(ids(large.train), ids(small.train))
+    seen = {tuple(r.tolist()) for part in (large.train, large.test) for r in ids(part)}
+    assert not seen & {tuple(r.tolist()) for r in ids(large.meta)}
+    with pytest.raises(ConfigError, match=r"data.extra_meta: the target 'news' has 40 seq"):
+        builders.lm_pretrained(seq_len=6, per_domain=30, meta_size=10, test_size=20, extra_meta=41)
 
 
 def test_lm_domains_have_their_structure():
