@@ -143,9 +143,13 @@ def _block_docs(stream):
             yield [bytes(d.astype(np.uint8)).decode() for d in docs]
 
 
-@pytest.mark.parametrize("source", ["files", "tokens", "hf", "hf-streaming"])
+@pytest.mark.parametrize("source", ["files", "files-lanes", "tokens", "hf", "hf-streaming"])
 def test_a_resumed_sampler_reads_exactly_the_rows_it_would_have_read(tmp_path, source):
-    data = _data(tmp_path, source)
+    data = (
+        _data(tmp_path, "files", rank_reads="lanes", lanes=2)
+        if source == "files-lanes"
+        else _data(tmp_path, source)
+    )
     left_alone = _sampler(data, batch=8, sampling="temperature")
     straight = [_rows(left_alone.next()) for _ in range(30)]
     left_alone.close()
@@ -237,6 +241,46 @@ def test_the_same_rows_at_any_world_size(tmp_path, source):
         assert alone[0::2] == together[0] and alone[1::2] == together[1]
     for s in [one, *two]:
         s.close()
+
+
+def test_lanes_read_disjoint_blocks_and_give_the_same_rows_at_any_world_size(tmp_path):
+    """data.rank_reads=lanes: each domain is read as 2 lanes of blocks; two ranks read
+    disjoint blocks and together take exactly the rows one process takes."""
+    from bilevel.data.corpus.streams import LaneStream
+
+    data = _data(tmp_path, "files", rank_reads="lanes", lanes=2)
+    one = _sampler(data, batch=8, sampling="temperature")
+    two = [_sampler(data, batch=8, sampling="temperature", rank=r, world=2) for r in (0, 1)]
+    opened = {0: set(), 1: set()}
+    laned = 0
+    for rank, sampler in enumerate(two):
+        for stream in sampler.streams:
+            if isinstance(stream, LaneStream):
+                laned += 1
+                assert list(stream.streams) == [rank]  # the lane of this rank's slots only
+                lane = stream.streams[rank]
+                read = lane.read
+
+                def spy(block, read=read, rank=rank, name=stream.name):
+                    opened[rank].add((name, block.path, block.start))
+                    return read(block)
+
+                lane.read = spy
+    assert laned >= 2  # news and noise have the blocks for two lanes
+    for _ in range(30):
+        alone = _rows(one.next())
+        together = [_rows(s.next()) for s in two]
+        assert alone[0::2] == together[0] and alone[1::2] == together[1]
+    seen_one = one.seen()["tokens"]
+    seen_two = [sum(c) for c in zip(*(s.seen()["tokens"] for s in two), strict=True)]
+    for s in [one, *two]:
+        s.close()
+    assert seen_one == seen_two
+    assert opened[0] and opened[1] and not opened[0] & opened[1]
+    with pytest.raises(ConfigError, match=r"data.lanes: 2 lanes cannot be dealt to 3 ranks"):
+        _sampler(data, batch=9, rank=0, world=3)
+    with pytest.raises(ConfigError, match=r"data.lanes: must be an integer >= 1"):
+        _data(tmp_path, "files", rank_reads="lanes", lanes=0)
 
 
 def test_fixed_weights_give_token_shares_that_a_chi_square_test_accepts(tmp_path):

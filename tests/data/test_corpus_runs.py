@@ -155,7 +155,7 @@ def test_bad_corpora_are_one_line_exit_2_and_leave_no_run_folder(tmp_path):
         ([*good, f"data.domains.news={tmp_path / 'ints.parquet'}"], "is int64, not text"),
         ([*good, "data.tokenizer=/no/such/tokenizer"], "cannot load tokenizer"),
         ([*good, "data.seq_len=0"], "data.seq_len: must be an integer >= 1"),
-        ([*good, "data.rank_reads=some"], "data.rank_reads: must be own_blocks or all"),
+        ([*good, "data.rank_reads=some"], "data.rank_reads: must be own_blocks, all or lanes"),
         ([*tokens, f"data.domains.a={tmp_path / 'odd.bin'}"], "not a multiple of 2"),
         ([*tokens, f"data.domains.a={tmp_path / 'big.bin'}"], "holds token id 9000"),
         (["data=files", f"data.meta={tmp_path / 'm.bin'}"], "data.domains: must map"),

@@ -148,11 +148,12 @@ def test_two_ranks_train_on_the_rows_one_process_would(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("reads", ["tokens", "files-all", "files-own"])
+@pytest.mark.parametrize("reads", ["tokens", "files-all", "files-own", "files-lanes"])
 def test_corpora_on_two_ranks(tmp_path, reads):
-    """Token windows and text read with data.rank_reads=all: the rows of one process. Text
-    read with own_blocks (the default): disjoint reads, the same global composition and token
-    counts, other rows (packing is sequential within each rank's blocks)."""
+    """Token windows, and text read with data.rank_reads=all or lanes: the rows of one
+    process. Text read with own_blocks (the default): disjoint reads, the same global
+    composition and token counts, other rows (packing is sequential within each rank's
+    blocks)."""
     if reads == "tokens":
         rng = np.random.default_rng(0)
         write_tokens(tmp_path / "a.bin", rng.integers(0, 60, 4000))
@@ -169,6 +170,8 @@ def test_corpora_on_two_ranks(tmp_path, reads):
         corpus(tmp_path)
         args = [*cli_args(tmp_path), "data.block_bytes=4096"]
         args += ["data.rank_reads=all"] if reads == "files-all" else []
+        # news has 9 blocks of 4 KiB, noise 4: two lanes each (code, 2 blocks, reads all)
+        args += ["data.rank_reads=lanes", "data.lanes=2"] if reads == "files-lanes" else []
     common = [*args, "data.seq_len=16", "data.meta_size=16", "trainer.steps=40"]
     common += ["trainer.batch_size=16", "trainer.log_every=10", "trainer.sampling=weights"]
     one, two = _one_and_two_ranks(tmp_path, *common)

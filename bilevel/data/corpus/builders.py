@@ -19,13 +19,13 @@ from bilevel.data.corpus.files import Block, FileSource
 from bilevel.data.corpus.hf import HFSource
 from bilevel.data.corpus.packing import pack
 from bilevel.data.corpus.shards import TokenShards
-from bilevel.data.corpus.streams import BlockStream, WindowStream
+from bilevel.data.corpus.streams import BlockStream, LaneStream, WindowStream
 from bilevel.data.corpus.tokenizers import Tokenizer, load_tokenizer
 from bilevel.errors import ConfigError, is_bool, is_integer
 
 __all__ = ["files", "hf", "tokens"]
 
-RANK_READS = ("own_blocks", "all")
+RANK_READS = ("own_blocks", "all", "lanes")
 
 
 # -- shared checks ------------------------------------------------------------------------------
@@ -54,10 +54,17 @@ def _check(
         if value is not None and not (is_integer(value) and value >= 1):
             raise ConfigError(f"data.{key}", f"must be an integer >= 1 or null, got {value!r}")
     if rank_reads not in RANK_READS:
-        raise ConfigError("data.rank_reads", f"must be own_blocks or all, got {rank_reads!r}")
+        raise ConfigError(
+            "data.rank_reads", f"must be own_blocks, all or lanes, got {rank_reads!r}"
+        )
     for key, value in (("skip_bad_rows", skip_bad_rows), ("hf_inputs", hf_inputs)):
         if not is_bool(value):
             raise ConfigError(f"data.{key}", f"must be true or false, got {value!r}")
+
+
+def _check_lanes(lanes: Any) -> None:
+    if not (is_integer(lanes) and lanes >= 1):
+        raise ConfigError("data.lanes", f"must be an integer >= 1, got {lanes!r}")
 
 
 def _domain_specs(domains: Any) -> dict[str, Any]:
@@ -165,6 +172,18 @@ def _block_domain(
         tokens, estimated = _estimate(source, blocks, read, per_unit), True
 
     def make(index: int, seed: int, rank: int, world: int, reads: str, ahead: int) -> Any:
+        if reads.startswith("lanes:"):  # "lanes:<count>" (CorpusData.train_sampler)
+            lanes = int(reads.split(":")[1])
+            if len(blocks) >= 2 * lanes:
+
+                def lane(at: int) -> BlockStream:
+                    return BlockStream(
+                        name, index, blocks, read, tokenizer.eod_id, length, seed, at, lanes,
+                        "own_blocks", ahead,
+                    )  # fmt: skip
+
+                return LaneStream(lane, lanes, rank, world)
+            reads = "all"  # too few blocks for the lanes: every rank reads the one order
         return BlockStream(
             name, index, blocks, read, tokenizer.eod_id, length, seed, rank, world, reads, ahead
         )
@@ -237,6 +256,7 @@ def files(
     rank_reads: str = "own_blocks",
     hf_inputs: bool = False,
     seed: int = 0,
+    lanes: int = 8,
 ) -> CorpusData:
     """Domains of text files: ``domains`` maps each name to a glob (or a list of globs) of
     jsonl, json, parquet or plain-text files; ``meta``, ``test`` and ``val`` (a validation split
@@ -259,6 +279,7 @@ def files(
         val_size,
     )
     check_seed(seed)
+    _check_lanes(lanes)
     if text_document not in ("line", "file"):
         raise ConfigError("data.text_document", f"must be line or file, got {text_document!r}")
     if not (is_integer(block_bytes) and block_bytes >= 1024):
@@ -309,6 +330,7 @@ def files(
         hf_inputs,
         info,
         val=val_columns,
+        lanes=lanes,
     )
 
 
@@ -335,6 +357,7 @@ def hf(
     rank_reads: str = "own_blocks",
     hf_inputs: bool = False,
     seed: int = 0,
+    lanes: int = 8,
 ) -> CorpusData:
     """Domains held in Hugging Face datasets: ``domains`` maps each name to a folder written
     by ``save_to_disk``, a ``load_dataset`` name available offline, or a mapping of
@@ -353,6 +376,7 @@ def hf(
         val_size,
     )
     check_seed(seed)
+    _check_lanes(lanes)
     if not is_bool(streaming):
         raise ConfigError("data.streaming", f"must be true or false, got {streaming!r}")
     if not (is_integer(block_rows) and block_rows >= 1):
@@ -412,6 +436,7 @@ def hf(
         hf_inputs,
         info,
         val=val_columns,
+        lanes=lanes,
     )
 
 

@@ -51,6 +51,8 @@ class CorpusData(DomainData):
     domains: dict[str, Domain] = field(default_factory=dict)
     seq_len: int = 0
     rank_reads: str = "own_blocks"
+    #: with ``rank_reads="lanes"``: how many lanes each domain is read as
+    lanes: int = 8
     hf_inputs: bool = False
     vocab_limit: int | None = None
     checks: list[Any] = field(default_factory=list)
@@ -98,8 +100,17 @@ class CorpusData(DomainData):
         device: torch.device,
     ) -> StreamSampler:
         ahead = max(256, 2 * batch_size)
+        reads = f"lanes:{self.lanes}" if self.rank_reads == "lanes" else self.rank_reads
+        if reads != self.rank_reads and self.lanes % world_size:
+            raise ConfigError(
+                "data.lanes",
+                f"{self.lanes} lanes cannot be dealt to {world_size} ranks: set data.lanes to a "
+                "multiple of every world size the run will have (e.g. 8 for 1, 2, 4 or 8)",
+            )
+        if reads != self.rank_reads:
+            ahead = max(32, ahead // self.lanes)  # each lane keeps its own sequences ahead
         streams = [
-            self.domains[name].make(i, seed, rank, world_size, self.rank_reads, ahead)
+            self.domains[name].make(i, seed, rank, world_size, reads, ahead)
             for i, name in enumerate(self.names)
         ]
         return StreamSampler(
@@ -161,6 +172,7 @@ def assemble(
     info: dict[str, Any],
     checks: list[Any] | None = None,
     val: Columns | None = None,
+    lanes: int = 8,
 ) -> CorpusData:
     sequences = torch.from_numpy(np.concatenate(previews).astype(np.int64))
     train = sequence_columns(sequences, hf_inputs)
@@ -184,6 +196,7 @@ def assemble(
         domains=domains,
         seq_len=seq_len,
         rank_reads=rank_reads,
+        lanes=lanes,
         hf_inputs=hf_inputs,
         checks=checks or [],
     )

@@ -163,7 +163,7 @@ class StreamSampler:
             position = {int(s): j for j, s in enumerate(in_domain)}
             taken = [int(s) for s in mine if s in position]
             sequences = self.streams[k].take(
-                len(in_domain), [position[s] for s in taken], self._wait, count
+                len(in_domain), [position[s] for s in taken], self._wait, count, slots=taken
             )
             where = {int(s): i for i, s in enumerate(mine)}
             for slot, sequence in zip(taken, sequences, strict=True):

@@ -16,6 +16,10 @@ Across ranks (``rank_reads``):
 * ``all``: every rank reads every block and takes its own slots of the one global order of
   sequences: the same rows at any world size, at world-size times the reading. Domains with
   fewer blocks than twice the ranks always read this way.
+* ``lanes`` (:class:`LaneStream`): a domain is read as ``lanes`` streams, lane ``l`` taking
+  every ``lanes``-th block of each epoch's order; slot ``s`` of a global batch takes the next
+  sequence of lane ``s % lanes``, and a rank reads only the lanes of its own slots. For any
+  world size that divides ``lanes``: disjoint reads *and* the same rows at any world size.
 * token windows are drawn from one random stream per domain that every rank draws alike; a
   rank reads only the windows of its own slots: disjoint reads and the same rows at any world
   size.
@@ -33,7 +37,7 @@ import numpy as np
 from bilevel.data.corpus.packing import pack
 from bilevel.errors import ConfigError
 
-__all__ = ["BlockStream", "WindowStream"]
+__all__ = ["BlockStream", "LaneStream", "WindowStream"]
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -178,11 +182,17 @@ class BlockStream:
     # -- consuming ------------------------------------------------------------------------------
 
     def take(
-        self, total: int, mine: list[int], wait: Callable[[], None], count: bool = True
+        self,
+        total: int,
+        mine: list[int],
+        wait: Callable[[], None],
+        count: bool = True,
+        slots: list[int] | None = None,
     ) -> list[np.ndarray]:
         """This rank's sequences of a global batch that holds ``total`` of this domain; ``mine``
-        are the indices (among those ``total``) of this rank's slots. ``count``: the batch is
-        trained on (a hypergradient's batch is read, not counted as seen)."""
+        are the indices (among those ``total``) of this rank's slots (``slots``: their indices
+        in the global batch, which only lanes read). ``count``: the batch is trained on (a
+        hypergradient's batch is read, not counted as seen)."""
         if self.shared and self.world > 1:
             wanted = set(mine)
             out = []
@@ -234,6 +244,72 @@ class BlockStream:
             self.error = None
 
 
+class LaneStream:
+    """One domain read as ``lanes`` block streams (see the module doc): this rank holds the
+    lanes ``l`` with ``l % world_size == rank``, which are exactly the lanes of its slots
+    (slot ``s`` is this rank's when ``s % world_size == rank``, and ``s % lanes % world_size``
+    is ``s % world_size`` when ``world_size`` divides ``lanes``).
+
+    Args:
+        make_lane: ``l -> BlockStream`` of lane ``l`` (its blocks: every ``lanes``-th of an
+            epoch's order, i.e. a block stream with ``rank=l, world_size=lanes``).
+        lanes: how many lanes; a multiple of ``world_size``.
+    """
+
+    kind = "blocks"
+    shared = False
+
+    def __init__(
+        self, make_lane: Callable[[int], BlockStream], lanes: int, rank: int, world_size: int
+    ) -> None:
+        if lanes % world_size:
+            raise ConfigError(
+                "data.lanes",
+                f"{lanes} lanes cannot be dealt to {world_size} ranks: set data.lanes to a "
+                "multiple of every world size the run will have (e.g. 8 for 1, 2, 4 or 8)",
+            )
+        self.lanes = lanes
+        self.streams = {lane: make_lane(lane) for lane in range(rank, lanes, world_size)}
+        first = next(iter(self.streams.values()))
+        self.name, self.index = first.name, first.index
+
+    def __getattr__(self, key: str) -> Any:
+        if key in ("tokens", "documents", "sequences", "bad_rows", "dropped"):
+            return sum(getattr(s, key) for s in self.__dict__["streams"].values())
+        raise AttributeError(key)
+
+    @property
+    def error(self) -> BaseException | None:
+        return next((s.error for s in self.streams.values() if s.error is not None), None)
+
+    def fill(self) -> bool:
+        progressed = False
+        for stream in self.streams.values():
+            progressed = stream.fill() or progressed
+        return progressed
+
+    def take(
+        self,
+        total: int,
+        mine: list[int],
+        wait: Callable[[], None],
+        count: bool = True,
+        slots: list[int] | None = None,
+    ) -> list[np.ndarray]:
+        """The sequences of this rank's ``slots`` (indices in the global batch), each the next
+        of its lane."""
+        if slots is None or len(slots) != len(mine):
+            raise ValueError("lanes read by the slots' indices in the global batch")
+        return [self.streams[s % self.lanes].take(1, [0], wait, count)[0] for s in slots]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lanes": {str(lane): s.state_dict() for lane, s in self.streams.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for lane, stream in self.streams.items():
+            stream.load_state_dict(state["lanes"][str(lane)])
+
+
 class WindowStream:
     """Windows of ``length`` tokens at random offsets of a domain's token shards.
 
@@ -266,7 +342,12 @@ class WindowStream:
         return False  # windows are read when taken: a memory-mapped slice each
 
     def take(
-        self, total: int, mine: list[int], wait: Callable[[], None], count: bool = True
+        self,
+        total: int,
+        mine: list[int],
+        wait: Callable[[], None],
+        count: bool = True,
+        slots: list[int] | None = None,
     ) -> list[np.ndarray]:
         """Draw the batch's ``total`` windows of this domain (as every rank does) and read the
         ones at ``mine`` (counted as seen when ``count``)."""
