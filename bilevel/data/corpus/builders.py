@@ -5,7 +5,6 @@ preview and a size estimate), reads the meta and test sets, and returns a
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -19,7 +18,13 @@ from bilevel.data.corpus.files import Block, FileSource
 from bilevel.data.corpus.hf import HFSource
 from bilevel.data.corpus.packing import pack
 from bilevel.data.corpus.shards import TokenShards
-from bilevel.data.corpus.streams import BlockStream, LaneStream, WindowStream
+from bilevel.data.corpus.streams import (
+    WindowStream,
+    block_stream,
+    check_lanes,
+    estimate_tokens,
+    source_chunks,
+)
 from bilevel.data.corpus.tokenizers import Tokenizer, load_tokenizer
 from bilevel.errors import ConfigError, is_bool, is_integer
 
@@ -60,11 +65,6 @@ def _check(
     for key, value in (("skip_bad_rows", skip_bad_rows), ("hf_inputs", hf_inputs)):
         if not is_bool(value):
             raise ConfigError(f"data.{key}", f"must be true or false, got {value!r}")
-
-
-def _check_lanes(lanes: Any) -> None:
-    if not (is_integer(lanes) and lanes >= 1):
-        raise ConfigError("data.lanes", f"must be an integer >= 1, got {lanes!r}")
 
 
 def _domain_specs(domains: Any) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def _block_domain(
     the summary records of it."""
 
     def read(block: Block) -> Iterator[tuple[list[np.ndarray], int]]:
-        for documents, bad in _chunks(source, block):
+        for documents, bad in source_chunks(source, block):
             yield tokenizer.encode(documents), bad
 
     blocks, read, exact_tokens, exact_docs = _capped_blocks(
@@ -169,22 +169,10 @@ def _block_domain(
     if exact_tokens:
         tokens, estimated = float(exact_tokens), False
     else:
-        tokens, estimated = _estimate(source, blocks, read, per_unit), True
+        tokens, estimated = estimate_tokens(source, blocks, read, per_unit), True
 
     def make(index: int, seed: int, rank: int, world: int, reads: str, ahead: int) -> Any:
-        if reads.startswith("lanes:"):  # "lanes:<count>" (CorpusData.train_sampler)
-            lanes = int(reads.split(":")[1])
-            if len(blocks) >= 2 * lanes:
-
-                def lane(at: int) -> BlockStream:
-                    return BlockStream(
-                        name, index, blocks, read, tokenizer.eod_id, length, seed, at, lanes,
-                        "own_blocks", ahead,
-                    )  # fmt: skip
-
-                return LaneStream(lane, lanes, rank, world)
-            reads = "all"  # too few blocks for the lanes: every rank reads the one order
-        return BlockStream(
+        return block_stream(
             name, index, blocks, read, tokenizer.eod_id, length, seed, rank, world, reads, ahead
         )
 
@@ -192,26 +180,6 @@ def _block_domain(
     if exact_docs:
         info["documents"] = exact_docs
     return Domain(make, tokens, estimated), preview, info
-
-
-def _chunks(source: Any, block: Block) -> Iterator[tuple[list[str], int]]:
-    result = source.read(block)
-    if isinstance(result, tuple):  # a file block: read in one go
-        yield result
-    else:
-        yield from result
-
-
-def _estimate(source: Any, blocks: list[Block], read: Callable, per_unit: str) -> float:
-    """The domain's tokens from the first block's tokens per byte (or per row)."""
-    first = blocks[0]
-    sample_tokens = 0
-    for documents, _ in itertools.islice(read(first), 1):
-        sample_tokens += sum(len(d) + 1 for d in documents)
-    units = sum(b.size for b in blocks)
-    if per_unit == "shard":  # a streamed dataset: shards of unknown size
-        return float(sample_tokens * len(blocks))
-    return float(sample_tokens) / max(1, first.size) * units
 
 
 def _held_out(
@@ -223,7 +191,7 @@ def _held_out(
     hf_inputs: bool,
 ) -> Columns:
     def read(block: Block) -> Iterator[tuple[list[np.ndarray], int]]:
-        for documents, bad in _chunks(source, block):
+        for documents, bad in source_chunks(source, block):
             yield tokenizer.encode(documents), bad
 
     sequences = _sequences_from(source.blocks, read, tokenizer.eod_id, length, count)
@@ -279,7 +247,7 @@ def files(
         val_size,
     )
     check_seed(seed)
-    _check_lanes(lanes)
+    check_lanes(lanes)
     if text_document not in ("line", "file"):
         raise ConfigError("data.text_document", f"must be line or file, got {text_document!r}")
     if not (is_integer(block_bytes) and block_bytes >= 1024):
@@ -376,7 +344,7 @@ def hf(
         val_size,
     )
     check_seed(seed)
-    _check_lanes(lanes)
+    check_lanes(lanes)
     if not is_bool(streaming):
         raise ConfigError("data.streaming", f"must be true or false, got {streaming!r}")
     if not (is_integer(block_rows) and block_rows >= 1):

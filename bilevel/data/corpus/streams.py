@@ -27,6 +27,7 @@ Across ranks (``rank_reads``):
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -35,9 +36,17 @@ from typing import Any
 import numpy as np
 
 from bilevel.data.corpus.packing import pack
-from bilevel.errors import ConfigError
+from bilevel.errors import ConfigError, is_integer
 
-__all__ = ["BlockStream", "LaneStream", "WindowStream"]
+__all__ = [
+    "BlockStream",
+    "LaneStream",
+    "WindowStream",
+    "block_stream",
+    "check_lanes",
+    "estimate_tokens",
+    "source_chunks",
+]
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -372,3 +381,61 @@ class WindowStream:
         self.rng.bit_generator.state = state["rng"]
         self.tokens = int(state["tokens"])
         self.sequences = int(state["sequences"])
+
+
+def check_lanes(lanes: Any) -> None:
+    """``data.lanes`` must be a count."""
+    if not (is_integer(lanes) and lanes >= 1):
+        raise ConfigError("data.lanes", f"must be an integer >= 1, got {lanes!r}")
+
+
+def block_stream(
+    name: str,
+    index: int,
+    blocks: list[Any],
+    read: Callable[[Any], Iterator[tuple[list[np.ndarray], int]]],
+    eod_id: int,
+    length: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    reads: str,
+    ahead: int,
+) -> BlockStream | LaneStream:
+    """A domain's stream for ``reads`` (``own_blocks``, ``all`` or ``lanes:<count>``): a
+    :class:`BlockStream`, or a :class:`LaneStream` of them; a domain with fewer than two
+    blocks a lane reads as ``all`` (every lane needs blocks of its own)."""
+    if reads.startswith("lanes:"):
+        lanes = int(reads.split(":")[1])
+        if len(blocks) >= 2 * lanes:
+
+            def lane(at: int) -> BlockStream:
+                return BlockStream(
+                    name, index, blocks, read, eod_id, length, seed, at, lanes, "own_blocks", ahead
+                )
+
+            return LaneStream(lane, lanes, rank, world_size)
+        reads = "all"
+    return BlockStream(
+        name, index, blocks, read, eod_id, length, seed, rank, world_size, reads, ahead
+    )
+
+
+def source_chunks(source: Any, block: Any) -> Iterator[tuple[list[str], int]]:
+    result = source.read(block)
+    if isinstance(result, tuple):  # a file block: read in one go
+        yield result
+    else:
+        yield from result
+
+
+def estimate_tokens(source: Any, blocks: list[Any], read: Callable, per_unit: str) -> float:
+    """The domain's tokens from the first block's tokens per byte (or per row)."""
+    first = blocks[0]
+    sample_tokens = 0
+    for documents, _ in itertools.islice(read(first), 1):
+        sample_tokens += sum(len(d) + 1 for d in documents)
+    units = sum(b.size for b in blocks)
+    if per_unit == "shard":  # a streamed dataset: shards of unknown size
+        return float(sample_tokens * len(blocks))
+    return float(sample_tokens) / max(1, first.size) * units
