@@ -25,6 +25,7 @@ import torch
 
 from bilevel.data.columns import Columns
 from bilevel.data.corpus.sampler import StreamSampler
+from bilevel.data.corpus.streams import check_lanes
 from bilevel.data.domain_data import DomainData
 from bilevel.data.evaluate import lm_metrics
 from bilevel.errors import ConfigError
@@ -100,14 +101,10 @@ class CorpusData(DomainData):
         device: torch.device,
     ) -> StreamSampler:
         ahead = max(256, 2 * batch_size)
-        reads = f"lanes:{self.lanes}" if self.rank_reads == "lanes" else self.rank_reads
-        if reads != self.rank_reads and self.lanes % world_size:
-            raise ConfigError(
-                "data.lanes",
-                f"{self.lanes} lanes cannot be dealt to {world_size} ranks: set data.lanes to a "
-                "multiple of every world size the run will have (e.g. 8 for 1, 2, 4 or 8)",
-            )
-        if reads != self.rank_reads:
+        reads = self.rank_reads
+        if reads == "lanes":  # checked here too: a domain with few blocks reads as all
+            check_lanes(self.lanes, world_size)
+            reads = f"lanes:{self.lanes}"
             ahead = max(32, ahead // self.lanes)  # each lane keeps its own sequences ahead
         streams = [
             self.domains[name].make(i, seed, rank, world_size, reads, ahead)

@@ -271,12 +271,7 @@ class LaneStream:
     def __init__(
         self, make_lane: Callable[[int], BlockStream], lanes: int, rank: int, world_size: int
     ) -> None:
-        if lanes % world_size:
-            raise ConfigError(
-                "data.lanes",
-                f"{lanes} lanes cannot be dealt to {world_size} ranks: set data.lanes to a "
-                "multiple of every world size the run will have (e.g. 8 for 1, 2, 4 or 8)",
-            )
+        check_lanes(lanes, world_size)
         self.lanes = lanes
         self.streams = {lane: make_lane(lane) for lane in range(rank, lanes, world_size)}
         first = next(iter(self.streams.values()))
@@ -383,10 +378,16 @@ class WindowStream:
         self.sequences = int(state["sequences"])
 
 
-def check_lanes(lanes: Any) -> None:
-    """``data.lanes`` must be a count."""
+def check_lanes(lanes: Any, world_size: int = 1) -> None:
+    """``data.lanes`` must be a count that ``world_size`` ranks can share out evenly."""
     if not (is_integer(lanes) and lanes >= 1):
         raise ConfigError("data.lanes", f"must be an integer >= 1, got {lanes!r}")
+    if lanes % world_size:
+        raise ConfigError(
+            "data.lanes",
+            f"{lanes} lanes cannot be dealt to {world_size} ranks: set data.lanes to a "
+            "multiple of every world size the run will have (e.g. 8 for 1, 2, 4 or 8)",
+        )
 
 
 def block_stream(
