@@ -13,18 +13,13 @@ import torch
 
 from bilevel.data.checks import check_seed
 from bilevel.data.columns import Columns
+from bilevel.data.corpus.blocks import estimate_tokens, source_chunks
 from bilevel.data.corpus.corpus_data import PREVIEW, CorpusData, Domain, assemble, sequence_columns
 from bilevel.data.corpus.files import Block, FileSource
 from bilevel.data.corpus.hf import HFSource
 from bilevel.data.corpus.packing import pack
 from bilevel.data.corpus.shards import TokenShards
-from bilevel.data.corpus.streams import (
-    WindowStream,
-    block_stream,
-    check_lanes,
-    estimate_tokens,
-    source_chunks,
-)
+from bilevel.data.corpus.streams import WindowStream, block_stream, check_lanes
 from bilevel.data.corpus.tokenizers import Tokenizer, load_tokenizer
 from bilevel.errors import ConfigError, is_bool, is_integer
 

@@ -27,7 +27,6 @@ Across ranks (``rank_reads``):
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -44,8 +43,6 @@ __all__ = [
     "WindowStream",
     "block_stream",
     "check_lanes",
-    "estimate_tokens",
-    "source_chunks",
 ]
 
 
@@ -420,23 +417,3 @@ def block_stream(
     return BlockStream(
         name, index, blocks, read, eod_id, length, seed, rank, world_size, reads, ahead
     )
-
-
-def source_chunks(source: Any, block: Any) -> Iterator[tuple[list[str], int]]:
-    result = source.read(block)
-    if isinstance(result, tuple):  # a file block: read in one go
-        yield result
-    else:
-        yield from result
-
-
-def estimate_tokens(source: Any, blocks: list[Any], read: Callable, per_unit: str) -> float:
-    """The domain's tokens from the first block's tokens per byte (or per row)."""
-    first = blocks[0]
-    sample_tokens = 0
-    for documents, _ in itertools.islice(read(first), 1):
-        sample_tokens += sum(len(d) + 1 for d in documents)
-    units = sum(b.size for b in blocks)
-    if per_unit == "shard":  # a streamed dataset: shards of unknown size
-        return float(sample_tokens * len(blocks))
-    return float(sample_tokens) / max(1, first.size) * units
