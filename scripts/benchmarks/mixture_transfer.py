@@ -19,12 +19,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from bilevel.errors import ConfigError
-from bilevel.mixtures import MODELS, fit_mixtures, join, read_metrics, read_mixtures, spearman
+from bilevel.mixtures import (
+    MODELS,
+    Table,
+    fit_mixtures,
+    join,
+    read_metrics,
+    read_mixtures,
+    spearman,
+)
 
 
 def _checks(text: str) -> tuple[str, str]:
@@ -41,12 +50,13 @@ def measured_rank(predicted: np.ndarray, measured: np.ndarray, maximize: bool) -
     return int(better.sum()) + 1
 
 
-def _shared(mixtures, metrics, target: str):
-    """The ids both tables hold (a check table may lack a few runs' metrics)."""
-    keep = [i for i in mixtures.ids if i in set(metrics.ids)]
-    rows = [mixtures.ids.index(i) for i in keep]
-    mixtures.ids, mixtures.values = keep, mixtures.values[rows]
-    return join(mixtures, metrics, target)
+def _shared(mixtures: Table, metrics: Table, target: str):
+    """:func:`join` over the ids both tables hold (a check table may lack a few runs'
+    metrics, e.g. runs that failed)."""
+    measured = set(metrics.ids)
+    rows = [j for j, i in enumerate(mixtures.ids) if i in measured]
+    kept = replace(mixtures, ids=[mixtures.ids[j] for j in rows], values=mixtures.values[rows])
+    return join(kept, metrics, target)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,33 +142,19 @@ def test_mixture_transfer_ranks_larger_runs_of_a_known_law(tmp_path):
 
     mix, met = write("proxies", 60, 1.0, 2.0)
     big_mix, big_met = write("large", 20, 0.6, 1.0)
-    proc = run_script(
-        "scripts/benchmarks/mixture_transfer.py",
-        "--mixtures",
-        str(mix),
-        "--metrics",
-        str(met),
-        "--target",
-        "loss",
-        "--models",
-        "law",
-        "--check",
-        f"{big_mix}:{big_met}",
-    )
+
+    def transfer(*args):
+        return run_script(
+            "scripts/benchmarks/mixture_transfer.py",
+            *("--mixtures", str(mix), "--metrics", str(met), "--check", f"{big_mix}:{big_met}"),
+            *args,
+        )
+
+    proc = transfer("--target", "loss", "--models", "law")
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| law |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[1]) > 0.95 and float(cells[2]) > 0.95
     assert cells[3] == "1 of 20"
-    bad = run_script(
-        "scripts/benchmarks/mixture_transfer.py",
-        "--mixtures",
-        str(mix),
-        "--metrics",
-        str(met),
-        "--target",
-        "nope",
-        "--check",
-        f"{big_mix}:{big_met}",
-    )
+    bad = transfer("--target", "nope")
     assert bad.returncode == 2 and "'nope' is not a column" in bad.stderr
